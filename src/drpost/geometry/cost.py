@@ -1,0 +1,100 @@
+"""Per-block cost model for ``scoring: auto``: FLOPs and memory traffic of each exact method.
+
+For a block with factored weights of parameter shapes (p_j, q_j), n general rows, m target rows, T tokens:
+
+==============  =====================================================  ==========================================
+method          FLOPs (scores; + Gram when needed)                     bytes moved (dominant terms)
+==============  =====================================================  ==========================================
+full_ghost      2 n m T^2 (p+q)  (+ 2 (n+m)^2 T^2 (p+q))               token-pair tensors: n m T^2 (+ (n+m)^2 T^2)
+reduced_ghost   2 (m + n) T p q                                        G_T (p q) + activations n T (p+q)
+direct          2 (n+m) T p q (+ 2 (n+m)^2 p q)                        per-row gradients (n+m) p q, written + read
+==============  =====================================================  ==========================================
+
+Crossovers (paper's code): reduced vs full ghost at m* = sum(p q) / (T sum(p+q)); reduced ghost vs direct at
+T* = sum(p q) / sum sqrt(p q). Time estimate = FLOPs / flops_per_s + bytes / bytes_per_s; the rates default to
+conservative CPU figures and can be measured (``calibrate``). ``compress`` is approximate and never auto-chosen.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from drpost.geometry.capture import Block
+
+
+@dataclass
+class Rates:
+    flops_per_s: float = 5e10
+    bytes_per_s: float = 1e10
+
+
+def block_shapes(block: Block) -> list[tuple[int, int, int]]:
+    """(p, q, number of uses) of each factored weight of the block."""
+    return [(p.shape[0], p.numel() // p.shape[0], len(us)) for p, us in block.factored.items()]
+
+
+def method_costs(shapes, n: int, m: int, T: int, need_gram: bool, rates: Rates, elem: int = 4) -> dict[str, float]:
+    """Estimated seconds per exact method for one block (``reduced_ghost`` absent when the Gram is needed)."""
+    fl = {"full_ghost": 0.0, "reduced_ghost": 0.0, "direct": 0.0}
+    by = {"full_ghost": 0.0, "reduced_ghost": 0.0, "direct": 0.0}
+    R = n + m
+    for p, q, k in shapes:
+        u2 = k * k  # pairs of uses of a tied weight
+        fl["full_ghost"] += u2 * 2 * (n * m + m * m) * T * T * (p + q)
+        by["full_ghost"] += u2 * (n * m + m * m) * T * T * 2 * elem
+        fl["reduced_ghost"] += k * 2 * R * T * p * q
+        by["reduced_ghost"] += (p * q + k * R * T * (p + q)) * elem
+        fl["direct"] += k * 2 * R * T * p * q + 2 * R * p * q
+        by["direct"] += 2 * R * p * q * elem
+        if need_gram:
+            fl["full_ghost"] += u2 * 2 * n * n * T * T * (p + q)
+            by["full_ghost"] += u2 * n * n * T * T * 2 * elem
+            fl["direct"] += 2 * R * R * p * q
+    costs = {k: fl[k] / rates.flops_per_s + by[k] / rates.bytes_per_s for k in fl}
+    if need_gram:
+        del costs["reduced_ghost"]
+    return costs
+
+
+def choose(block: Block, n: int, m: int, T: int, need_gram: bool, rates: Rates) -> str:
+    shapes = block_shapes(block)
+    if not shapes:
+        return "direct"  # only small (materialized) parameters: every method is the same
+    costs = method_costs(shapes, n, m, T, need_gram, rates)
+    return min(costs, key=costs.get)
+
+
+def crossover_m(shapes, T: int) -> float:
+    """m* = sum(p q) / (T sum(p+q)): above it reduced ghost beats full ghost (scores only)."""
+    return sum(p * q for p, q, _ in shapes) / (T * sum(p + q for p, q, _ in shapes))
+
+
+def crossover_T(shapes) -> float:
+    """T* = sum(p q) / sum sqrt(p q): reduced ghost vs direct."""
+    return sum(p * q for p, q, _ in shapes) / sum((p * q) ** 0.5 for p, q, _ in shapes)
+
+
+def calibrate(device="cpu", dtype=torch.float32, size: int = 512, repeats: int = 5) -> Rates:
+    """Measure GEMM FLOP rate and copy bandwidth on this device (a few hundred ms)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    big = torch.randn(1 << 22, device=device, dtype=dtype)
+
+    def best(fn):
+        ts = []
+        for _ in range(repeats):
+            if device != "cpu":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    t_mm = best(lambda: a @ b)
+    t_cp = best(lambda: big.clone())
+    return Rates(flops_per_s=2 * size**3 / t_mm, bytes_per_s=2 * big.numel() * big.element_size() / t_cp)

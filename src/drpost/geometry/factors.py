@@ -1,0 +1,103 @@
+"""Factored per-row gradients: ``G_r = B_r^T A_r`` for every use of a weight, and the algebra on them.
+
+A *use* is one call of a weight during the forward pass: a Linear layer, a Hugging Face ``Conv1D``, an Embedding
+lookup. Its per-row gradient is a sum of token outer products, ``G_r = sum_t b_rt a_rt^T`` (canonical shape
+``(d_out, d_in)``), where ``a_rt`` is the input (activation) and ``b_rt`` the output gradient of row r at token t.
+The parameter stores either ``G`` (Linear) or ``G^T`` (Conv1D, Embedding): ``transposed`` says which. Embedding
+inputs are one-hot vectors, kept as token ids (``OneHot``) and never expanded.
+
+Everything a scoring method needs is built from five operations on these factors:
+``token_dots`` (pairwise token inner products), ``outer_sum`` (sum_r c_r B_r^T A_r), ``contract``
+(<G_r, M> for a dense M), ``project`` (sketch ``A P^T``) and ``per_row`` (materialize G_r).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class OneHot:
+    """One-hot activations stored as ids: a_rt = e_{ids[r, t]} in R^dim."""
+
+    ids: Tensor  # (R, T) long
+    dim: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.ids.shape[0], self.ids.shape[1], self.dim)
+
+    def rows(self, idx: Tensor | slice) -> OneHot:
+        return OneHot(self.ids[idx], self.dim)
+
+
+Act = Tensor | OneHot  # dense (R, T, d) or one-hot ids
+
+
+def rows(x: Act, idx: Tensor | slice) -> Act:
+    return x.rows(idx) if isinstance(x, OneHot) else x[idx]
+
+
+def token_dots(x: Act, y: Act, dtype: torch.dtype) -> Tensor:
+    """Pairwise token inner products: out[r, q, s, t] = x_rs . y_qt.  x: (R, S, d), y: (Q, T, d) -> (R, Q, S, T)."""
+    if isinstance(x, OneHot) and isinstance(y, OneHot):
+        return (x.ids[:, None, :, None] == y.ids[None, :, None, :]).to(dtype)
+    if isinstance(x, OneHot):
+        return token_dots(y, x, dtype).permute(1, 0, 3, 2)
+    if isinstance(y, OneHot):
+        # x_rs . e_{id_qt} = x_rs[id_qt]
+        R, S, _ = x.shape
+        Q, T = y.ids.shape
+        g = x[:, :, y.ids.reshape(-1)]  # (R, S, Q*T)
+        return g.reshape(R, S, Q, T).permute(0, 2, 1, 3)
+    return torch.einsum("rsd,qtd->rqst", x, y)
+
+
+def outer_sum(b: Tensor, a: Act, coef: Tensor | None = None) -> Tensor:
+    """sum_r c_r B_r^T A_r in canonical (d_out, d_in) layout.  b: (R, T, d_out), a: (R, T, d_in), coef: (R,)."""
+    if coef is not None:
+        b = b * coef.to(b.dtype)[:, None, None]
+    d_out = b.shape[-1]
+    bf = b.reshape(-1, d_out)
+    if isinstance(a, OneHot):
+        out = torch.zeros(a.dim, d_out, dtype=b.dtype, device=b.device)
+        out.index_add_(0, a.ids.reshape(-1), bf)
+        return out.t()
+    return bf.t() @ a.reshape(-1, a.shape[-1])
+
+
+def contract(b: Tensor, a: Act, m: Tensor) -> Tensor:
+    """<G_r, M> for each row, G_r = B_r^T A_r, M canonical (d_out, d_in): sum_t b_rt . (M a_rt).  -> (R,)"""
+    if isinstance(a, OneHot):
+        ma = m.t()[a.ids]  # (R, T, d_out): M e_id = column id of M
+    else:
+        ma = a @ m.t()
+    return (ma * b).sum(dim=(1, 2))
+
+
+def project(a: Act, p: Tensor) -> Tensor:
+    """Sketch a factor: A P^T.  a: (R, T, d), p: (k, d) -> (R, T, k)."""
+    if isinstance(a, OneHot):
+        return p.t()[a.ids]
+    return a @ p.t()
+
+
+def per_row(b: Tensor, a: Act) -> Tensor:
+    """Materialized per-row gradients G_r = B_r^T A_r, canonical layout.  -> (R, d_out, d_in)"""
+    if isinstance(a, OneHot):
+        R, T = a.ids.shape
+        out = torch.zeros(R, a.dim, b.shape[-1], dtype=b.dtype, device=b.device)
+        out.scatter_add_(1, a.ids[:, :, None].expand(R, T, b.shape[-1]), b)
+        return out.transpose(1, 2)
+    return b.transpose(1, 2) @ a
+
+
+def act_dim(a: Act) -> int:
+    return a.dim if isinstance(a, OneHot) else int(a.shape[-1])
+
+
+def to_dtype(a: Act, dtype: torch.dtype) -> Act:
+    return a if isinstance(a, OneHot) else a.to(dtype)

@@ -1,0 +1,267 @@
+"""Per-block scoring methods: scores <u_r, g_T>, Grams <u_r, u_q>, and the weighted-gradient assembly.
+
+Rows are the merged batch's sequences: general rows ``0..R_g-1`` first, then target rows. ``g_T = sum_r tc_r u_r``
+with ``tc`` the target row coefficients (1/N_T on target rows). Four methods (DESIGN.md section 2):
+
+* ``full_ghost``: ``<G_r, G_q> = sum_{s,t} (a_rs . a_qt)(b_rs . b_qt)`` from token-pair products (no weight-sized
+  tensors); uses of a tied weight stored transposed pair up as ``sum_{s,t} (b_rs . a_qt)(a_rs . b_qt)``.
+* ``reduced_ghost``: form ``G_T`` once (one weight-gradient GEMM), then ``s_r = sum_t b_rt . (G_T a_rt)``. Scores only.
+* ``direct``: materialize per-row gradients ``(R, *param)``; Gram = one GEMM.
+* ``compress``: Kronecker-factored Gaussian sketch ``(P_1 B_r^T)(A_r P_2^T)`` of shape ``k_1 x k_2`` per weight
+  (seeded, fixed across steps; identity where k >= the dimension); approximate but unbiased.
+
+Small parameters (biases, norm weights, fallback modules) are always materialized per row and enter exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from drpost.geometry.capture import Block, Use
+from drpost.geometry.factors import contract, outer_sum, per_row, project, rows, to_dtype, token_dots
+
+METHODS = ("full_ghost", "reduced_ghost", "direct", "compress")
+GHOST_CHUNK_ELEMS = 1 << 24  # bound on the (rows x rows x T x T) intermediate of full ghost
+
+
+@dataclass
+class BlockStats:
+    row_scores: Tensor  # (R_g,)  <u_r, g_T>
+    target_sq: Tensor  # ()      ||g_T||^2
+    row_gram: Tensor | None = None  # (R_g, R_g)
+    target_row_gram: Tensor | None = None  # (R_t, R_t)
+    target_row_sketch: Tensor | None = None  # (R_t, D)
+
+
+def _param_layout(g: Tensor, use: Use) -> Tensor:
+    """Canonical (d_out, d_in) -> the parameter's layout."""
+    return g.transpose(-1, -2) if use.transposed else g
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _uses(block: Block) -> list[Use]:
+    return [u for us in block.factored.values() for u in us]
+
+
+def _small(block: Block, dtype: torch.dtype) -> Tensor | None:
+    if not block.small:
+        return None
+    return torch.cat([g.to(dtype) for g in block.small.values()], dim=1)  # (R, D_small)
+
+
+# --------------------------------------------------------------------------- full ghost
+def _ghost_pair(u: Use, v: Use, x: slice, y: slice, dtype: torch.dtype) -> Tensor:
+    """<G_r^u, G_q^v> (parameter layout) for r in rows x of use u, q in rows y of use v.  -> (|x|, |y|)"""
+    ua, ub = to_dtype(rows(u.a, x), dtype), rows(u.b, x).to(dtype)
+    va, vb = to_dtype(rows(v.a, y), dtype), rows(v.b, y).to(dtype)
+    if u.transposed != v.transposed:  # one stores G, the other G^T
+        ua, ub = ub, ua
+    R, S = ub.shape[0], ub.shape[1]
+    Q, T = vb.shape[0], vb.shape[1]
+    chunk = max(1, GHOST_CHUNK_ELEMS // max(1, Q * S * T))
+    out = []
+    for i in range(0, R, chunk):
+        sl = slice(i, i + chunk)
+        aa = token_dots(rows(ua, sl), va, dtype)  # (r, Q, S, T)
+        bb = token_dots(rows(ub, sl), vb, dtype)
+        out.append((aa * bb).sum(dim=(2, 3)))
+    return torch.cat(out, 0)
+
+
+def ghost_gram(block: Block, x: slice, y: slice, dtype: torch.dtype) -> Tensor:
+    uses = _uses(block)
+    # uses of *different* parameters do not interact; of the same parameter, every pair does
+    total = None
+    for us in block.factored.values():
+        for u in us:
+            for v in us:
+                k = _ghost_pair(u, v, x, y, dtype)
+                total = k if total is None else total + k
+    del uses
+    return total
+
+
+# --------------------------------------------------------------------------- direct and compress
+def direct_rows(block: Block, dtype: torch.dtype) -> Tensor | None:
+    """Per-row gradients of the block's factored weights, flattened.  -> (R, sum numel)"""
+    parts = []
+    for us in block.factored.values():
+        g = None
+        for u in us:
+            gu = _param_layout(per_row(u.b.to(dtype), to_dtype(u.a, dtype)), u)
+            g = gu if g is None else g + gu
+        if g is not None:
+            parts.append(g.reshape(g.shape[0], -1))
+    return torch.cat(parts, 1) if parts else None
+
+
+class Sketcher:
+    """Seeded Gaussian sketch matrices per (block, parameter) dimension, fixed across steps."""
+
+    def __init__(self, k_out: int, k_in: int, seed: int = 0):
+        self.k = (k_out, k_in)
+        self.seed = seed
+        self.cache: dict[tuple, Tensor | None] = {}
+
+    def matrix(self, key: tuple, dim: int, k: int, device, dtype) -> Tensor | None:
+        """(k, dim) with N(0, 1/k) entries, so E[P^T P] = I; None (identity) where k >= dim."""
+        ck = (key, dim, k, device, dtype)
+        if ck not in self.cache:
+            if k >= dim:
+                self.cache[ck] = None
+            else:
+                gen = torch.Generator(device="cpu").manual_seed(hash((self.seed,) + key) % (2**63))
+                p = torch.randn(k, dim, generator=gen, dtype=torch.float64) / k**0.5
+                self.cache[ck] = p.to(device=device, dtype=dtype)
+        return self.cache[ck]
+
+    def sketch_rows(self, block_idx: int, block: Block, dtype: torch.dtype) -> Tensor | None:
+        """Sketched per-row gradients of the factored weights, flattened.  -> (R, sum k_1 k_2)"""
+        parts = []
+        for j, (p, us) in enumerate(block.factored.items()):
+            if not us:
+                continue
+            p1, p2 = p.shape[0], p.numel() // p.shape[0]
+            dev = us[0].b.device
+            m1 = self.matrix((block_idx, j, 0), p1, self.k[0], dev, dtype)
+            m2 = self.matrix((block_idx, j, 1), p2, self.k[1], dev, dtype)
+            s = None
+            for u in us:
+                a, b = to_dtype(u.a, dtype), u.b.to(dtype)
+                first, second = (a, b) if u.transposed else (b, a)  # parameter rows come from `first`
+                f = first if m1 is None else project(first, m1)
+                sec = second if m2 is None else project(second, m2)
+                if m1 is None and not isinstance(f, Tensor):  # one-hot kept as identity: expand
+                    f = torch.nn.functional.one_hot(f.ids, f.dim).to(dtype)
+                if m2 is None and not isinstance(sec, Tensor):
+                    sec = torch.nn.functional.one_hot(sec.ids, sec.dim).to(dtype)
+                su = f.transpose(1, 2) @ sec  # (R, k1, k2)
+                s = su if s is None else s + su
+            parts.append(s.reshape(s.shape[0], -1))
+        return torch.cat(parts, 1) if parts else None
+
+
+# --------------------------------------------------------------------------- reduced ghost
+def target_grad(block: Block, tc: Tensor, t: slice, dtype: torch.dtype) -> dict[nn.Parameter, Tensor]:
+    """G_T for each factored weight, parameter layout."""
+    out = {}
+    for p, us in block.factored.items():
+        g = None
+        for u in us:
+            gu = _param_layout(outer_sum(rows(u.b, t).to(dtype), to_dtype(rows(u.a, t), dtype), tc[t]), u)
+            g = gu if g is None else g + gu
+        if g is not None:
+            out[p] = g
+    return out
+
+
+def reduced_scores(block: Block, gt: dict[nn.Parameter, Tensor], x: slice, dtype: torch.dtype) -> Tensor | None:
+    total = None
+    for p, us in block.factored.items():
+        if p not in gt:
+            continue
+        for u in us:
+            m = _param_layout(gt[p], u)  # back to canonical
+            s = contract(rows(u.b, x).to(dtype), to_dtype(rows(u.a, x), dtype), m)
+            total = s if total is None else total + s
+    return total
+
+
+# --------------------------------------------------------------------------- the per-block entry point
+def block_stats(
+    block: Block,
+    block_idx: int,
+    method: str,
+    tc: Tensor,  # (R,) target coefficients (0 on general rows)
+    n_rows: int,  # R_g general rows
+    need_gram: bool,
+    need_target_gram: bool,
+    sketcher: Sketcher | None = None,
+    need_target_sketch: bool = False,
+) -> BlockStats:
+    if method not in METHODS:
+        raise ValueError(f"option 'scoring' must be one of {METHODS} or 'auto', got {method!r}")
+    uses = _uses(block)
+    ref = uses[0].b if uses else next(iter(block.small.values()))
+    dtype = _work_dtype(ref.dtype)
+    tc = tc.to(dtype=dtype, device=ref.device)
+    R = tc.shape[0]
+    g, t = slice(0, n_rows), slice(n_rows, R)
+    tct = tc[t]
+    small = _small(block, dtype)
+
+    scores = torch.zeros(n_rows, dtype=dtype, device=ref.device)
+    target_sq = torch.zeros((), dtype=dtype, device=ref.device)
+    gram = torch.zeros(n_rows, n_rows, dtype=dtype, device=ref.device) if need_gram else None
+    tgram = torch.zeros(R - n_rows, R - n_rows, dtype=dtype, device=ref.device) if need_target_gram else None
+
+    def add_from_rows(f: Tensor) -> None:  # materialized (R, D): exact inner products
+        nonlocal scores, target_sq
+        ft = tct @ f[t]  # (D,)  g_T
+        scores += f[g] @ ft
+        target_sq += ft @ ft
+        if gram is not None:
+            gram.add_(f[g] @ f[g].t())
+        if tgram is not None:
+            tgram.add_(f[t] @ f[t].t())
+
+    if small is not None:
+        add_from_rows(small)
+
+    if uses:
+        if method == "direct":
+            add_from_rows(direct_rows(block, dtype))
+        elif method == "compress":
+            if sketcher is None:
+                raise ValueError("compress scoring needs a sketcher")
+            add_from_rows(sketcher.sketch_rows(block_idx, block, dtype))
+        elif method == "full_ghost":
+            k_gt = ghost_gram(block, g, t, dtype)  # (R_g, R_t)
+            k_tt = ghost_gram(block, t, t, dtype)
+            scores += k_gt @ tct
+            target_sq += tct @ k_tt @ tct
+            if gram is not None:
+                gram.add_(ghost_gram(block, g, g, dtype))
+            if tgram is not None:
+                tgram.add_(k_tt)
+        else:  # reduced_ghost
+            if need_gram or need_target_gram:
+                raise ValueError(
+                    "scoring 'reduced_ghost' computes scores only, but this feasible set needs the Gram; "
+                    "use scoring 'auto', 'full_ghost', 'direct' or 'compress'"
+                )
+            gt = target_grad(block, tc, t, dtype)
+            scores += reduced_scores(block, gt, g, dtype)
+            target_sq += sum((v * v).sum() for v in gt.values())
+
+    sketch = None
+    if need_target_sketch:
+        sk = sketcher.sketch_rows(block_idx, block, dtype) if (uses and sketcher is not None) else None
+        parts = [x[t] for x in (small, sk) if x is not None]
+        sketch = torch.cat(parts, 1)
+    return BlockStats(scores, target_sq, gram, tgram, sketch)
+
+
+# --------------------------------------------------------------------------- assembly
+def assemble(block: Block, coef: Tensor) -> dict[nn.Parameter, Tensor]:
+    """sum_r c_r g_r for every parameter of the block: one GEMM per use.  coef: (R,)"""
+    out: dict[nn.Parameter, Tensor] = {}
+    for p, us in block.factored.items():
+        g = None
+        for u in us:
+            dtype = _work_dtype(u.b.dtype)
+            gu = _param_layout(outer_sum(u.b.to(dtype), to_dtype(u.a, dtype), coef.to(dtype)), u)
+            g = gu if g is None else g + gu
+        if g is not None:
+            out[p] = g.reshape(p.shape)
+    for p, rows_ in block.small.items():
+        dtype = _work_dtype(rows_.dtype)
+        g = coef.to(dtype) @ rows_.to(dtype)
+        out[p] = g.reshape(p.shape) if p not in out else out[p] + g.reshape(p.shape)
+    return out

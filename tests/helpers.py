@@ -1,0 +1,68 @@
+"""Tiny models and batches for tests: Llama, Qwen2 (qkv bias, tied embeddings), GPT-2 (Conv1D, tied), +LoRA.
+
+No downloads: every model is built from a config with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 48
+
+
+def tiny_model(family: str = "llama", dtype=torch.float64, lora: bool = False, seed: int = 0):
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, attn_implementation="eager")
+    if family == "llama":
+        cfg = LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, **common)
+        model = LlamaForCausalLM(cfg)
+    elif family == "qwen2":
+        cfg = Qwen2Config(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, **common)
+        model = Qwen2ForCausalLM(cfg)
+    elif family == "gpt2":
+        cfg = GPT2Config(n_embd=16, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                         attn_pdrop=0.0, **common)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(family)
+    model = model.to(dtype)
+    # random (not zero) norm weights/biases so their gradients are generic
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or "ln_" in n or n.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+        with torch.no_grad():  # LoRA B starts at zero; make it generic
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        model.eval()
+    return model
+
+
+def batch(rows: int, lengths: list[int] | None = None, T: int = 9, seed: int = 0, sample_index=None,
+          prompt: int = 2) -> dict:
+    """Right-padded rows of random tokens with unequal lengths; the first `prompt` tokens carry no loss."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = lengths or [T - (i % 3) for i in range(rows)]
+    T = max(lengths)
+    ids = torch.zeros(rows, T, dtype=torch.long)
+    attn = torch.zeros(rows, T, dtype=torch.long)
+    labels = torch.full((rows, T), -100, dtype=torch.long)
+    for r, L in enumerate(lengths):
+        ids[r, :L] = torch.randint(1, VOCAB, (L,), generator=g)
+        attn[r, :L] = 1
+        labels[r, prompt:L] = ids[r, prompt:L]
+    out = {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    if sample_index is not None:
+        out["sample_index"] = torch.tensor(sample_index)
+    return out
