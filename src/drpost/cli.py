@@ -1,0 +1,154 @@
+"""The ``drpost`` command line: parse a subcommand's config, write it, and hand it to that subcommand's runner.
+
+    drpost demo                                     # the world demo on CPU
+    drpost sft --config my.yaml regularizer.method=hull optim.lr=1e-4
+    drpost bench quality --paradigm rlvr seeds=0,1,2
+    drpost sft --help                               # every option with its type, default and help
+    drpost sft --print-config ...                   # show the resolved config and stop
+
+Options come from ``drpost.config`` (the dataclasses are the single source of truth). Runners are found through the
+explicit table ``RUNNERS`` ("module:function"); a runner's module is imported only when its subcommand runs, and is
+called as ``run(config)``. Before running, the resolved config is written to ``<output_dir>/config.yaml``.
+Exit codes: 0 success or --help, 2 bad usage / bad config / bad data / runner not available.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+
+from drpost.config import CONFIGS, ConfigError, help_text, parse_config, save_resolved, to_dict
+
+RUNNERS: dict[str, str] = {
+    "demo": "drpost.world.demo:run",
+    "sft": "drpost.trainers.sft:run",
+    "dpo": "drpost.trainers.dpo:run",
+    "rlhf": "drpost.trainers.rlhf:run",
+    "rlvr": "drpost.trainers.rlvr:run",
+    "bench quality": "drpost.bench.quality:run",
+    "bench system": "drpost.bench.system:run",
+}
+
+SUMMARIES: dict[str, str] = {
+    "demo": "world demo: a few regularizers side by side on the tiny world model (CPU, minutes)",
+    "sft": "supervised fine-tuning with a data regularizer",
+    "dpo": "direct preference optimization with a data regularizer",
+    "rlhf": "RLHF (PPO with a learned reward model) with a data regularizer",
+    "rlvr": "RL with verifiable rewards (GRPO) with a data regularizer",
+    "bench": "benchmarks: 'bench quality' (methods x settings x seeds) or 'bench system' (step timings)",
+}
+
+BENCH_KINDS = ("quality", "system")
+
+
+class UsageError(Exception):
+    """Bad command-line usage (unknown subcommand, missing positional, unavailable runner)."""
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("drpost")
+    except Exception:  # noqa: BLE001 - not installed (running from a source tree)
+        return "unknown"
+
+
+def top_help() -> str:
+    width = max(len(c) for c in SUMMARIES)
+    lines = ["usage: drpost <command> [--config FILE.yaml] [key=value | --key value ...]", "",
+             "Data-regularized LLM post-training (Dr. Post-Training, arXiv 2605.07063).", "", "commands:"]
+    lines += [f"  {c.ljust(width)}  {s}" for c, s in SUMMARIES.items()]
+    lines += ["", "Run 'drpost <command> --help' for the options of a command (also in docs/configuration.md)."]
+    return "\n".join(lines)
+
+
+def command_help(command: str) -> str:
+    cls = CONFIGS[command]
+    usage = "drpost bench {quality,system}" if command == "bench" else f"drpost {command}"
+    doc = " ".join((cls.__doc__ or "").split())
+    return (f"usage: {usage} [--config FILE.yaml] [key=value | --key value | --key=value ...] [--print-config]\n\n"
+            f"{doc}\n\nOptions are applied in order: defaults < --config files < command-line overrides.\n"
+            f"--print-config prints the resolved config and exits without running.\n\n{help_text(cls)}\n")
+
+
+def resolve_runner(key: str) -> Callable:
+    """Import the runner of ``key`` in RUNNERS lazily; UsageError with a clear reason when it is unavailable."""
+    target = RUNNERS[key]
+    module_name, _, func_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        missing = e.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise UsageError(f"'drpost {key}' is not available in this version: its runner {target} does not exist "
+                             f"(module {missing} not found)") from None
+        top = missing.split(".")[0]
+        raise UsageError(f"'drpost {key}' needs the Python package '{top}', which is not installed "
+                         f"(try: pip install 'drpost[trl]' or pip install {top})") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise UsageError(f"'drpost {key}' is not available: {module_name} has no function {func_name}()")
+    return func
+
+
+def parse_args(argv: list[str]) -> tuple[str, object, bool]:
+    """(runner key, parsed config, print_config). Raises SystemExit(0) after printing help."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(top_help())
+        raise SystemExit(0 if argv else 2)
+    if argv[0] == "--version":
+        print(f"drpost {_version()}")
+        raise SystemExit(0)
+    command, rest = argv[0], list(argv[1:])
+    if command not in CONFIGS:
+        import difflib
+
+        close = difflib.get_close_matches(command, list(CONFIGS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UsageError(f"unknown command '{command}'{hint} (commands: {', '.join(CONFIGS)})")
+    if "-h" in rest or "--help" in rest:
+        print(command_help(command))
+        raise SystemExit(0)
+    key = command
+    if command == "bench":
+        if not rest or rest[0].startswith("-") or "=" in rest[0]:
+            raise UsageError("'drpost bench' needs a first argument: quality or system")
+        if rest[0] not in BENCH_KINDS:
+            raise UsageError(f"unknown benchmark '{rest[0]}': expected quality or system")
+        key = f"bench {rest[0]}"
+        rest = [f"kind={rest[0]}"] + rest[1:]
+    print_config = "--print-config" in rest
+    rest = [a for a in rest if a != "--print-config"]
+    return key, parse_config(CONFIGS[command], rest), print_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``drpost`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from drpost.data.formats import DataError
+
+    try:
+        key, config, print_config = parse_args(argv)
+        if print_config:
+            import yaml
+
+            print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+            return 0
+        run = resolve_runner(key)
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        path = save_resolved(config, config.output_dir)
+        logging.getLogger("drpost").info("resolved config written to %s", path)
+        result = run(config)
+    except (UsageError, ConfigError, DataError) as e:
+        name = f"drpost {argv[0]}" if argv and argv[0] in CONFIGS else "drpost"
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
