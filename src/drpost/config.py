@@ -46,8 +46,9 @@ class ConfigError(ValueError):
 Method = Literal["full_training", "target_only", "global_subset", "layerwise_subset", "hull", "capped_simplex", "cone",
                  "span", "ball", "halfspace", "gem"]
 Baseline = Literal["mixing", "random", "dsir", "less", "greats", "iif"]
-BenchMethod = Literal["full_training", "target_only", "global_subset", "layerwise_subset", "hull", "capped_simplex",
-                      "cone", "span", "ball", "halfspace", "gem", "mixing", "random", "dsir", "less", "greats", "iif"]
+BenchMethod = Literal["full_training", "target_only", "mixing", "random_subset", "dsir", "less", "greats",
+                      "global_subset", "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem",
+                      "layerwise_hull_slack", "cone", "span", "halfspace", "iif"]
 Scoring = Literal["auto", "full_ghost", "reduced_ghost", "direct", "compress"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "text", "preference", "prompt_answer"]
 
@@ -344,10 +345,13 @@ class BenchConfig(RunConfig):
     steps: int = _opt(300, "Optimizer steps per run.", min=1)
     eval_every: int = _opt(50, "Evaluate every N steps; 0 = only at the end.", min=0)
     methods: list[BenchMethod] = _opt(
-        factory=lambda: ["target_only", "mixing", "full_training", "global_subset", "layerwise_subset", "hull"],
+        factory=lambda: ["full_training", "target_only", "mixing", "random_subset", "dsir", "less", "greats",
+                         "global_subset", "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem",
+                         "layerwise_hull_slack"],
         help="Methods compared, comma-separated (feasible sets and baselines).")
-    settings: list[str] = _opt(factory=lambda: ["default"], help="World settings, comma-separated (quality).")
-    seeds: list[int] = _opt(factory=lambda: [0, 1], help="Seeds, comma-separated (quality).", min=0)
+    settings: list[str] = _opt(factory=lambda: ["format_shift", "sparse_related", "distribution_shift"],
+                               help="World settings, comma-separated (quality).")
+    seeds: list[int] = _opt(factory=lambda: [0, 1, 2], help="Seeds, comma-separated (quality).", min=0)
     seq_lengths: list[int] = _opt(factory=lambda: [64, 256, 1024],
                                   help="Sequence lengths swept by the system benchmark.", min=1)
     scorings: list[Scoring] = _opt(factory=lambda: ["full_ghost", "reduced_ghost", "direct", "compress"],
