@@ -101,7 +101,7 @@ class FeasibleSet:
 
 def atom_scale(geo: StepGeometry) -> Tensor:
     """Scalar c with atoms a_i = c * u_i = n u_i / N (each sample's share of the standard gradient, times n)."""
-    return geo.n / geo.counts.sum()
+    return geo.n / geo.counts.to(geo.scores.dtype).sum()
 
 
 def to_atom_space(geo: StepGeometry) -> tuple[Tensor, Tensor | None, Tensor]:
