@@ -357,6 +357,7 @@ class BenchConfig(RunConfig):
     scorings: list[Scoring] = _opt(factory=lambda: ["full_ghost", "reduced_ghost", "direct", "compress"],
                                    help="Scoring methods timed by the system benchmark.")
     repeats: int = _opt(5, "Timed repetitions per system-benchmark cell (after one warm-up).", min=1)
+    quick: bool = _opt(False, "System benchmark: the small grid sized for 2 CPU cores (~10 min).")
     optim: OptimConfig = _opt(factory=lambda: OptimConfig(lr=1e-3), help="Optimizer and schedule.")
 
 

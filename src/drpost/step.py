@@ -32,8 +32,6 @@ from drpost.geometry.capture import Capture
 from drpost.geometry.kernels import METHODS, Sketcher, assemble, block_stats
 
 ASSEMBLIES = ("one_pass", "two_pass")
-# options that belong to the regularizer itself; everything else goes to the feasible set
-_REG_OPTIONS = ("scoring", "assembly", "slack", "sketch", "seed", "optimizer", "linear_only", "report_scores")
 
 
 @dataclass
@@ -157,13 +155,15 @@ class DataRegularizer:
         optimizer: optional; its current learning rate feeds greedy selection.
         linear_only: score and update only Linear/Conv1D layers (others are frozen during the step).
         report_scores: also compute scores for full_training / target_only (otherwise skipped: not needed).
+        autotune: with ``scoring="auto"``, time every exact candidate once on the first sight of each block shape
+            (block, rows, target rows, T, Gram needed) and keep the fastest, instead of trusting the cost model.
         **set_options: the feasible set's options (``frac``, ``selection``, ``scope``, ``k``, ``radius``, ...).
     """
 
     def __init__(self, model: nn.Module, method: str = "layerwise_subset", *, scoring: str = "auto",
                  assembly: str = "one_pass", slack: float | str | None = None, sketch: str = "64x64",
                  seed: int = 0, optimizer: torch.optim.Optimizer | None = None, linear_only: bool = False,
-                 report_scores: bool = False, **set_options):
+                 report_scores: bool = False, autotune: bool = False, **set_options):
         if scoring != "auto" and scoring not in METHODS:
             raise ValueError(f"option 'scoring' must be 'auto' or one of {METHODS}, got {scoring!r}")
         if assembly not in ASSEMBLIES:
@@ -179,6 +179,7 @@ class DataRegularizer:
         self.sketch = _parse_sketch(sketch)
         self.optimizer = optimizer
         self.report_scores = report_scores
+        self.autotune = bool(autotune)
         self.capture = Capture(model, linear_only=linear_only)
         self.sketcher = Sketcher(*self.sketch, seed=seed)
         self.rates = cost.Rates()
@@ -269,15 +270,18 @@ class DataRegularizer:
         else:
             with timer("assembly"):
                 grads = {}
+                host = row_c.detach().cpu()  # (L, R) one sync: plans which rows each block's GEMM needs
                 for l, b in enumerate(blocks):
-                    grads.update(assemble(b, row_c[l]))
+                    grads.update(assemble(b, row_c[l], host[l]))
             cap.reset()
         if not ensure_finite(*grads.values()):
             return _skip(report, "non-finite update")
+        fresh = self.assembly == "one_pass"  # assembled tensors are new and owned here: no defensive copy
         for p, g in grads.items():
+            same = g.dtype == p.dtype
             g = g.to(p.dtype)
             if p.grad is None:
-                p.grad = g.clone()
+                p.grad = g.contiguous() if (fresh or not same) else g.clone()
             else:
                 p.grad.add_(g)
         report.timings = timer.t
@@ -299,6 +303,25 @@ class DataRegularizer:
             self._choice[key] = cost.choose(block, n_rows, m_rows, T, need_gram, self.rates)
         return self._choice[key]
 
+    def _tune(self, key, b, l, tc, R_g, need_gram, need_tgram):
+        """Autotune: run each exact candidate once on this block, keep the fastest (cached per shape key)."""
+        cands = ["full_ghost", "direct"] + ([] if (need_gram or need_tgram) else ["reduced_ghost"])
+        best, best_t, best_st = None, math.inf, None
+        cuda = tc.device.type == "cuda"
+        for meth in cands:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            st = block_stats(b, l, meth, tc, R_g, need_gram, need_tgram, self.sketcher,
+                             need_target_sketch=need_tgram)
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if dt < best_t:
+                best, best_t, best_st = meth, dt, st
+        self._choice[key] = best
+        return best, best_st
+
     def _geometry(self, blocks, g_ids, t_ids, n, m, n_i, n_t, R_g, merged, lr, timer, report):
         need_gram, need_tgram, trivial = self._needs()
         L = len(blocks)
@@ -315,10 +338,16 @@ class DataRegularizer:
         scores, tsq, grams, tgrams, sketches = [], [], [], [], []
         with timer("scoring"):
             for l, b in enumerate(blocks):
-                meth = self._method_for(l, b, R_g, R - R_g, T, need_gram or need_tgram)
+                st = None
+                key = (l, R_g, R - R_g, T, need_gram or need_tgram)
+                if self.autotune and self.scoring == "auto" and key not in self._choice and b.factored:
+                    meth, st = self._tune(key, b, l, tc, R_g, need_gram, need_tgram)
+                else:
+                    meth = self._method_for(l, b, R_g, R - R_g, T, need_gram or need_tgram)
                 report.scoring[b.name] = meth
-                st = block_stats(b, l, meth, tc, R_g, need_gram, need_tgram, self.sketcher,
-                                 need_target_sketch=need_tgram)
+                if st is None:
+                    st = block_stats(b, l, meth, tc, R_g, need_gram, need_tgram, self.sketcher,
+                                     need_target_sketch=need_tgram)
                 dt = st.row_scores.dtype
                 scores.append(S_g.to(dt) @ st.row_scores)
                 tsq.append(st.target_sq)
@@ -347,6 +376,11 @@ class DataRegularizer:
 
     def _coefficients(self, geo: StepGeometry) -> Coefficients:
         coefs = self.feasible(geo)
+        from drpost.feasible.base import fallback_full_training, solver_failure
+
+        failure = solver_failure(coefs.info, getattr(self.feasible, "max_iter", None))
+        if failure is not None:  # an unconverged solve is not trusted: standard training for this step, no slack
+            return fallback_full_training(geo, failure)
         if self.slack is None:
             return coefs
         from drpost.feasible.convex import apply_slack

@@ -98,3 +98,24 @@ def calibrate(device="cpu", dtype=torch.float32, size: int = 512, repeats: int =
     t_mm = best(lambda: a @ b)
     t_cp = best(lambda: big.clone())
     return Rates(flops_per_s=2 * size**3 / t_mm, bytes_per_s=2 * big.numel() * big.element_size() / t_cp)
+
+
+# --------------------------------------------------------------------------- floors (system benchmark)
+def gemm_seconds(shapes, rows: int, T: int, rates: Rates) -> float:
+    """One weight-gradient GEMM per use, ``sum_r B_r^T A_r`` over ``rows`` rows: 2 rows T p q FLOPs each."""
+    return sum(k * 2 * rows * T * p * q for p, q, k in shapes) / rates.flops_per_s
+
+
+def compress_seconds(shapes, n: int, m: int, T: int, k_out: int, k_in: int, need_gram: bool, rates: Rates,
+                     elem: int = 4) -> float:
+    """Kronecker sketch of every row: project B and A (2 R T (p k_out + q k_in)), form the k_out x k_in sketch
+    (2 R T k_out k_in); scores (and the Gram) from the (R, k_out k_in) matrix; bytes: the projected factors."""
+    R = n + m
+    fl = by = 0.0
+    for p, q, k in shapes:
+        ko, ki = min(k_out, p), min(k_in, q)
+        fl += k * (2 * R * T * (p * ko + q * ki) + 2 * R * T * ko * ki) + 2 * R * ko * ki
+        by += k * R * T * (ko + ki) * elem * 2
+        if need_gram:
+            fl += 2 * n * n * ko * ki
+    return fl / rates.flops_per_s + by / rates.bytes_per_s

@@ -249,15 +249,57 @@ def block_stats(
 
 
 # --------------------------------------------------------------------------- assembly
-def assemble(block: Block, coef: Tensor) -> dict[nn.Parameter, Tensor]:
-    """sum_r c_r g_r for every parameter of the block: one GEMM per use.  coef: (R,)"""
+def _row_plan(host: Tensor) -> tuple[slice | Tensor | None, float | None]:
+    """From host-side row coefficients (R,): the rows that carry weight (None = all; a slice when they are one
+    contiguous run) and their common value when every kept row has the same coefficient (else None)."""
+    nz = torch.nonzero(host).flatten()
+    R = host.shape[0]
+    if nz.numel() == R:
+        keep = None
+    elif nz.numel() > 0 and int(nz[-1]) - int(nz[0]) + 1 == nz.numel():
+        keep = slice(int(nz[0]), int(nz[-1]) + 1)
+    else:
+        keep = nz
+    vals = host[nz]
+    uniform = float(vals[0]) if vals.numel() > 0 and bool((vals == vals[0]).all()) else None
+    return keep, uniform
+
+
+def _weighted_outer(b: Tensor, a, coef: Tensor, keep, uniform: float | None, dtype: torch.dtype) -> Tensor:
+    """sum_r c_r B_r^T A_r over the kept rows only (canonical layout), scaling the smaller operand.
+
+    b: (R, T, d_out), a: (R, T, d_in) or one-hot, coef: (R,). A uniform coefficient scales the (d_out, d_in)
+    result instead of an activation-sized operand."""
+    if keep is not None:
+        b, a, coef = b[keep], rows(a, keep), coef[keep]
+    b, a = b.to(dtype), to_dtype(a, dtype)
+    if uniform is not None:
+        return outer_sum(b, a) * uniform
+    c = coef.to(dtype)[:, None, None]
+    if isinstance(a, Tensor) and a.shape[-1] < b.shape[-1]:
+        return outer_sum(b, a * c)
+    return outer_sum(b * c, a)
+
+
+def assemble(block: Block, coef: Tensor, host_coef: Tensor | None = None) -> dict[nn.Parameter, Tensor]:
+    """sum_r c_r g_r for every parameter of the block: one GEMM per use.  coef: (R,)
+
+    Rows with a zero coefficient are skipped (a subset's GEMM runs over the subset only). ``host_coef`` is an
+    optional CPU copy of ``coef`` used to plan that without a device sync; on CPU ``coef`` itself is used."""
+    if host_coef is None and coef.device.type == "cpu":
+        host_coef = coef.detach()
+    keep, uniform = _row_plan(host_coef) if host_coef is not None else (None, None)
     out: dict[nn.Parameter, Tensor] = {}
     for p, us in block.factored.items():
         g = None
         for u in us:
+            if keep is not None and isinstance(keep, Tensor) and keep.numel() == 0:
+                continue
             dtype = _work_dtype(u.b.dtype)
-            gu = _param_layout(outer_sum(u.b.to(dtype), to_dtype(u.a, dtype), coef.to(dtype)), u)
+            gu = _param_layout(_weighted_outer(u.b, u.a, coef, keep, uniform, dtype), u)
             g = gu if g is None else g + gu
+        if g is None and us:
+            g = torch.zeros(p.shape, dtype=_work_dtype(us[0].b.dtype), device=us[0].b.device)
         if g is not None:
             out[p] = g.reshape(p.shape)
     for p, rows_ in block.small.items():
