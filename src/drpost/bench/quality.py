@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import math
 import os
 import time
@@ -58,6 +59,9 @@ METHODS: dict[str, tuple[str, callable, list | None]] = {
                              lambda k: MethodSpec("LayerHull+slack(auto)", "hull", {"scope": "layer", "slack": "auto"}),
                              None),
 }
+# LESS computes a per-example gradient for every candidate; on 2 CPU cores it scores a fixed random 4,000-example
+# slice of the pool (its warm-up also draws from that slice), and keeps the top fraction of the slice.
+LESS_CANDIDATES = 4000
 DR_METHODS = {"global_subset", "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem", "layerwise_hull_slack"}
 SELECTION_BASELINES = {"dsir", "less", "greats", "random_subset"}
 DEFAULT_METHODS = list(METHODS)
@@ -69,7 +73,7 @@ def _setting(setting):
     return SETTINGS[setting] if isinstance(setting, str) else setting
 
 
-def _evaluator(tokenizer, data, n_val: int):
+def _evaluator(tokenizer, data, n_val: int, n_retention: int = 50):
     from drpost.world.evaluate import eval_loss, exact_match
 
     def final(model) -> dict:
@@ -79,7 +83,7 @@ def _evaluator(tokenizer, data, n_val: int):
             "val_em": exact_match(model, tokenizer, data.target_val[:n_val]),
             "val_loss": eval_loss(model, tokenizer, data.target_val[:n_val]),
         }
-        ret = {f: exact_match(model, tokenizer, ex) for f, ex in data.retention.items()}
+        ret = {f: exact_match(model, tokenizer, ex[:n_retention]) for f, ex in data.retention.items()}
         out["retention_em"] = sum(ret.values()) / max(1, len(ret))
         out["retention_by_family"] = ret
         return out
@@ -97,9 +101,12 @@ def _selection(name, knob, base, tokenizer, data, g_rows, t_rows, seed, cache):
         from drpost.baselines.less import less_scores, less_select
 
         key = ("less", seed)
-        if key not in cache:
-            cache[key] = less_scores(base, tokenizer, g_rows, t_rows, seed=seed)
-        return less_select(cache[key], knob)
+        if key not in cache:  # scored once per seed, shared by every knob value
+            cand = random.Random(f"less-{seed}").sample(range(len(g_rows)), min(LESS_CANDIDATES, len(g_rows)))
+            scores = less_scores(base, tokenizer, [g_rows[i] for i in cand], t_rows, seed=seed)
+            cache[key] = (cand, scores)
+        cand, scores = cache[key]
+        return [cand[i] for i in less_select(scores, knob)]
     return None
 
 
@@ -333,7 +340,9 @@ def run(config) -> dict:
     """CLI entry: ``drpost bench quality --paradigm sft`` (other paradigms: drpost.bench.rl)."""
     paradigm = getattr(config, "paradigm", "sft")
     if paradigm != "sft":
-        raise ValueError(f"option 'paradigm': quality benchmark for {paradigm!r} is not implemented yet")
+        from drpost.bench.rl import run as run_rl_bench
+
+        return run_rl_bench(config)
     from drpost.world.settings import SETTINGS
 
     settings = list(getattr(config, "settings", None) or SETTINGS)
