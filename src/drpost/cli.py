@@ -8,7 +8,9 @@
 
 Options come from ``drpost.config`` (the dataclasses are the single source of truth). Runners are found through the
 explicit table ``RUNNERS`` ("module:function"); a runner's module is imported only when its subcommand runs, and is
-called as ``run(config)``. Before running, the resolved config is written to ``<output_dir>/config.yaml``.
+called as ``run(config)``. Before running, the resolved config is written to ``<output_dir>/config.yaml``, except
+for the runners in ``VALIDATING_RUNNERS``: they check their model, data and checkpoint first and write config.yaml
+themselves, so a run that fails validation leaves only its log (with the error) in output_dir.
 Exit codes: 0 success or --help, 2 bad usage / bad config / bad data / runner not available.
 """
 
@@ -30,6 +32,9 @@ RUNNERS: dict[str, str] = {
     "bench quality": "drpost.bench.quality:run",
     "bench system": "drpost.bench.system:run",
 }
+
+# runners that validate everything before writing, and write config.yaml themselves
+VALIDATING_RUNNERS: frozenset[str] = frozenset({"drpost.trainers.sft:run"})
 
 SUMMARIES: dict[str, str] = {
     "demo": "world demo: a few regularizers side by side on the tiny world model (CPU, minutes)",
@@ -140,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         run = resolve_runner(key)
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        path = save_resolved(config, config.output_dir)
-        logging.getLogger("drpost").info("resolved config written to %s", path)
+        if RUNNERS[key] not in VALIDATING_RUNNERS:
+            path = save_resolved(config, config.output_dir)
+            logging.getLogger("drpost").info("resolved config written to %s", path)
         result = run(config)
     except (UsageError, ConfigError, DataError) as e:
         name = f"drpost {argv[0]}" if argv and argv[0] in CONFIGS else "drpost"

@@ -157,13 +157,16 @@ class DataRegularizer:
         report_scores: also compute scores for full_training / target_only (otherwise skipped: not needed).
         autotune: with ``scoring="auto"``, time every exact candidate once on the first sight of each block shape
             (block, rows, target rows, T, Gram needed) and keep the fastest, instead of trusting the cost model.
+        process_group: data parallelism (integrations/distributed.py, docs/distributed.md): ``"auto"`` (default)
+            computes the global step over all ranks when torch.distributed is initialized with world size > 1;
+            None keeps each rank's step local; or a ProcessGroup. Pass the unwrapped module, not a DDP wrapper.
         **set_options: the feasible set's options (``frac``, ``selection``, ``scope``, ``k``, ``radius``, ...).
     """
 
     def __init__(self, model: nn.Module, method: str = "layerwise_subset", *, scoring: str = "auto",
                  assembly: str = "one_pass", slack: float | str | None = None, sketch: str = "64x64",
                  seed: int = 0, optimizer: torch.optim.Optimizer | None = None, linear_only: bool = False,
-                 report_scores: bool = False, autotune: bool = False, **set_options):
+                 report_scores: bool = False, autotune: bool = False, process_group="auto", **set_options):
         if scoring != "auto" and scoring not in METHODS:
             raise ValueError(f"option 'scoring' must be 'auto' or one of {METHODS}, got {scoring!r}")
         if assembly not in ASSEMBLIES:
@@ -180,6 +183,8 @@ class DataRegularizer:
         self.optimizer = optimizer
         self.report_scores = report_scores
         self.autotune = bool(autotune)
+        self.process_group = process_group
+        self._weights_only = False  # set by row_weights(): stop before assembling .grad
         self.capture = Capture(model, linear_only=linear_only)
         self.sketcher = Sketcher(*self.sketch, seed=seed)
         self.rates = cost.Rates()
@@ -196,6 +201,21 @@ class DataRegularizer:
     @property
     def blocks(self) -> list[str]:
         return [b.name for b in self.capture.blocks]
+
+    def row_weights(self, general: dict, target: dict, loss_fn, lr: float | None = None) -> tuple[Tensor, StepReport]:
+        """Row coefficients ``c`` of the merged batch (general rows, then target rows) without touching ``.grad``:
+        the update is the gradient of ``sum_r c_r loss_r`` (``loss_fn``'s row losses). Returns ``(c (R,), report)``
+        for global-scope sets, ``(c (L, R), report)`` per block for layer scope, ``(None, report)`` on a skipped step.
+        Distributed: coefficients are globally normalized, rows are this rank's (sum the ranks' gradients)."""
+        self._weights_only = True
+        try:
+            rep = self.step(general, target, loss_fn, lr=lr)
+        finally:
+            self._weights_only = False
+        c = rep.info.pop("row_weights", None)
+        if c is not None and rep.weights is not None and rep.weights.shape[0] == 1:
+            c = c[0]
+        return c, rep
 
     def step(self, general: dict, target: dict, loss_fn, lr: float | None = None) -> StepReport:
         """Fill ``.grad`` of the trainable parameters with the regularized update (added to any existing grad)."""
@@ -227,7 +247,8 @@ class DataRegularizer:
         report.counts = n_i
         report.loss = float(loss_sums[:R_g].detach().sum() / n_i.sum().clamp_min(1))
         report.target_loss = float(loss_sums[R_g:].detach().sum() / n_t.sum().clamp_min(1))
-        if not torch.isfinite(loss_sums.detach()).all():
+        ds = self._distributed_begin(loss_sums, R_g, n_i, n_t, report)  # None unless data-parallel
+        if not (ds.finite if ds is not None else torch.isfinite(loss_sums.detach()).all()):
             cap.reset()
             return _skip(report, "non-finite loss")
         if float(n_t.sum()) <= 0:
@@ -237,20 +258,27 @@ class DataRegularizer:
             cap.reset()
             raise ValueError("option 'general': the general rows have no loss tokens (all labels are -100)")
 
+        no_grad = self._weights_only and self._needs()[2]  # full_training / target_only weights need no backward
         with timer("backward"):
-            cap.stash_grads()
-            try:
-                loss_sums.sum().backward()
-            finally:
-                cap.restore_grads()
-            blocks = cap.collect()
+            if not no_grad:
+                cap.stash_grads()
+                try:
+                    loss_sums.sum().backward()
+                finally:
+                    cap.restore_grads()
+            blocks = cap.blocks if no_grad else cap.collect()
 
-        geo = self._geometry(blocks, g_ids, t_ids, n, m, n_i, n_t, R_g, merged, lr, timer, report)
+        if ds is None:
+            geo = self._geometry(blocks, g_ids, t_ids, n, m, n_i, n_t, R_g, merged, lr, timer, report)
+        else:
+            geo = ds.geometry(self, blocks, g_ids, t_ids, R_g, merged, lr, timer, report)
         if geo is None:
             cap.reset()
             return _skip(report, "non-finite scores or Gram")
         with timer("solve"):
             coefs = self._coefficients(geo)
+            if ds is not None:
+                ds.agree(coefs)
         report.weights, report.target_weight = coefs.coef, coefs.target_coef
         report.info.update(coefs.info)
         if not ensure_finite(coefs.coef, coefs.target_coef):
@@ -259,9 +287,16 @@ class DataRegularizer:
 
         # row coefficients per block: general rows take their sample's coefficient, target rows c_T / N_T
         L = len(blocks)
-        coef = coefs.coef.expand(L, n) if coefs.coef.shape[0] == 1 else coefs.coef
+        cc = coefs.coef if ds is None else ds.local(coefs.coef)  # this rank's samples
+        coef = cc.expand(L, n) if cc.shape[0] == 1 else cc
         tcoef = coefs.target_coef.expand(L) if coefs.target_coef.shape[0] == 1 else coefs.target_coef
-        row_c = torch.cat([coef[:, g_ids], (tcoef / n_t.sum())[:, None].expand(L, R - R_g)], 1)  # (L, R)
+        n_T = n_t.sum() if ds is None else ds.target_tokens
+        row_c = torch.cat([coef[:, g_ids], (tcoef / n_T)[:, None].expand(L, R - R_g)], 1)  # (L, R)
+        if self._weights_only:
+            cap.reset()
+            report.info["row_weights"] = row_c
+            report.timings = timer.t
+            return report
 
         if self.assembly == "two_pass":
             cap.reset()
@@ -274,6 +309,9 @@ class DataRegularizer:
                 for l, b in enumerate(blocks):
                     grads.update(assemble(b, row_c[l], host[l]))
             cap.reset()
+        if ds is not None:
+            with timer("all_reduce"):
+                grads = ds.reduce_grads(grads, [p for b in cap.blocks for p in b.params])
         if not ensure_finite(*grads.values()):
             return _skip(report, "non-finite update")
         fresh = self.assembly == "one_pass"  # assembled tensors are new and owned here: no defensive copy
@@ -288,6 +326,15 @@ class DataRegularizer:
         return report
 
     # ------------------------------------------------------------------ internals
+    def _distributed_begin(self, loss_sums, R_g, n_i, n_t, report):
+        """Data parallelism hook (integrations/distributed.py): the global counts and losses, or None."""
+        if self.process_group is None:
+            return None
+        from drpost.integrations.distributed import DistributedStep, resolve_process_group
+
+        group = resolve_process_group(self.process_group)
+        return None if group is None else DistributedStep.begin(group, loss_sums, R_g, n_i, n_t, report)
+
     def _needs(self):
         fs = self.feasible
         need_gram = fs.needs_gram or self.slack is not None

@@ -124,3 +124,34 @@ def frac_to_k(frac: float, n: int) -> int:
 
 def ensure_finite(*tensors: Tensor | None) -> bool:
     return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+
+
+# Solver non-convergence (issue "Reliability"): a convex set whose iterative solver used its whole budget and still
+# has a relative KKT / fixed-point residual above this is not trusted for the step; DataRegularizer falls back to
+# full_training for that step (logged, counted in report.info["solver_fallback"]).
+SOLVER_FALLBACK_RESIDUAL = 1e-3
+
+
+def solver_failure(info: dict, max_iter: int | None) -> str | None:
+    """Why a solve is not trusted (iteration budget exhausted with a large or non-finite residual), else None.
+
+    A solve that stopped before ``max_iter`` met its tolerance or stalled at its best point: trusted (no host sync).
+    """
+    its, res = info.get("iterations"), info.get("kkt_residual")
+    if max_iter is None or its is None or res is None or int(its) < max_iter:
+        return None
+    r = float(torch.as_tensor(res).detach().max())
+    if r == r and r <= SOLVER_FALLBACK_RESIDUAL:  # r == r: not NaN
+        return None
+    return f"solver did not converge in {int(its)} iterations (KKT residual {r:.3g} > {SOLVER_FALLBACK_RESIDUAL:g})"
+
+
+def fallback_full_training(geo: StepGeometry, reason: str) -> Coefficients:
+    """full_training coefficients (coef 1/N, target 0, one global row) standing in for a failed solve."""
+    import logging
+
+    logging.getLogger("drpost.feasible").warning("%s; falling back to full_training for this step", reason)
+    n = geo.n
+    c = torch.full((1, n), 1.0, dtype=geo.scores.dtype, device=geo.scores.device) / geo.counts.to(geo.scores.dtype).sum()
+    return Coefficients(c, torch.zeros(1, dtype=c.dtype, device=c.device),
+                        {"solver_fallback": True, "solver_fallback_reason": reason})

@@ -185,25 +185,20 @@ class _FactoredHandler(Handler):
 
 
 class LinearHandler(_FactoredHandler):
+    fn = _LinearFn
+
     def install(self):
-        m, h = self.module, self
+        m, h, fn = self.module, self, self.fn
 
         def forward(self_, x):
-            return _LinearFn.apply(x, m.weight, m.bias, h)
+            return fn.apply(x, m.weight, m.bias, h)
 
         m.forward = types.MethodType(forward, m)
 
 
-class Conv1DHandler(_FactoredHandler):
+class Conv1DHandler(LinearHandler):
+    fn = _Conv1DFn
     transposed = True
-
-    def install(self):
-        m, h = self.module, self
-
-        def forward(self_, x):
-            return _Conv1DFn.apply(x, m.weight, m.bias, h)
-
-        m.forward = types.MethodType(forward, m)
 
 
 class EmbeddingHandler(_FactoredHandler):

@@ -48,6 +48,12 @@ RECIPES: dict[str, dict] = {
 }
 
 
+# Pretrained base models shipped with the package (made by `python -m drpost.world.pretrain --size tiny` and copied
+# here): the demo's embedded default, so a fresh machine need not pretrain first. Keyed like the cache, so any change
+# to the recipe, corpus or model config ignores them and pretrains afresh.
+BUNDLE_DIR = Path(__file__).parent / "assets"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DRPOST_CACHE") or Path.home() / ".cache" / "drpost")
 
@@ -130,6 +136,9 @@ def ensure_base_model(size: str = "tiny", force: bool = False, threads: int | No
     path = base_model_path(size)
     if path.is_dir() and (path / "pretrain.json").exists() and not force:
         return path
+    bundled = BUNDLE_DIR / path.name  # shipped with the package, same cache key = same recipe and corpus
+    if bundled.is_dir() and (bundled / "pretrain.json").exists() and not force:
+        return bundled
     model, tokenizer, info = pretrain(size, threads=threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))

@@ -1,0 +1,379 @@
+"""TRL adapters: ``DrSFTTrainer``, ``DrDPOTrainer``, ``DrGRPOTrainer`` (data-regularized TRL trainers).
+
+Owns the glue between TRL's trainers (``trl>=1.0,<2``; tested with 1.16) and :class:`drpost.DataRegularizer`:
+
+    trainer = DrSFTTrainer(model=model, args=SFTConfig(...), train_dataset=general, target_dataset=target,
+                           processing_class=tok, dr_method="global_subset", dr_options={"frac": 0.5})
+    trainer.train()
+
+Each subclass adds ``target_dataset`` (prepared exactly like ``train_dataset`` and cycled by its own iterator: it runs
+out first), ``target_batch_size`` (target samples per rank per step, default 1: the paper's setting), ``dr_method``
+and ``dr_options`` (DataRegularizer options: ``frac``, ``scoring``, ``slack``, ...). ``training_step`` is overridden:
+
+  pass 1: the regularizer runs the merged batch (general rows + target rows) through the *unwrapped* model with
+          drpost's per-row loss, one captured backward (no ``.grad`` written), and returns row coefficients ``c_r``
+          (:meth:`DataRegularizer.row_weights`; under ``torch.distributed`` they are global, see distributed.py);
+  pass 2: the rows with ``c_r != 0`` go through the *wrapped* model and ``accelerator.backward(sum_r c_r loss_r)``,
+          so DDP's gradient all-reduce, gradient clipping, accumulation, mixed precision and logging keep working.
+
+Cost: pass 1 is a forward + activation-only backward of the merged batch (plus scoring), pass 2 an ordinary
+forward/backward of the kept rows: about 1.7-2x a plain TRL step for selection sets (less when a subset is small),
+about 2x for convex sets; ``full_training`` / ``target_only`` skip pass 1's backward (forward only, for the counts).
+Layer scope (``layerwise_subset``, any set with ``scope="layer"``) has one coefficient vector per block, which no
+single weighted loss can express: it falls back to the regularizer's own one-pass assembly, which writes ``.grad``
+directly (one captured backward, no pass 2; scaled by 1 / gradient-accumulation steps, all-reduced by drpost itself
+under DDP). That path bypasses the accelerator's backward, so it is refused under DeepSpeed and FSDP.
+
+Supported features and limits (checked at construction, with a clear error):
+  * SFT: padded batches of ``input_ids``/``attention_mask``/``labels``; not ``padding_free`` / packing.
+  * DPO: ``loss_type=["sigmoid"]``, ``f_divergence_type="reverse_kl"``, no ``ld_alpha``, no ``use_weighting``; the
+    reference log-probs come from TRL (precomputed columns or ``compute_ref_log_probs``). Sample = one pair.
+  * GRPO: ``loss_type`` in ``grpo`` (sequence mean), ``bnpo``/``dapo`` (token mean); token-level importance
+    sampling, ``beta`` KL (k3) supported; no vLLM importance-sampling correction, entropy bonus / masks, off-policy
+    masks, ``delta``, tools or images. Sample = one completion (TRL shuffles a generation batch, so groups are not
+    contiguous). Target prompts are generated and scored by TRL's own ``_generate_and_score_completions`` (their
+    reward metrics are logged with the general ones).
+Metrics added to the logs: ``dr/target_loss``, ``dr/kept_frac`` (fraction of general samples with nonzero weight).
+
+Test: ``.venv/bin/pytest -q tests/integrations/test_trl.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import trl
+from packaging.version import Version
+from torch import Tensor
+
+from drpost.objectives import causal_lm_loss, dpo_loss_fn, grpo_loss_fn
+from drpost.step import DataRegularizer, merge_batches, take_rows
+
+TRL_RANGE = (">=1.0", "<2")
+if not (Version("1.0") <= Version(trl.__version__) < Version("2")):  # pragma: no cover - version guard
+    raise ImportError(f"drpost.integrations.trl supports trl{TRL_RANGE[0]},{TRL_RANGE[1]}; found {trl.__version__}")
+
+from trl import DPOTrainer, GRPOTrainer, SFTTrainer  # noqa: E402
+
+__all__ = ["DrDPOTrainer", "DrGRPOTrainer", "DrSFTTrainer", "TRL_RANGE"]
+
+
+@contextlib.contextmanager
+def _without_checkpointing(model, kwargs=None):
+    """Activation checkpointing re-runs the forward during backward, which the capture cannot follow: pass 1 runs
+    with it off (restored afterwards). Pass 2 keeps it."""
+    on = bool(getattr(model, "is_gradient_checkpointing", False))
+    if on:
+        model.gradient_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _cycle(make_iter):
+    """Endless iterator that restarts ``make_iter()`` whenever it is exhausted."""
+    while True:
+        empty = True
+        for x in make_iter():
+            empty = False
+            yield x
+        if empty:
+            raise ValueError("option 'target_dataset' is empty")
+
+
+class _DrMixin:
+    """Shared regularized training step; subclasses convert TRL batches to drpost row batches."""
+
+    def _dr_init(self, target_dataset, dr_method: str, dr_options: dict | None, target_batch_size: int):
+        if target_dataset is None:
+            raise ValueError("option 'target_dataset' is required (the few examples of the task you care about)")
+        if not (isinstance(target_batch_size, int) and target_batch_size >= 1):
+            raise ValueError(f"option 'target_batch_size' must be a positive integer, got {target_batch_size!r}")
+        self.dr_method = dr_method
+        self.dr_options = dict(dr_options or {})
+        self.target_batch_size = target_batch_size
+        self.dr_last_report = None
+        self._dr_target_iter = None
+        # built on the unwrapped model now (bad options fail here); DDP / accelerate keep the same parameters
+        self.regularizer = DataRegularizer(self.model, method=dr_method, **self.dr_options)
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _dr_target_loader(self):  # -> iterable of raw target batches for this rank
+        raise NotImplementedError
+
+    def _dr_rows(self, inputs, model, target: bool) -> dict:  # TRL batch -> drpost row batch
+        raise NotImplementedError
+
+    def _dr_loss_fn(self):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the step
+    def _dr_get_regularizer(self, model) -> DataRegularizer:
+        if self.regularizer.model is not self.accelerator.unwrap_model(model):  # e.g. a model swapped after init
+            self.regularizer = DataRegularizer(self.accelerator.unwrap_model(model), method=self.dr_method,
+                                               **self.dr_options)
+        return self.regularizer
+
+    def _dr_next_target(self):
+        if self._dr_target_iter is None:
+            self._dr_target_iter = _cycle(self._dr_target_loader)
+        return next(self._dr_target_iter)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        general = self._dr_rows(inputs, model, target=False)
+        target = self._dr_rows(self._dr_next_target(), model, target=True)
+        return self._dr_backward(model, general, target)
+
+    def _dr_backward(self, model, general: dict, target: dict) -> Tensor:
+        """Regularized backward of one micro-batch; returns the general token-mean loss / accumulation steps."""
+        from accelerate.utils import DistributedType
+
+        reg = self._dr_get_regularizer(model)
+        loss_fn = self._dr_loss_fn()
+        ga = self.current_gradient_accumulation_steps
+        lr = float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else None
+        device = self.accelerator.device
+        dtype = self.accelerator.distributed_type
+        if reg.feasible.scope == "global":
+            with self.compute_loss_context_manager(), self._dr_no_ckpt(reg):
+                c, rep = reg.row_weights(general, target, loss_fn, lr=lr)
+            if c is not None:
+                merged = merge_batches(general, target, device)
+                if "sample_index" in general:  # row -> sample grouping is kept (DPO pairs stay whole)
+                    merged["sample_index"] = torch.cat([torch.as_tensor(general["sample_index"], device=device),
+                                                        torch.as_tensor(target["sample_index"], device=device)
+                                                        + int(general["sample_index"].max()) + 1])
+                keep = torch.nonzero(c != 0).flatten()
+                if keep.numel() == 0:  # still one (zero-weight) backward: DDP ranks must all reduce
+                    keep = torch.zeros(1, dtype=torch.long, device=c.device)
+                with self.compute_loss_context_manager():
+                    loss_sums, _ = loss_fn(model, take_rows(merged, keep))
+                # coefficients are globally normalized; DDP averages over ranks, so undo that average
+                world = rep.info.get("world_size", 1)
+                acc_div = 1 if dtype == DistributedType.DEEPSPEED else self.accelerator.gradient_accumulation_steps
+                loss = (loss_sums * c[keep].to(loss_sums.dtype)).sum() * (world * acc_div / ga)
+                kwargs = {"scale_wrt_gas": False} if dtype == DistributedType.DEEPSPEED else {}
+                self.accelerator.backward(loss, **kwargs)
+        else:
+            if dtype in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+                raise NotImplementedError(
+                    f"layer-scope methods ({self.dr_method!r}) write .grad directly and cannot run under {dtype}; "
+                    "use a global-scope method (global_subset, hull, ...) or plain DDP")
+            params = [p for p in reg.model.parameters() if p.requires_grad]
+            stash = {p: p.grad for p in params}
+            for p in params:
+                p.grad = None
+            try:
+                with self.compute_loss_context_manager(), self._dr_no_ckpt(reg):
+                    rep = reg.step(general, target, loss_fn, lr=lr)
+            finally:
+                for p in params:
+                    g, old = p.grad, stash[p]
+                    if g is not None and ga != 1:
+                        g.div_(ga)
+                    p.grad = old if g is None else (g if old is None else old.add_(g))
+        self.dr_last_report = rep
+        self._dr_log(rep)
+        return torch.tensor(rep.loss / ga if rep.loss == rep.loss else 0.0, device=device)
+
+    def _dr_no_ckpt(self, reg):
+        return _without_checkpointing(reg.model, self.args.gradient_checkpointing_kwargs)
+
+    def _dr_log(self, rep) -> None:
+        metrics = getattr(self, "_metrics", None)
+        if metrics is None or rep.weights is None:
+            return
+        m = metrics["train"]
+        m["dr/target_loss"].append(float(rep.target_loss))
+        m["dr/kept_frac"].append(float((rep.weights != 0).float().mean()))
+        if rep.skipped:
+            m["dr/skipped"].append(1.0)
+
+
+def _interleave(x: Tensor) -> Tensor:
+    """(2P, ...) as [chosen rows; rejected rows] -> (2P, ...) alternating chosen/rejected."""
+    P = x.shape[0] // 2
+    return torch.stack([x[:P], x[P:]], 1).reshape(2 * P, *x.shape[1:])
+
+
+# --------------------------------------------------------------------------- SFT
+class DrSFTTrainer(_DrMixin, SFTTrainer):
+    """``SFTTrainer`` with a data-regularized step (see the module docstring)."""
+
+    def __init__(self, *args, target_dataset=None, dr_method: str = "layerwise_subset", dr_options: dict | None = None,
+                 target_batch_size: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.padding_free or self.args.packing:
+            raise ValueError("DrSFTTrainer needs one sequence per row: set padding_free=False and packing=False")
+        self._dr_init(target_dataset, dr_method, dr_options, target_batch_size)
+        if not getattr(self, "_skip_prepare_dataset", False):
+            target_dataset = self._prepare_dataset(target_dataset, self.processing_class, self.args, False,
+                                                   self._formatting_func, "target")
+        self.target_dataset = target_dataset
+
+    def _dr_target_loader(self):
+        if getattr(self, "_dr_loader", None) is None:
+            self._dr_loader = self._get_dataloader(self.target_dataset, "Target", self.target_batch_size,
+                                                   sampler_fn=self._get_train_sampler, is_training=True)
+        return iter(self._dr_loader)
+
+    def _dr_rows(self, inputs, model, target: bool) -> dict:
+        dev = self.accelerator.device
+        ids = inputs["input_ids"].to(dev)
+        attn = inputs.get("attention_mask")
+        return {"input_ids": ids, "attention_mask": (torch.ones_like(ids) if attn is None else attn.to(dev)),
+                "labels": inputs["labels"].to(dev)}
+
+    def _dr_loss_fn(self):
+        return causal_lm_loss
+
+
+# --------------------------------------------------------------------------- DPO
+class DrDPOTrainer(_DrMixin, DPOTrainer):
+    """``DPOTrainer`` with a data-regularized step; one sample = one preference pair."""
+
+    def __init__(self, *args, target_dataset=None, dr_method: str = "layerwise_subset", dr_options: dict | None = None,
+                 target_batch_size: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        bad = []
+        if list(self.loss_types) != ["sigmoid"]:
+            bad.append(f"loss_type={self.loss_types} (only ['sigmoid'])")
+        if self.f_divergence_type != "reverse_kl":
+            bad.append(f"f_divergence_type={self.f_divergence_type!r}")
+        if self.ld_alpha is not None:
+            bad.append("ld_alpha")
+        if self.use_weighting:
+            bad.append("use_weighting")
+        if getattr(self, "_is_vision_dataset", False):
+            bad.append("vision datasets")
+        if bad:
+            raise NotImplementedError("DrDPOTrainer does not support: " + ", ".join(bad))
+        self._dr_init(target_dataset, dr_method, dr_options, target_batch_size)
+        self.target_dataset = self._prepare_dataset(target_dataset, self.processing_class, self.args, "target")
+
+    def _dr_target_loader(self):
+        if getattr(self, "_dr_loader", None) is None:
+            self._dr_loader = self._get_dataloader(self.target_dataset, "Target", self.target_batch_size,
+                                                   sampler_fn=self._get_train_sampler, is_training=True)
+        return iter(self._dr_loader)
+
+    def _dr_rows(self, inputs, model, target: bool) -> dict:
+        dev = self.accelerator.device
+        inputs = {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in inputs.items()}
+        ids, cm = inputs["input_ids"], inputs["completion_mask"]
+        if "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs:
+            ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_model = self.ref_model if self.ref_model is not None else self.model
+            ref_c, ref_r = self.compute_ref_log_probs(ref_model, inputs)
+        P = ids.shape[0] // 2
+        return {
+            "input_ids": _interleave(ids),
+            "attention_mask": _interleave(inputs["attention_mask"]),
+            "labels": _interleave(ids.masked_fill(cm == 0, -100)),
+            "ref_logps": torch.stack([ref_c, ref_r], 1).reshape(-1).detach(),
+            "sample_index": torch.arange(P, device=dev).repeat_interleave(2),
+        }
+
+    def _dr_loss_fn(self):
+        return dpo_loss_fn(beta=self.beta)
+
+
+# --------------------------------------------------------------------------- GRPO
+class _Tempered(torch.nn.Module):
+    """Calls ``model`` and divides its logits by the sampling temperature (as TRL's GRPO loss does)."""
+
+    def __init__(self, model, temperature: float):
+        super().__init__()
+        self.inner = model
+        self.temperature = temperature
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return (logits / self.temperature,)
+
+
+class DrGRPOTrainer(_DrMixin, GRPOTrainer):
+    """``GRPOTrainer`` with a data-regularized step; one sample = one completion. ``target_dataset`` holds prompts
+    (with the columns the reward functions read); ``target_batch_size`` target prompts per rank per step, each
+    sampled ``num_generations`` times."""
+
+    def __init__(self, *args, target_dataset=None, dr_method: str = "layerwise_subset", dr_options: dict | None = None,
+                 target_batch_size: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        a = self.args
+        bad = []
+        if self.loss_type not in ("grpo", "bnpo", "dapo"):
+            bad.append(f"loss_type={self.loss_type!r} (grpo, bnpo, dapo only)")
+        if self.importance_sampling_level != "token":
+            bad.append("importance_sampling_level != 'token'")
+        if self.top_entropy_quantile < 1.0 or self._entropy_bonus_enabled:
+            bad.append("entropy masks / bonus")
+        if self.off_policy_mask_threshold is not None or getattr(a, "delta", None) is not None:
+            bad.append("off-policy masks / delta")
+        if self.use_vllm and getattr(self, "vllm_importance_sampling_correction", False):
+            bad.append("vLLM importance-sampling correction")
+        if getattr(self, "tools", None) or getattr(self, "environment_factories", None) is not None:
+            bad.append("tools / environments")
+        if bad:
+            raise NotImplementedError("DrGRPOTrainer does not support: " + ", ".join(bad))
+        self._dr_init(target_dataset, dr_method, dr_options, target_batch_size)
+        self.target_dataset = target_dataset
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        out = _DrMixin.training_step(self, model, inputs, num_items_in_batch)
+        self._step += 1  # GRPOTrainer's own step counter (drives the generation buffer)
+        return out
+
+    def _dr_target_loader(self):
+        """This rank's share of the target prompts, reshuffled every pass, each repeated num_generations times."""
+        n = len(self.target_dataset)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        epoch = getattr(self, "_dr_epoch", 0)
+        self._dr_epoch = epoch + 1
+        g = torch.Generator().manual_seed(self.args.seed + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        order = [order[i % n] for i in range(rank, max(n, world), world)]  # every rank gets at least one
+        k = self.target_batch_size
+        for i in range(0, len(order) - k + 1 if len(order) >= k else 1, k):
+            chunk = [order[j % len(order)] for j in range(i, i + k)]
+            yield [self.target_dataset[j] for j in chunk for _ in range(self.num_generations)]
+
+    def _dr_rows(self, inputs, model, target: bool) -> dict:
+        if target:
+            inputs = self._generate_and_score_completions(inputs)
+        p_ids, p_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        c_ids, c_mask = inputs["completion_ids"], inputs["completion_mask"]
+        ids = torch.cat([p_ids, c_ids], 1)
+        attn = torch.cat([p_mask, c_mask], 1)
+        P = p_ids.shape[1]
+        labels = ids.masked_fill(torch.ones_like(ids, dtype=torch.bool), -100)
+        labels[:, P:] = c_ids.masked_fill(c_mask == 0, -100)
+        out = {"input_ids": ids, "attention_mask": attn, "labels": labels, "advantages": inputs["advantages"]}
+
+        def aligned(x):  # (B, C) completion logps -> token-aligned (B, P + C)
+            return torch.cat([x.new_zeros(x.shape[0], P), x], 1).detach()
+
+        if inputs.get("old_per_token_logps") is not None:
+            out["old_logps"] = aligned(inputs["old_per_token_logps"])
+        if inputs.get("ref_per_token_logps") is not None:
+            out["ref_logps"] = aligned(inputs["ref_per_token_logps"])
+        return out
+
+    def _dr_loss_fn(self):
+        agg = "seq_mean" if self.loss_type == "grpo" else "token_mean"
+        inner = grpo_loss_fn(clip_range=self.epsilon_low, clip_range_high=self.epsilon_high, kl_coef=self.beta,
+                             loss_agg=agg)
+        temp = float(self.temperature)
+        if temp == 1.0:
+            return inner
+        return lambda model, batch: inner(_Tempered(model, temp), batch)
+

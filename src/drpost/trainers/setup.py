@@ -1,0 +1,271 @@
+"""Building a CLI training run from its config: model, tokenizer, data, optimizer, schedule, regularizer, run log.
+
+Every function validates what it builds and raises ``ConfigError`` (naming the option) or ``DataError`` (naming the
+file and line), so a trainer's ``run(config)`` can check everything before its first step and before it writes
+anything but its log. Used by ``drpost.trainers.sft.run``.
+
+- ``load_model(config.model, device)``: a Hugging Face causal LM by hub name or local path (``trust_remote_code``
+  only when set), or the world's tiny base model (``name_or_path: world``); dtype and attention kernel applied.
+- ``apply_finetuning``: full, LoRA (PEFT; target modules checked against the model) or MeSO (gradient
+  checkpointing is refused with a clear error: it conflicts with the capture hooks).
+- ``load_sft_data(config, tokenizer)``: general / target / eval token rows from files or datasets names, or from a
+  world setting (``data.setting``; ``default`` = ``WORLD_DEFAULT_SETTING``).
+- ``make_optimizer``, ``make_schedule``, ``make_regularizer``; ``run_log(output_dir)`` (file log of the run).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from drpost.config import ConfigError
+from drpost.data import chat
+from drpost.data.formats import DataError, make_record
+from drpost.data.loaders import load_records, to_rows
+
+log = logging.getLogger("drpost")
+
+WORLD_DEFAULT_SETTING = "distribution_shift"
+SFT_FORMATS = ("prompt_completion", "messages", "text")
+WORLD_EVAL_EXAMPLES = 200  # target test examples scored by periodic evaluation on a world setting
+_SUBSET = ("global_subset", "layerwise_subset")
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"option 'device': {device} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[dtype]
+
+
+def load_model(mc, device: torch.device):
+    """(model in train mode on device, tokenizer with a pad token) for ``config.model``."""
+    dtype = resolve_dtype(mc.dtype, device)
+    if mc.name_or_path == "world":
+        from drpost.world import model as world_model
+
+        model, tokenizer = world_model.load_base_model(mc.size)
+        model = model.to(dtype)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kw = {"trust_remote_code": bool(mc.trust_remote_code)}
+        if mc.attn_implementation:
+            kw["attn_implementation"] = mc.attn_implementation
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(mc.name_or_path, trust_remote_code=bool(mc.trust_remote_code))
+            model = AutoModelForCausalLM.from_pretrained(mc.name_or_path, dtype=dtype, **kw)
+        except (OSError, ValueError) as e:
+            hint = " (it may need model.trust_remote_code=true, only for code you trust)" \
+                if "trust_remote_code" in str(e) else ""
+            raise ConfigError(f"option 'model.name_or_path': cannot load {mc.name_or_path!r} as a causal LM{hint}: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    chat.ensure_pad_token(tokenizer)
+    return model.to(device).train(), tokenizer
+
+
+def _lora_targets(model, spec: str):
+    if spec.strip() == "all-linear":
+        if not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
+            raise ConfigError("option 'model.lora_target_modules': 'all-linear' matches no Linear module of this model")
+        return "all-linear"
+    suffixes = [s.strip() for s in spec.split(",") if s.strip()]
+    names = [n for n, _ in model.named_modules()]
+    hits = [s for s in suffixes if any(n == s or n.endswith("." + s) for n in names)]
+    if not hits:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"option 'model.lora_target_modules': {spec!r} matches no module of this model; its "
+                          f"linear modules are named {', '.join(leaves) or '(none)'}")
+    return suffixes
+
+
+def apply_finetuning(model, mc):
+    """Make the right weights trainable: full, LoRA adapters (PEFT) or full with MeSO (optimizer-side)."""
+    if mc.gradient_checkpointing:  # measured: torch.utils.checkpoint's recompute check fails under the capture hooks
+        raise ConfigError("option 'model.gradient_checkpointing' is not supported by drpost sft yet: recomputing "
+                          "activations conflicts with the per-sample capture of the regularizer's one backward "
+                          "pass; reduce general_batch_size or data.max_seq_length instead")
+    if mc.finetuning != "lora":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=mc.lora_r, lora_alpha=mc.lora_alpha, lora_dropout=mc.lora_dropout,
+                     target_modules=_lora_targets(model, mc.lora_target_modules), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise ConfigError(f"option 'model.lora_target_modules': {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+@dataclass
+class SFTData:
+    """Token rows of a run and what evaluation uses."""
+
+    g_rows: list[dict]
+    t_rows: list[dict]
+    families: list[str | None]  # per general row
+    eval_rows: list[dict] = field(default_factory=list)
+    eval_examples: list[dict] = field(default_factory=list)  # world examples for exact match
+    source: str = ""
+
+
+def _sft_rows(records, tokenizer, max_len: int) -> list[dict]:
+    for r in records:
+        if r.fmt not in SFT_FORMATS:
+            raise DataError(f"{r.where}: records of format {r.fmt} cannot be used by drpost sft; expected one of "
+                            f"{', '.join(SFT_FORMATS)}")
+    return to_rows(records, tokenizer, None, max_len)
+
+
+def _world_setting(name: str):
+    from drpost.world.settings import SETTINGS
+
+    name = WORLD_DEFAULT_SETTING if name == "default" else name
+    if name not in SETTINGS:
+        close = difflib.get_close_matches(name, list(SETTINGS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"option 'data.setting': unknown world setting {name!r}{hint} (settings: default, "
+                          f"{', '.join(SETTINGS)})")
+    return name
+
+
+def load_sft_data(config, tokenizer) -> SFTData:
+    d = config.data
+    if (d.general is None) != (d.target is None):
+        missing = "data.target" if d.target is None else "data.general"
+        raise ConfigError(f"option '{missing}' is needed when the other data source is a file or dataset "
+                          f"(set both data.general and data.target, or neither for a world setting)")
+    if d.general is not None:
+        g = load_records(d.general, d.format, role="general", split=d.general_split, config_name=d.general_config,
+                         limit=d.max_general_samples)
+        t = load_records(d.target, d.format, role="target", split=d.target_split, config_name=d.target_config,
+                         limit=d.max_target_samples)
+        out = SFTData(_sft_rows(g, tokenizer, d.max_seq_length), _sft_rows(t, tokenizer, d.max_seq_length),
+                      [r.meta.get("family") for r in g], source=f"{d.general} -> {d.target}")
+        if d.eval is not None:
+            e = load_records(d.eval, d.format, role="eval", split=d.eval_split, limit=None)
+            out.eval_rows = _sft_rows(e, tokenizer, d.max_seq_length)
+        return out
+    from dataclasses import replace
+
+    from drpost.world.settings import SETTINGS, build_setting
+
+    name = _world_setting(d.setting)
+    s = SETTINGS[name]
+    # Build only what is used: splits are generated sequentially, so the first rows are the same as in the full
+    # build. The data are fixed; config.seed varies training (as in the benchmarks).
+    s = replace(s, n_pool=min(s.n_pool, d.max_general_samples or s.n_pool), n_retention=0,
+                n_test=min(s.n_test, WORLD_EVAL_EXAMPLES))
+    world = build_setting(s, 0)
+    general = world.general[: d.max_general_samples]
+    target = world.target_train[: d.max_target_samples]
+    if not target:
+        raise DataError(f"the target set is empty: world setting {name} has no target examples")
+    recs = lambda xs, split: [make_record(x, "prompt_completion", f"world:{name}/{split}", index=i)  # noqa: E731
+                              for i, x in enumerate(xs, start=1)]
+    g, t = recs(general, "general"), recs(target, "target")
+    test = world.target_test[:WORLD_EVAL_EXAMPLES]
+    return SFTData(_sft_rows(g, tokenizer, d.max_seq_length), _sft_rows(t, tokenizer, d.max_seq_length),
+                   [x["family"] for x in general], _sft_rows(recs(test, "test"), tokenizer, d.max_seq_length),
+                   test, source=f"world:{name}")
+
+
+# ------------------------------------------------------------------------------------------- optimizer, regularizer
+def make_optimizer(params: list, config) -> torch.optim.Optimizer:
+    o = config.optim
+    if config.model.finetuning == "meso":
+        from drpost.optim.meso import MeSO
+
+        k_out, k_in = (int(x) for x in config.regularizer.sketch.split("x"))
+        return MeSO(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                    sketch=(k_out, k_in), seed=config.regularizer.seed)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def make_schedule(opt, steps: int, warmup_ratio: float, kind: str = "linear"):
+    """Linear warm-up over ``warmup_ratio * steps`` steps, then linear / cosine decay to 0, or constant."""
+    warm = max(1, int(round(warmup_ratio * steps))) if warmup_ratio > 0 else 0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (step - warm) / max(1, steps - warm))
+        return max(0.0, 1.0 - frac) if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def regularizer_options(rc) -> dict:
+    """The DataRegularizer / feasible-set options that apply to ``rc.method`` (others would be rejected)."""
+    opts: dict = {"scoring": rc.scoring, "assembly": rc.assembly, "sketch": rc.sketch, "seed": rc.seed}
+    if rc.slack is not None:
+        opts["slack"] = rc.slack
+    if rc.scope is not None:
+        opts["scope"] = rc.scope
+    if rc.method in _SUBSET:
+        opts.update(frac=rc.frac, selection=rc.selection)
+        if rc.k is not None:
+            opts["k"] = rc.k
+    elif rc.method == "capped_simplex":
+        opts.update({"k": rc.k} if rc.k is not None else {"frac": rc.frac})
+    elif rc.method == "ball":
+        opts["radius"] = rc.radius
+    if rc.radius is not None and rc.method != "ball":
+        raise ConfigError(f"option 'regularizer.radius' applies only to method ball (use regularizer.slack to add a "
+                          f"ball around {rc.method})")
+    return opts
+
+
+def make_regularizer(model, config, opt):
+    from drpost.step import DataRegularizer
+
+    try:
+        return DataRegularizer(model, method=config.regularizer.method, optimizer=opt,
+                               **regularizer_options(config.regularizer))
+    except ValueError as e:  # the library names its option 'frac'; the CLI user knows it as regularizer.frac
+        if isinstance(e, ConfigError):
+            raise
+        msg = re.sub(r"option '(\w+)'", r"option 'regularizer.\1'", str(e))
+        raise ConfigError(msg) from None
+
+
+# ------------------------------------------------------------------------------------------------------------ log
+class run_log:
+    """Context manager: the 'drpost' logger also writes to ``output_dir/train.log`` (created on entry)."""
+
+    def __init__(self, output_dir: str | Path, name: str = "train.log"):
+        self.path = Path(output_dir) / name
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(self.path, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.old_level = log.level
+        if log.getEffectiveLevel() > logging.INFO:
+            log.setLevel(logging.INFO)
+        log.addHandler(self.handler)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        log.removeHandler(self.handler)
+        self.handler.close()
+        log.setLevel(self.old_level)
