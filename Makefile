@@ -25,7 +25,7 @@ demo: setup
 	$(VENV)/bin/drpost demo
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests

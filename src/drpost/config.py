@@ -325,10 +325,11 @@ class DemoConfig(RunConfig):
     """The world demo: SFT of the tiny world model with a few regularizers side by side, on two CPU cores."""
 
     output_dir: str = _opt("runs/demo", "Directory for config.yaml, metrics.json, checkpoints and logs.")
-    steps: int = _opt(300, "Optimizer steps per method.", min=1)
+    steps: int = _opt(200, "Optimizer steps per method.", min=1)
     eval_every: int = _opt(50, "Evaluate every N steps; 0 = only at the end.", min=0)
     methods: list[BenchMethod] = _opt(
-        factory=lambda: ["target_only", "full_training", "global_subset", "layerwise_subset", "hull"],
+        factory=lambda: ["full_training", "target_only", "dsir", "greats", "global_subset", "layerwise_subset",
+                         "layerwise_hull_slack"],
         help="Methods compared, comma-separated (feasible sets and baselines).")
     optim: OptimConfig = _opt(factory=lambda: OptimConfig(lr=1e-3), help="Optimizer and schedule.")
 

@@ -229,6 +229,12 @@ def summarize(records: list[dict]) -> dict:
     return table
 
 
+def _pm(mean_and_se: tuple[float, float]) -> str:
+    """'0.123 ± 0.004' (mean ± standard error), or just the mean for a single seed."""
+    mu, se = mean_and_se
+    return f"{mu:.3f}" if math.isnan(se) else f"{mu:.3f} ± {se:.3f}"
+
+
 def markdown_table(table: dict, command: str) -> str:
     lines = [f"Command: `{command}`", ""]
     for s, by in table.items():
@@ -238,13 +244,12 @@ def markdown_table(table: dict, command: str) -> str:
                   "| method | knob | target EM | target loss | retention EM | weight on target family | s/run |",
                   "|---|---|---|---|---|---|---|"]
         for m, v in by.items():
-            em, se = v["target_em"]
+            em = v["target_em"][0]
             mark = " **best**" if em == best_em else ""
             tfw = "" if v["target_family_weight"] is None else f"{v['target_family_weight']:.2f}"
-            lines.append(f"| {v['label']} | {v['knob'] if v['knob'] is not None else ''} | {em:.3f} ± {se:.3f}{mark} "
-                         f"| {v['target_loss'][0]:.3f} ± {v['target_loss'][1]:.3f} "
-                         f"| {v['retention_em'][0]:.3f} ± {v['retention_em'][1]:.3f} | {tfw} "
-                         f"| {v['wall_seconds']:.0f} |")
+            lines.append(f"| {v['label']} | {v['knob'] if v['knob'] is not None else ''} "
+                         f"| {_pm(v['target_em'])}{mark} | {_pm(v['target_loss'])} | {_pm(v['retention_em'])} "
+                         f"| {tfw} | {v['wall_seconds']:.0f} |")
         dr = {m: v["target_em"][0] for m, v in by.items() if m in DR_METHODS}
         if dr and sel_best is not None:
             bm = max(dr, key=dr.get)
