@@ -1,0 +1,386 @@
+"""Quality benchmark for the preference / RL paradigms: RLHF (PPO), RLVR (GRPO) and DPO on the world's RL settings.
+
+Python entry point (one for all three paradigms):
+
+    from drpost.bench.rl import run_rl, write_rl_results
+    records = run_rl("rlvr", methods=["full_training", "layerwise_subset"], seeds=[0, 1, 2], budget=None)
+    write_rl_results(records, "results/rlvr", command="...")
+
+``setting`` defaults to the paradigm's built-in setting (``drpost.world.rl_settings``: ``rlhf_format``,
+``rlvr_arith``, ``dpo_pairs``); ``budget`` is the paradigm's recipe (``RLHFRecipe`` / ``RLVRRecipe`` /
+``DPORecipe``; ``BUDGETS`` holds the defaults sized for about 10-15 minutes per paradigm on two CPU cores). Each
+record is one (setting, method, seed): the target metric (RLHF: reward-model score of sampled responses on held-out
+target prompts; RLVR: verifier accuracy of sampled responses (the quantity GRPO optimizes) on held-out target
+prompts; DPO: greedy exact match on held-out target prompts), KL to the reference, general retention,
+the training curve of the target reward, wall time. A ``base`` record (the untrained model) is added per setting.
+
+Protocol: every method gets the same base model, prompts, rollout budget, optimizer and schedule; knobs are fixed in
+advance (subsets keep half the batch in RLHF and DPO, as the paper's SFT default; RLVR filters negative scores,
+``frac=1``, as the paper's RLVR runs); no tuning on the test prompts.
+
+CLI: ``drpost bench quality --paradigm rlhf|rlvr|dpo`` writes ``results/<paradigm>/`` (raw JSON per run,
+``summary.json``, ``README.md``, PNG plots). Threads: one per worker process (``DRPOST_WORKERS``, default 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from drpost.bench.quality import mean_se
+from drpost.trainers.dpo import DPORecipe
+from drpost.trainers.rlhf import RLHFRecipe, RLMethod
+from drpost.trainers.rlvr import RLVRRecipe
+
+PARADIGMS = ("rlhf", "rlvr", "dpo")
+DEFAULT_SETTINGS = {"rlhf": "rlhf_format", "rlvr": "rlvr_arith", "dpo": "dpo_pairs"}
+
+_TOPK = {"frac": 0.5}
+_FILTER = {"selection": "filter", "frac": 1.0}
+# paradigm -> method name -> (label, RLMethod)
+METHODS: dict[str, dict[str, tuple[str, RLMethod]]] = {
+    "rlhf": {
+        "full_training": ("FullTraining", RLMethod("FullTraining", "full_training")),
+        "iif": ("IIF", RLMethod("IIF", baseline="iif")),
+        "global_subset": ("GlobalSubset", RLMethod("GlobalSubset", "global_subset", _TOPK)),
+        "layerwise_subset": ("LayerWiseSubset", RLMethod("LayerWiseSubset", "layerwise_subset", _TOPK)),
+        "hull": ("Hull", RLMethod("Hull", "hull")),
+        "ball_auto": ("Ball(auto)", RLMethod("Ball(auto)", "ball", {"radius": "auto"})),
+        "target_only": ("Target-only", RLMethod("Target-only", "target_only")),
+    },
+    "rlvr": {
+        "full_training": ("FullTraining", RLMethod("FullTraining", "full_training")),
+        "global_subset": ("GlobalSubset", RLMethod("GlobalSubset", "global_subset", _FILTER)),
+        "layerwise_subset": ("LayerWiseSubset", RLMethod("LayerWiseSubset", "layerwise_subset", _FILTER)),
+        "hull": ("Hull", RLMethod("Hull", "hull")),
+        "ball_auto": ("Ball(auto)", RLMethod("Ball(auto)", "ball", {"radius": "auto"})),
+        "target_only": ("Target-only", RLMethod("Target-only", "target_only")),
+    },
+    "dpo": {
+        "full_training": ("FullTraining", RLMethod("FullTraining", "full_training")),
+        "target_only": ("Target-only", RLMethod("Target-only", "target_only")),
+        "global_subset": ("GlobalSubset", RLMethod("GlobalSubset", "global_subset", _TOPK)),
+        "layerwise_subset": ("LayerWiseSubset", RLMethod("LayerWiseSubset", "layerwise_subset", _TOPK)),
+        "hull": ("Hull", RLMethod("Hull", "hull")),
+    },
+}
+DEFAULT_METHODS = {
+    "rlhf": ["full_training", "iif", "global_subset", "layerwise_subset", "hull"],
+    "rlvr": ["full_training", "global_subset", "layerwise_subset", "hull"],
+    "dpo": ["full_training", "target_only", "global_subset", "layerwise_subset", "hull"],
+}
+DR_METHODS = {"global_subset", "layerwise_subset", "hull", "ball_auto"}
+BUDGETS = {
+    "rlhf": RLHFRecipe(rounds=12, rollout_batch_size=32, target_rollouts=16, mini_batch_size=8, target_batch_size=8,
+                       ppo_epochs=2, lr=3e-4, value_lr=1e-3, kl_coef=0.05, max_new_tokens=8),
+    "rlvr": RLVRRecipe(steps=60, prompts_per_step=4, target_prompts=2, group_size=8, lr=2e-4, max_new_tokens=6),
+    "dpo": DPORecipe(steps=100, general_batch_size=8, target_batch_size=2, lr=1e-4, beta=0.1),
+}
+METRIC_NAMES = {"rlhf": "target reward (RM, sampled)", "rlvr": "target accuracy (sampled)",
+                "dpo": "target accuracy (greedy)"}
+N_TEST = 200
+
+
+def _context(paradigm: str, setting: str, base_size: str) -> dict:
+    from drpost.world.model import load_base_model
+    from drpost.world.rl_settings import build_rl_setting
+
+    data = build_rl_setting(setting, 0)
+    base, tok = load_base_model(base_size)
+    ctx = {"data": data, "base": base, "tok": tok}
+    if paradigm == "rlhf":
+        from drpost.trainers.reward_model import world_reward_model
+        from drpost.trainers.rlhf import rm_reward_fn
+
+        rm, info = world_reward_model(setting, base_size)
+        ctx["reward_fn"], ctx["rm_info"] = rm_reward_fn(rm), {k: v for k, v in info.items() if k != "loss_curve"}
+    else:
+        from drpost.trainers.rl_common import verifier_reward_fn
+
+        ctx["reward_fn"] = verifier_reward_fn(tok)
+    return ctx
+
+
+def _evaluate(paradigm: str, ctx: dict, model, budget) -> dict:
+    from drpost.trainers.dpo import pair_accuracy
+    from drpost.trainers.rl_common import evaluate_policy
+
+    data, tok = ctx["data"], ctx["tok"]
+    test = data.target_test[:N_TEST]
+    max_new = getattr(budget, "max_new_tokens", 8)
+    ev = evaluate_policy(model, ctx["base"], tok, test, ctx["reward_fn"], max_new, data.retention)
+    ev["target_metric"] = ev["em"] if paradigm == "dpo" else ev["sampled_reward"]
+    if paradigm == "dpo":
+        ev["pair_accuracy"] = pair_accuracy(model, ctx["base"], tok, test)
+    return ev
+
+
+def run_one(paradigm: str, setting: str, name: str, seed: int, budget, base_size: str = "tiny",
+            _ctx: dict | None = None) -> dict:
+    """Train and evaluate one (setting, method, seed); ``name="base"`` evaluates the untrained model."""
+    from drpost.trainers.dpo import train_dpo
+    from drpost.trainers.rlhf import train_rlhf
+    from drpost.trainers.rlvr import train_rlvr
+
+    ctx = _ctx if _ctx is not None else {}
+    if not ctx:
+        ctx.update(_context(paradigm, setting, base_size))
+    data, base, tok = ctx["data"], ctx["base"], ctx["tok"]
+    t0 = time.perf_counter()
+    curve: list[float] = []
+    extra: dict = {}
+    if name == "base":
+        label, model = "Base model", base
+    else:
+        label, spec = METHODS[paradigm][name]
+        recipe = replace(budget, seed=seed)
+        policy = copy.deepcopy(base)
+        if paradigm == "rlhf":
+            m = train_rlhf(policy, copy.deepcopy(base), ctx["reward_fn"], tok, data.general, data.target_train, spec,
+                           recipe)
+            curve = [r["target_score"] for r in m["rounds"]]
+            iif = spec.baseline == "iif"  # IIF's kept share of each round; subsets keep frac by construction
+            extra = {"kept_frac": sum(r["kept_frac"] for r in m["rounds"]) / len(m["rounds"]) if iif else None,
+                     "general_score_curve": [r["general_score"] for r in m["rounds"]]}
+        elif paradigm == "rlvr":
+            m = train_rlvr(policy, copy.deepcopy(base), ctx["reward_fn"], tok, data.general, data.target_train, spec,
+                           recipe)
+            curve = [r["target_reward"] for r in m["steps"]]
+            kf = [r["kept_frac"] for r in m["steps"] if r["kept_frac"] is not None]
+            extra = {"kept_frac": sum(kf) / len(kf) if kf else None,
+                     "general_score_curve": [r["general_reward"] for r in m["steps"]]}
+        else:
+            m = train_dpo(policy, copy.deepcopy(base), tok, data.general, data.target_train, spec, recipe)
+            curve = m["target_loss"]
+            fw = m["flipped_weight"]
+            extra = {"flipped_weight": sum(fw) / len(fw) if fw else None}
+        model = m["model"]
+        extra["skipped_steps"] = m["skipped_steps"]
+    ev = _evaluate(paradigm, ctx, model, budget)
+    return {"paradigm": paradigm, "setting": data.setting.name, "method": name, "label": label, "seed": seed,
+            **{k: v for k, v in ev.items()}, "curve": _downsample(curve), **extra,
+            "wall_seconds": time.perf_counter() - t0, "budget": asdict(budget) if name != "base" else None}
+
+
+def _downsample(xs: list[float], points: int = 40) -> list[float]:
+    if len(xs) <= points:
+        return list(xs)
+    w = len(xs) / points
+    return [sum(xs[int(i * w):int((i + 1) * w)]) / max(1, len(xs[int(i * w):int((i + 1) * w)])) for i in range(points)]
+
+
+def _worker(args):
+    paradigm, setting, jobs, budget, base_size = args
+    torch.set_num_threads(1)
+    ctx: dict = {}
+    return [run_one(paradigm, setting, name, seed, budget, base_size, ctx) for name, seed in jobs]
+
+
+def run_rl(paradigm: str, setting: str | None = None, methods: list[str] | None = None,
+           seeds: list[int] | None = None, budget=None, base_size: str = "tiny", workers: int = 1) -> list[dict]:
+    """Records of every (method, seed) on one setting of ``paradigm``, plus one ``base`` record."""
+    if paradigm not in PARADIGMS:
+        raise ValueError(f"unknown paradigm {paradigm!r}; choose from {PARADIGMS}")
+    setting = setting or DEFAULT_SETTINGS[paradigm]
+    methods = methods or DEFAULT_METHODS[paradigm]
+    seeds = list(seeds) if seeds is not None else [0, 1, 2]
+    budget = budget or BUDGETS[paradigm]
+    for m in methods:
+        if m not in METHODS[paradigm]:
+            raise ValueError(f"method {m!r} is not available for {paradigm}; choose from {sorted(METHODS[paradigm])}")
+    _context(paradigm, setting, base_size)  # build caches (base model, reward model) before workers start
+    jobs = [("base", 0)] + [(m, s) for s in seeds for m in methods]
+    if workers <= 1:
+        return _worker((paradigm, setting, jobs, budget, base_size))
+    import multiprocessing as mp
+
+    chunks = [jobs[i::workers] for i in range(workers)]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        parts = pool.map(_worker, [(paradigm, setting, c, budget, base_size) for c in chunks if c])
+    order = {j: i for i, j in enumerate(jobs)}
+    return sorted((r for p in parts for r in p), key=lambda r: order[(r["method"], r["seed"])])
+
+
+# --------------------------------------------------------------------------- reporting
+def summarize_rl(records: list[dict]) -> dict:
+    """{method: {metric: (mean, se), label, n, wall_seconds}} over the records of one setting."""
+    by: dict[str, list[dict]] = {}
+    for r in records:
+        by.setdefault(r["method"], []).append(r)
+    out = {}
+    for m, rs in by.items():
+        row = {k: mean_se([r[k] for r in rs]) for k in ("target_metric", "em", "reward", "sampled_reward", "kl",
+                                                       "retention_em")}
+        if "pair_accuracy" in rs[0]:
+            row["pair_accuracy"] = mean_se([r["pair_accuracy"] for r in rs])
+        row.update(label=rs[0]["label"], n=len(rs), wall_seconds=sum(r["wall_seconds"] for r in rs) / len(rs))
+        kf = [r.get("kept_frac") for r in rs if r.get("kept_frac") is not None]
+        row["kept_frac"] = sum(kf) / len(kf) if kf else None
+        fw = [r.get("flipped_weight") for r in rs if r.get("flipped_weight") is not None]
+        row["flipped_weight"] = sum(fw) / len(fw) if fw else None
+        out[m] = row
+    return out
+
+
+def _fmt(ms: tuple[float, float], digits: int = 3) -> str:
+    mu, se = ms
+    return f"{mu:.{digits}f}" if math.isnan(se) else f"{mu:.{digits}f} ± {se:.{digits}f}"
+
+
+def markdown_rl(paradigm: str, records: list[dict], command: str, notes: str = "") -> str:
+    table = summarize_rl(records)
+    setting = records[0]["setting"]
+    metric = METRIC_NAMES[paradigm]
+    trained = {m: v for m, v in table.items() if m != "base"}
+    best = max(v["target_metric"][0] for v in trained.values())
+    extra_h = " pair acc. |" if paradigm == "dpo" else ""
+    lines = [f"# {paradigm.upper()} quality results", "", f"Command: `{command}`", "",
+             f"Setting `{setting}`; {len(trained)} methods x {max(v['n'] for v in trained.values())} seeds, same "
+             f"budget for all; mean ± s.e. over seeds. Best target metric in **bold**.", "",
+             f"| method | {metric} | target EM (greedy) | target reward (greedy) | KL to ref | general retention EM |"
+             f"{extra_h} kept frac | s/run |",
+             "|---|---|---|---|---|---|" + ("---|" if paradigm == "dpo" else "") + "---|---|"]
+    for m, v in table.items():
+        tm = _fmt(v["target_metric"])
+        if m != "base" and v["target_metric"][0] == best:
+            tm = f"**{tm}**"
+        kf = "" if v["kept_frac"] is None else f"{v['kept_frac']:.2f}"
+        pa = f" {_fmt(v['pair_accuracy'])} |" if paradigm == "dpo" else ""
+        lines.append(f"| {v['label']} | {tm} | {_fmt(v['em'])} | {_fmt(v['reward'])} | {_fmt(v['kl'])} "
+                     f"| {_fmt(v['retention_em'])} |{pa} {kf} | {v['wall_seconds']:.0f} |")
+    full = trained.get("full_training", {}).get("target_metric", (math.nan,))[0]
+    dr = {m: v["target_metric"][0] for m, v in trained.items() if m in DR_METHODS}
+    if dr:
+        bm = max(dr, key=dr.get)
+        rivals = {m: trained[m]["target_metric"][0] for m in ("full_training", "iif") if m in trained}
+        verdict = ", ".join(f"{'ahead of' if dr[bm] > v else 'not ahead of'} {trained[m]['label']} ({v:.3f})"
+                            for m, v in rivals.items())
+        lines += ["", f"Best Dr method: {trained[bm]['label']} ({dr[bm]:.3f}): {verdict}. FullTraining: {full:.3f}."]
+    if notes:
+        lines += ["", notes]
+    return "\n".join(lines) + "\n"
+
+
+def plots_rl(paradigm: str, records: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summarize_rl(records)
+    names = [m for m in table if m != "base"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, key, title in zip(axes, ("target_metric", "kl", "retention_em"),
+                              (METRIC_NAMES[paradigm], "KL to reference (nats/sequence)", "general retention EM")):
+        ys = [table[m][key][0] for m in names]
+        es = [0 if math.isnan(table[m][key][1]) else table[m][key][1] for m in names]
+        ax.bar(range(len(names)), ys, yerr=es, capsize=3,
+               color=["tab:green" if m in DR_METHODS else "tab:gray" for m in names])
+        if "base" in table:
+            ax.axhline(table["base"][key][0], ls=":", color="k", label="base model")
+            ax.legend(fontsize=7)
+        ax.set_xticks(range(len(names)), [table[m]["label"] for m in names], rotation=40, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "methods.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for m in names:
+        curves = [r["curve"] for r in records if r["method"] == m and r["curve"]]
+        if not curves:
+            continue
+        L = min(len(c) for c in curves)
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(L)]
+        k = max(1, L // 10)  # running mean for readability
+        smooth = [sum(mean[max(0, i - k + 1):i + 1]) / len(mean[max(0, i - k + 1):i + 1]) for i in range(L)]
+        ax.plot(smooth, label=table[m]["label"])
+    ax.set_xlabel("round" if paradigm == "rlhf" else "training progress (steps in 40 bins)")
+    ax.set_ylabel({"rlhf": "target rollouts' mean RM score", "rlvr": "target rollouts' mean reward",
+                   "dpo": "target-batch DPO loss"}[paradigm])
+    ax.set_title(f"{paradigm.upper()}: training curves (mean over seeds, running mean)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def write_rl_results(paradigm: str, records: list[dict], out_dir: str | Path, command: str, notes: str = "") -> dict:
+    out = Path(out_dir)
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    for r in records:
+        (out / "raw" / f"{r['setting']}__{r['method']}__s{r['seed']}.json").write_text(json.dumps(r, indent=1))
+    (out / "summary.json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if not k.endswith("curve")} for r in records], indent=1))
+    (out / "README.md").write_text(markdown_rl(paradigm, records, command, notes))
+    plots_rl(paradigm, records, out)
+    return summarize_rl(records)
+
+
+def rewrite(out_dir: str | Path, paradigm: str, notes: str = "") -> dict:
+    """Rebuild summary.json, README.md and plots of ``out_dir`` from its raw/*.json records (command kept)."""
+    out = Path(out_dir)
+    records = [json.loads(p.read_text()) for p in sorted((out / "raw").glob("*.json"))]
+    order = ["base"] + list(METHODS[paradigm])
+    records.sort(key=lambda r: (order.index(r["method"]), r["seed"]))
+    if paradigm == "rlhf":
+        for r in records:
+            if r["method"] != "iif":
+                r["kept_frac"] = None
+    old = (out / "README.md").read_text() if (out / "README.md").exists() else ""
+    command = next((line.split("`")[1] for line in old.splitlines() if line.startswith("Command: `")),
+                   f"drpost bench quality --paradigm {paradigm}")
+    return write_rl_results(paradigm, records, out, command, notes)
+
+
+def run(config) -> dict:
+    """CLI entry (via ``drpost.bench.quality.run``): ``drpost bench quality --paradigm rlhf|rlvr|dpo``.
+
+    Uses the config's ``methods`` when they fit the paradigm (else the paradigm's defaults), ``seeds``, ``settings``
+    (first one that is an RL setting of this paradigm, else the default) and ``steps`` when given on the command line
+    (``BUDGETS`` otherwise: the default config's 300 steps would not fit the time budget).
+    """
+    import sys
+
+    from drpost.config import BenchConfig
+    from drpost.world.rl_settings import RL_SETTINGS
+
+    paradigm = config.paradigm
+    default = BenchConfig()
+    methods = [m for m in config.methods if m in METHODS[paradigm]]
+    if config.methods == default.methods or not methods:
+        methods = DEFAULT_METHODS[paradigm]
+    settings = [s for s in config.settings if s in RL_SETTINGS and RL_SETTINGS[s].paradigm == paradigm]
+    setting = settings[0] if settings else DEFAULT_SETTINGS[paradigm]
+    budget = BUDGETS[paradigm]
+    if config.steps != default.steps:
+        field = "rounds" if paradigm == "rlhf" else "steps"
+        budget = replace(budget, **{field: config.steps})
+    out_dir = config.output_dir if config.output_dir != default.output_dir else f"results/{paradigm}"
+    workers = int(os.environ.get("DRPOST_WORKERS", "2"))
+    t0 = time.perf_counter()
+    records = run_rl(paradigm, setting, methods, list(config.seeds), budget, config.model.size, workers)
+    command = "drpost " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("drpost") \
+        else f"drpost bench quality --paradigm {paradigm}"
+    notes = f"Total wall time: {time.perf_counter() - t0:.0f} s with {workers} worker process(es), 1 thread each."
+    table = write_rl_results(paradigm, records, out_dir, command, notes)
+    print((Path(out_dir) / "README.md").read_text())
+    return table
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Rebuild a results directory's tables and plots from its raw records.")
+    ap.add_argument("out_dir")
+    ap.add_argument("--paradigm", required=True, choices=PARADIGMS)
+    ap.add_argument("--notes", default="", help="markdown appended to README.md (e.g. from a file: \"$(cat f)\")")
+    args = ap.parse_args()
+    rewrite(args.out_dir, args.paradigm, args.notes)
