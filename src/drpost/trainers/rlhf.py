@@ -287,7 +287,7 @@ def run(config) -> int:
     ref = copy.deepcopy(policy).eval()
     p = config.ppo
     recipe = RLHFRecipe(rounds=config.steps, rollout_batch_size=p.rollout_batch_size, mini_batch_size=p.mini_batch_size,
-                        target_batch_size=config.target_batch_size, target_rollouts=max(config.target_batch_size, 2),
+                        target_batch_size=config.target_batch_size, target_rollouts=p.target_rollouts,
                         ppo_epochs=p.ppo_epochs, lr=config.optim.lr, value_lr=p.value_lr or config.optim.lr,
                         max_grad_norm=config.optim.max_grad_norm, clip_eps=p.clip_eps, value_clip=p.value_clip,
                         vf_coef=p.vf_coef, kl_coef=p.kl_coef, adaptive_kl=p.adaptive_kl, kl_target=p.kl_target,
@@ -295,7 +295,8 @@ def run(config) -> int:
                         max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
                         target_objective=p.target_objective, eval_every=config.eval_every, seed=config.seed)
     rc = config.regularizer
-    spec = RLMethod(rc.method, rc.method, setup.regularizer_options(rc))
+    spec = RLMethod(rc.method, rc.method, setup.regularizer_options(rc),
+                    baseline=None if p.baseline == "none" else p.baseline)
     test = data.target_test[:100] if config.data.eval is None else load_prompt_records(config.data.eval, None)
     reward_fn = rm_reward_fn(rm)
 
