@@ -264,8 +264,8 @@ def test_preference_rows_and_collate(tmp_path, tok):
     assert tok.decode(pairs[0]["chosen"]["input_ids"]) == "Qyes</s>"
     assert tok.decode(pairs[1]["rejected"]["input_ids"]) == "Rbb</s>"
     batch = collate_preference(pairs, pad_id=0)
-    assert batch["input_ids"].shape == (4, 5) and batch["sample_index"].tolist() == [0, 1, 0, 1]
-    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0]  # "Ra</s>" padded to the longest (5)
+    assert batch["input_ids"].shape == (4, 5) and batch["sample_index"].tolist() == [0, 0, 1, 1]
+    assert batch["attention_mask"][2].tolist() == [1, 1, 1, 0, 0]  # "Ra</s>" (pair 1's chosen) padded to 5
     with pytest.raises(DataError, match=r"p\.jsonl:1: no chosen tokens"):
         to_rows(load_records(f), byte_tokenizer(eos=None), max_seq_length=1)
 

@@ -2,7 +2,7 @@
 
 Row format (one dict per sequence): ``input_ids`` list[int], ``labels`` list[int] (-100 = no loss). Batches are
 right-padded dicts of ``input_ids``, ``attention_mask``, ``labels`` (R, T) tensors, optionally ``sample_index`` (R,).
-Preference pairs (DPO) are batched by ``collate_preference``: chosen rows first, then rejected rows, one sample each.
+Preference pairs (DPO) are batched by ``collate_preference``: chosen and rejected rows alternate, one sample per pair.
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ def collate(rows: list[dict], pad_id: int = 0, sample_index: list[int] | None = 
 def collate_preference(pairs: list[dict], pad_id: int = 0) -> dict:
     """Batch DPO pairs (``{"chosen": row, "rejected": row}``, from ``loaders.to_rows``) as one padded batch.
 
-    Rows 0..P-1 are the chosen responses and rows P..2P-1 the rejected ones, in pair order; ``sample_index`` (2P,)
-    maps both rows of pair p to sample p, so the regularizer treats a pair as one sample.
+    Rows alternate chosen, rejected (row 2p = pair p's chosen response, row 2p+1 its rejected one), the layout
+    ``drpost.objectives.dpo_loss_fn`` expects; ``sample_index`` (2P,) maps both rows of pair p to sample p, so the
+    regularizer treats a pair as one sample.
     """
     if not pairs:
         raise ValueError("cannot collate an empty list of pairs")
-    P = len(pairs)
-    rows = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    return collate(rows, pad_id=pad_id, sample_index=list(range(P)) * 2)
+    rows = [r for p in pairs for r in (p["chosen"], p["rejected"])]
+    return collate(rows, pad_id=pad_id, sample_index=[i for i in range(len(pairs)) for _ in (0, 1)])
