@@ -261,11 +261,7 @@ class DataRegularizer:
         no_grad = self._weights_only and self._needs()[2]  # full_training / target_only weights need no backward
         with timer("backward"):
             if not no_grad:
-                cap.stash_grads()
-                try:
-                    loss_sums.sum().backward()
-                finally:
-                    cap.restore_grads()
+                cap.backward(loss_sums.sum())
             blocks = cap.blocks if no_grad else cap.collect()
 
         if ds is None:

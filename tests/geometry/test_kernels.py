@@ -25,9 +25,7 @@ def captured(model, gen, tgt):
     with cap:
         cap.rows = R
         loss, counts = causal_lm_loss(model, merged)
-    cap.stash_grads()
-    loss.sum().backward()
-    cap.restore_grads()
+    cap.backward(loss.sum())
     blocks = cap.collect()
     tc = torch.zeros(R, dtype=torch.float64)
     tc[R_g:] = 1.0 / counts[R_g:].sum()

@@ -39,7 +39,6 @@ def _only_log(out, fragment):
     ("regularizer.frac=0", "regularizer.frac"),  # in range for the parser, refused by the subset set
     ("data.setting=distribution_shfit", "did you mean 'distribution_shift'"),
     ("regularizer.radius=0.5", "regularizer.radius"),  # a radius on a method that has none
-    ("model.gradient_checkpointing=true", "model.gradient_checkpointing"),  # not supported with the capture yet
 ])
 def test_run_level_config_errors_leave_only_the_log(override, fragment, capsys, tmp_path, micro_dir):
     out = tmp_path / "run"
@@ -105,3 +104,11 @@ def test_tokenizer_without_pad_token_trains_with_files(capsys, tmp_path, micro_d
     assert len(m["train_loss"]) == 2 and m["skipped_steps"] == 0 and m["n_general"] == 6
     assert {"config.yaml", "metrics.json", "final", "train.log"} <= {p.name for p in out.iterdir()}
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_gradient_checkpointing_run_completes(capsys, tmp_path, micro_dir):
+    out = tmp_path / "run"
+    code, err = run_sft([f"output_dir={out}", f"model.name_or_path={micro_dir}", *SMALL,
+                         "model.gradient_checkpointing=true"], capsys)
+    assert code == 0, err
+    assert (out / "metrics.json").exists()

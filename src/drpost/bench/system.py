@@ -346,9 +346,7 @@ class Case:
         with cap:
             cap.rows = R
             loss, counts = causal_lm_loss(self.model, self.merged)
-        cap.stash_grads()
-        loss.sum().backward()
-        cap.restore_grads()
+        cap.backward(loss.sum())
         blocks = cap.collect()
         tc = torch.zeros(R, dtype=torch.float32, device=self.device)
         tc[R_g:] = 1.0 / counts[R_g:].sum()

@@ -447,6 +447,18 @@ class Capture:
         for p in self.frozen:
             p.requires_grad_(True)
 
+    def backward(self, loss: Tensor) -> None:
+        """Back-propagate ``loss`` with the handlers installed, discarding autograd's grads of hook-captured params.
+
+        The handlers stay installed during the backward because activation checkpointing re-runs forwards there:
+        the recomputation must go through the same capture functions as the original forward."""
+        with self:
+            self.stash_grads()
+            try:
+                loss.backward()
+            finally:
+                self.restore_grads()
+
     def stash_grads(self) -> None:
         self._stash = {p: p.grad for p in self.hook_params}
         for p in self._stash:

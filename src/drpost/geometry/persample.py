@@ -22,11 +22,7 @@ def per_sample_gradients(model: nn.Module, batch: dict, loss_fn, capture: Captur
     with cap:
         cap.rows = R
         loss, _ = loss_fn(model, batch)
-    cap.stash_grads()
-    try:
-        loss.sum().backward()
-    finally:
-        cap.restore_grads()
+    cap.backward(loss.sum())
     parts = []
     for b in cap.collect():
         ref = next(iter(b.small.values()), None)

@@ -40,7 +40,6 @@ Test: ``.venv/bin/pytest -q tests/integrations/test_trl.py``.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import trl
@@ -57,20 +56,6 @@ if not (Version("1.0") <= Version(trl.__version__) < Version("2")):  # pragma: n
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer  # noqa: E402
 
 __all__ = ["DrDPOTrainer", "DrGRPOTrainer", "DrSFTTrainer", "TRL_RANGE"]
-
-
-@contextlib.contextmanager
-def _without_checkpointing(model, kwargs=None):
-    """Activation checkpointing re-runs the forward during backward, which the capture cannot follow: pass 1 runs
-    with it off (restored afterwards). Pass 2 keeps it."""
-    on = bool(getattr(model, "is_gradient_checkpointing", False))
-    if on:
-        model.gradient_checkpointing_disable()
-    try:
-        yield
-    finally:
-        if on:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _cycle(make_iter):
@@ -142,7 +127,7 @@ class _DrMixin:
         device = self.accelerator.device
         dtype = self.accelerator.distributed_type
         if reg.feasible.scope == "global":
-            with self.compute_loss_context_manager(), self._dr_no_ckpt(reg):
+            with self.compute_loss_context_manager():
                 c, rep = reg.row_weights(general, target, loss_fn, lr=lr)
             if c is not None:
                 merged = merge_batches(general, target, device)
@@ -171,7 +156,7 @@ class _DrMixin:
             for p in params:
                 p.grad = None
             try:
-                with self.compute_loss_context_manager(), self._dr_no_ckpt(reg):
+                with self.compute_loss_context_manager():
                     rep = reg.step(general, target, loss_fn, lr=lr)
             finally:
                 for p in params:
@@ -182,9 +167,6 @@ class _DrMixin:
         self.dr_last_report = rep
         self._dr_log(rep)
         return torch.tensor(rep.loss / ga if rep.loss == rep.loss else 0.0, device=device)
-
-    def _dr_no_ckpt(self, reg):
-        return _without_checkpointing(reg.model, self.args.gradient_checkpointing_kwargs)
 
     def _dr_log(self, rep) -> None:
         metrics = getattr(self, "_metrics", None)

@@ -97,10 +97,10 @@ def _lora_targets(model, spec: str):
 
 def apply_finetuning(model, mc):
     """Make the right weights trainable: full, LoRA adapters (PEFT) or full with MeSO (optimizer-side)."""
-    if mc.gradient_checkpointing:  # measured: torch.utils.checkpoint's recompute check fails under the capture hooks
-        raise ConfigError("option 'model.gradient_checkpointing' is not supported by drpost sft yet: recomputing "
-                          "activations conflicts with the per-sample capture of the regularizer's one backward "
-                          "pass; reduce general_batch_size or data.max_seq_length instead")
+    if mc.gradient_checkpointing:  # the capture stays installed during the backward, so recomputation is seen
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
     if mc.finetuning != "lora":
         return model
     from peft import LoraConfig, get_peft_model
