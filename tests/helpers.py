@@ -11,8 +11,14 @@ VOCAB = 48
 
 
 def tiny_model(family: str = "llama", dtype=torch.float64, lora: bool = False, seed: int = 0):
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, attn_implementation="eager")

@@ -6,13 +6,13 @@ each full and with PEFT LoRA; batches with padding, unequal lengths and multi-ro
 
 import pytest
 import torch
+from tests.helpers import batch, tiny_model
 
 from drpost.geometry.capture import Capture
 from drpost.geometry.kernels import Sketcher, assemble, block_stats
 from drpost.geometry.oracle import reference_geometry
 from drpost.objectives import causal_lm_loss
 from drpost.step import merge_batches
-from tests.helpers import batch, tiny_model
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 

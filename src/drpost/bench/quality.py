@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import math
 import os
+import random
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -243,7 +243,7 @@ def markdown_table(table: dict, command: str) -> str:
         lines += [f"### {s}", "",
                   "| method | knob | target EM | target loss | retention EM | weight on target family | s/run |",
                   "|---|---|---|---|---|---|---|"]
-        for m, v in by.items():
+        for v in by.values():
             em = v["target_em"][0]
             mark = " **best**" if em == best_em else ""
             tfw = "" if v["target_family_weight"] is None else f"{v['target_family_weight']:.2f}"

@@ -40,7 +40,6 @@ Test: ``.venv/bin/pytest -q tests/integrations/test_trl.py``.
 
 from __future__ import annotations
 
-
 import torch
 import trl
 from packaging.version import Version

@@ -171,20 +171,13 @@ def load_pairs(path: str | None, max_n: int | None) -> list[dict] | None:
 def run(config) -> int:
     """``drpost dpo``: regularized DPO on the world's ``dpo_pairs`` setting (or given model / pair files)."""
     import json
-    from pathlib import Path
 
     from drpost.trainers import setup
-    from drpost.world.rl_settings import build_rl_setting
+    from drpost.trainers.rl_common import start_rl_run
 
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    device = setup.resolve_device(config.device)
-    policy, tok = setup.load_model(config.model, device)
-    setting = "dpo_pairs" if config.data.setting == "default" else config.data.setting
-    data = build_rl_setting(setting, 0)
-    general = load_pairs(config.data.general, config.data.max_general_samples) or data.general
-    target = load_pairs(config.data.target, config.data.max_target_samples) or data.target_train
+    run_ = start_rl_run(config, "dpo_pairs", load=load_pairs)
+    out, device, policy, tok = run_.out, run_.device, run_.policy, run_.tokenizer
+    data, general, target = run_.data, run_.general, run_.target
     if config.dpo.loss_type != "sigmoid":
         from drpost.config import ConfigError
 

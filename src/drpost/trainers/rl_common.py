@@ -20,6 +20,8 @@ All per-token tensors are token-aligned (R, T) (``drpost.objectives.logprobs``).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -327,3 +329,36 @@ def load_prompt_records(path: str | None, max_n: int | None) -> list[dict] | Non
         if "prompt" not in r:
             raise DataError(f"{path}:{i + 1}: record has no 'prompt'")
     return recs[:max_n] if max_n else recs
+
+
+@dataclass
+class RLRun:
+    """What every RL CLI run starts from (``start_rl_run``)."""
+
+    out: Path
+    device: torch.device
+    policy: torch.nn.Module
+    tokenizer: object
+    setting: str
+    data: object  # drpost.world.rl_settings data of the setting
+    general: list[dict]
+    target: list[dict]
+
+
+def start_rl_run(config, default_setting: str, load=None) -> RLRun:
+    """Output dir, seed, device, policy and tokenizer, the world setting, and the general/target records of a
+    ``drpost rlhf|rlvr|dpo`` run (files from ``config.data`` when given, else the setting's own splits)."""
+    from drpost.trainers import setup
+    from drpost.world.rl_settings import build_rl_setting
+
+    load = load or load_prompt_records
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    device = setup.resolve_device(config.device)
+    policy, tok = setup.load_model(config.model, device)
+    setting = default_setting if config.data.setting == "default" else config.data.setting
+    data = build_rl_setting(setting, 0)
+    general = load(config.data.general, config.data.max_general_samples) or data.general
+    target = load(config.data.target, config.data.max_target_samples) or data.target_train
+    return RLRun(out, device, policy, tok, setting, data, general, target)

@@ -259,22 +259,14 @@ def rm_reward_fn(rm):
 def run(config) -> int:
     """``drpost rlhf``: PPO on the world's ``rlhf_format`` setting (or given model / reward model / prompts)."""
     import json
-    from pathlib import Path
 
     from drpost.trainers import setup
     from drpost.trainers.reward_model import RewardModel, load_classifier, world_reward_model
-    from drpost.trainers.rl_common import evaluate_policy, load_prompt_records
-    from drpost.world.rl_settings import build_rl_setting
+    from drpost.trainers.rl_common import evaluate_policy, load_prompt_records, start_rl_run
 
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    device = setup.resolve_device(config.device)
-    policy, tok = setup.load_model(config.model, device)
-    setting = "rlhf_format" if config.data.setting == "default" else config.data.setting
-    data = build_rl_setting(setting, 0)
-    general = load_prompt_records(config.data.general, config.data.max_general_samples) or data.general
-    target = load_prompt_records(config.data.target, config.data.max_target_samples) or data.target_train
+    run_ = start_rl_run(config, "rlhf_format")
+    out, device, policy, tok = run_.out, run_.device, run_.policy, run_.tokenizer
+    setting, data, general, target = run_.setting, run_.data, run_.general, run_.target
     if config.reward_model:
         from transformers import AutoTokenizer
 

@@ -170,21 +170,18 @@ def train_rlvr(policy, ref, reward_fn, tokenizer, general: list[dict], target: l
 def run(config) -> int:
     """``drpost rlvr``: GRPO on the world's ``rlvr_arith`` setting (or given model / prompt files)."""
     import json
-    from pathlib import Path
 
     from drpost.trainers import setup
-    from drpost.trainers.rl_common import evaluate_policy, load_prompt_records, verifier_reward_fn
-    from drpost.world.rl_settings import build_rl_setting
+    from drpost.trainers.rl_common import (
+        evaluate_policy,
+        load_prompt_records,
+        start_rl_run,
+        verifier_reward_fn,
+    )
 
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    device = setup.resolve_device(config.device)
-    policy, tok = setup.load_model(config.model, device)
-    setting = "rlvr_arith" if config.data.setting == "default" else config.data.setting
-    data = build_rl_setting(setting, 0)
-    general = load_prompt_records(config.data.general, config.data.max_general_samples) or data.general
-    target = load_prompt_records(config.data.target, config.data.max_target_samples) or data.target_train
+    run_ = start_rl_run(config, "rlvr_arith")
+    out, policy, tok = run_.out, run_.policy, run_.tokenizer
+    data, general, target = run_.data, run_.general, run_.target
     for name, recs in (("data.general", general), ("data.target", target)):
         if any("answer" not in r or "family" not in r for r in recs):
             from drpost.data.formats import DataError
