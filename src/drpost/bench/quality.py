@@ -341,6 +341,15 @@ def write_results(records: list[dict], out_dir: str | Path, command: str) -> dic
     return table
 
 
+def rewrite(out_dir: str | Path, command: str) -> dict:
+    """Rebuild summary.json, README.md and the plots of ``out_dir`` from its raw per-run JSON records."""
+    out = Path(out_dir)
+    order = json.loads((out / "summary.json").read_text())  # the run's record order (tables follow it)
+    records = [json.loads((out / "raw" / f"{r['setting']}__{r['method']}__k{r['knob']}__s{r['seed']}.json")
+                          .read_text()) for r in order]
+    return write_results(records, out_dir, command)
+
+
 def run(config) -> dict:
     """CLI entry: ``drpost bench quality --paradigm sft`` (other paradigms: drpost.bench.rl)."""
     paradigm = getattr(config, "paradigm", "sft")
