@@ -399,23 +399,8 @@ class DataRegularizer:
                 if need_tgram:
                     tgrams.append(S_t.to(dt) @ st.target_row_gram @ S_t.to(dt).t())
                     sketches.append((S_t.to(dt) @ st.target_row_sketch) / n_t.to(dt)[:, None])
-        dt = scores[0].dtype
-        geo = StepGeometry(
-            block_names=self.blocks,
-            scores=torch.stack(scores),
-            target_sq=torch.stack(tsq),
-            counts=n_i.to(dt),
-            target_counts=n_t.to(dt),
-            gram=torch.stack(grams) if need_gram else None,
-            target_gram=torch.stack(tgrams) if need_tgram else None,
-            target_sketch=_pad_stack(sketches) if need_tgram else None,
-            lr=lr,
-        )
-        report.block_scores = geo.scores
-        report.scores = geo.scores.sum(0)
-        if not ensure_finite(geo.scores, geo.target_sq, geo.gram, geo.target_gram):
-            return None
-        return geo
+        return finish_geometry(self.blocks, torch.stack(scores), tsq, grams, tgrams, sketches, n_i, n_t,
+                               need_gram, need_tgram, lr, report)
 
     def _coefficients(self, geo: StepGeometry) -> Coefficients:
         coefs = self.feasible(geo)
@@ -456,6 +441,29 @@ class DataRegularizer:
             for p, g in zip(b.params, gs, strict=True):
                 out[p] = torch.zeros_like(p) if g is None else g
         return out
+
+
+def finish_geometry(names, scores: Tensor, tsq, grams, tgrams, sketches, counts: Tensor, tcounts: Tensor,
+                    need_gram: bool, need_tgram: bool, lr, report: StepReport) -> StepGeometry | None:
+    """Stack per-block quantities into a ``StepGeometry`` (scores (L, n)), record the scores in the report, and
+    return None when anything is non-finite (the step is then skipped)."""
+    dt = scores.dtype
+    geo = StepGeometry(
+        block_names=names,
+        scores=scores,
+        target_sq=torch.stack(tsq).to(dt),
+        counts=counts.to(dt),
+        target_counts=tcounts.to(dt),
+        gram=torch.stack(grams) if need_gram else None,
+        target_gram=torch.stack(tgrams) if need_tgram else None,
+        target_sketch=_pad_stack(sketches) if need_tgram else None,
+        lr=lr,
+    )
+    report.block_scores = geo.scores
+    report.scores = geo.scores.sum(0)
+    if not ensure_finite(geo.scores, geo.target_sq, geo.gram, geo.target_gram):
+        return None
+    return geo
 
 
 def _pad_stack(xs: list[Tensor]) -> Tensor:

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from drpost.feasible.base import Coefficients, StepGeometry, ensure_finite
+from drpost.feasible.base import Coefficients, StepGeometry
 from drpost.geometry.kernels import _small, _uses, _work_dtype, direct_rows, reduced_scores, target_grad
 
 __all__ = [
@@ -263,25 +263,10 @@ class DistributedStep:
                                                     self.m_sizes))
             local = torch.stack(scores)  # (L, n)
             all_scores = all_gather_rows(local.t().contiguous(), self.group, self.n_sizes).t()  # (L, n_global)
-        dt = all_scores.dtype
-        from drpost.step import _pad_stack
+        from drpost.step import finish_geometry
 
-        geo = StepGeometry(
-            block_names=reg.blocks,
-            scores=all_scores,
-            target_sq=torch.stack(tsq).to(dt),
-            counts=counts.to(dt),
-            target_counts=tcounts.to(dt),
-            gram=torch.stack(grams) if need_gram else None,
-            target_gram=torch.stack(tgrams) if need_tgram else None,
-            target_sketch=_pad_stack(sketches) if need_tgram else None,
-            lr=lr,
-        )
-        report.block_scores = geo.scores
-        report.scores = geo.scores.sum(0)
-        if not ensure_finite(geo.scores, geo.target_sq, geo.gram, geo.target_gram):
-            return None
-        return geo
+        return finish_geometry(reg.blocks, all_scores, tsq, grams, tgrams, sketches, counts, tcounts,
+                               need_gram, need_tgram, lr, report)
 
     @staticmethod
     def _method(reg, l, b, n_rows, m_rows, T, need_gram) -> str:
