@@ -65,11 +65,18 @@ def corpus_fingerprint() -> str:
     return hashlib.sha256(json.dumps(sample, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _model_dict(size: str) -> dict:
+    """The model config as a dict, without the library version that wrote it (it does not change the weights)."""
+    d = model_config(size).to_dict()
+    d.pop("transformers_version", None)
+    return d
+
+
 def recipe(size: str) -> dict:
     """Everything that determines the pretrained weights (hashed into the cache key)."""
     return {**RECIPES[size], "size": size, "families": list(FAMILY_NAMES), "formats": list(PRETRAIN_FORMATS),
             "difficulty": dataclasses.asdict(PRETRAIN_DIFFICULTY), "corpus_version": CORPUS_VERSION,
-            "corpus_fingerprint": corpus_fingerprint(), "model": model_config(size).to_dict()}
+            "corpus_fingerprint": corpus_fingerprint(), "model": _model_dict(size)}
 
 
 def base_model_path(size: str = "tiny") -> Path:
