@@ -72,3 +72,18 @@ def batch(rows: int, lengths: list[int] | None = None, T: int = 9, seed: int = 0
     if sample_index is not None:
         out["sample_index"] = torch.tensor(sample_index)
     return out
+
+
+CVX_TIGHT = dict(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+
+
+def cvx_solve(prob) -> float:
+    """Solve a cvxpy problem with CLARABEL at tight tolerances, or at its defaults where the tight run stops short."""
+    import cvxpy as cp
+
+    try:
+        prob.solve(**CVX_TIGHT)
+    except cp.error.SolverError:
+        prob.solve(solver="CLARABEL")
+    assert prob.status == "optimal", prob.status
+    return prob.value

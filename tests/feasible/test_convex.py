@@ -16,23 +16,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.helpers import cvx_solve
 
 from drpost.feasible.base import Coefficients, StepGeometry
 from drpost.feasible.convex import CONVEX_SETS, Ball, CappedSimplex, Cone, Gem, Halfspace, Hull, Span
 from drpost.feasible.slack import WithSlack, apply_slack
 from drpost.feasible.strength import AutoStrength, batch_standard_error
 
-TIGHT = dict(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
-
-
-def solve(prob: cp.Problem) -> float:
-    """CLARABEL at tight tolerances, or at its defaults where the tight run stops short."""
-    try:
-        prob.solve(**TIGHT)
-    except cp.error.SolverError:
-        prob.solve(solver="CLARABEL")
-    assert prob.status == "optimal", prob.status
-    return prob.value
+solve = cvx_solve
 F64 = torch.float64
 
 

@@ -6,6 +6,7 @@ import cvxpy as cp
 import numpy as np
 import pytest
 import torch
+from tests.helpers import cvx_solve
 
 from drpost.feasible.solvers import (
     fista_qp,
@@ -16,17 +17,7 @@ from drpost.feasible.solvers import (
     solve_weight_qp,
 )
 
-TIGHT = dict(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
-
-
-def solve(prob: cp.Problem) -> float:
-    """CLARABEL at tight tolerances, or at its defaults where the tight run stops short."""
-    try:
-        prob.solve(**TIGHT)
-    except cp.error.SolverError:
-        prob.solve(solver="CLARABEL")
-    assert prob.status == "optimal", prob.status
-    return prob.value
+solve = cvx_solve
 
 
 @pytest.fixture(autouse=True, scope="module")
