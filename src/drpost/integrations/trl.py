@@ -85,8 +85,12 @@ class _DrMixin:
         self.regularizer = DataRegularizer(self.model, method=dr_method, **self.dr_options)
 
     # ------------------------------------------------------------------ subclass hooks
-    def _dr_target_loader(self):  # -> iterable of raw target batches for this rank
-        raise NotImplementedError
+    def _dr_target_loader(self):
+        """This rank's target batches: the trainer's own dataloader machinery on the target dataset (built once)."""
+        if getattr(self, "_dr_loader", None) is None:
+            self._dr_loader = self._get_dataloader(self.target_dataset, "Target", self.target_batch_size,
+                                                   sampler_fn=self._get_train_sampler, is_training=True)
+        return iter(self._dr_loader)
 
     def _dr_rows(self, inputs, model, target: bool) -> dict:  # TRL batch -> drpost row batch
         raise NotImplementedError
@@ -199,12 +203,6 @@ class DrSFTTrainer(_DrMixin, SFTTrainer):
                                                    self._formatting_func, "target")
         self.target_dataset = target_dataset
 
-    def _dr_target_loader(self):
-        if getattr(self, "_dr_loader", None) is None:
-            self._dr_loader = self._get_dataloader(self.target_dataset, "Target", self.target_batch_size,
-                                                   sampler_fn=self._get_train_sampler, is_training=True)
-        return iter(self._dr_loader)
-
     def _dr_rows(self, inputs, model, target: bool) -> dict:
         dev = self.accelerator.device
         ids = inputs["input_ids"].to(dev)
@@ -238,12 +236,6 @@ class DrDPOTrainer(_DrMixin, DPOTrainer):
             raise NotImplementedError("DrDPOTrainer does not support: " + ", ".join(bad))
         self._dr_init(target_dataset, dr_method, dr_options, target_batch_size)
         self.target_dataset = self._prepare_dataset(target_dataset, self.processing_class, self.args, "target")
-
-    def _dr_target_loader(self):
-        if getattr(self, "_dr_loader", None) is None:
-            self._dr_loader = self._get_dataloader(self.target_dataset, "Target", self.target_batch_size,
-                                                   sampler_fn=self._get_train_sampler, is_training=True)
-        return iter(self._dr_loader)
 
     def _dr_rows(self, inputs, model, target: bool) -> dict:
         dev = self.accelerator.device

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from drpost.objectives.advantages import group_advantages
 from drpost.objectives.logprobs import token_logps
+from drpost.objectives.ppo import clipped_surrogate
 
 __all__ = ["GRPOLoss", "grpo_loss_fn", "grpo_token_losses", "group_sample_index"]
 
@@ -50,12 +51,8 @@ def grpo_token_losses(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask
     m = mask.to(logps.dtype)
     adv = _broadcast_advantages(advantages, logps)
     hi = clip_range if clip_range_high is None else clip_range_high
-    log_ratio = (logps - old_logps.to(logps.dtype)) * m
-    ratio = torch.exp(log_ratio)
-    pg1 = -adv * ratio
-    pg2 = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + hi)
-    pg = torch.maximum(pg1, pg2) * m
-    out = {"pg": pg, "ratio": ratio * m, "clipped": (pg2 > pg1).to(logps.dtype) * m, "log_ratio": log_ratio}
+    out = clipped_surrogate(logps, old_logps, adv, m, clip_range, hi)
+    pg = out["pg"]
     loss = pg
     if ref_logps is not None:
         d = (ref_logps.to(logps.dtype) - logps) * m  # ref - logp

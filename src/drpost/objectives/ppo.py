@@ -109,6 +109,20 @@ def token_entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def clipped_surrogate(logps: Tensor, old_logps: Tensor, adv: Tensor, m: Tensor, clip_low: float,
+                      clip_high: float) -> dict[str, Tensor]:
+    """Per-token clipped policy surrogate max(-A r, -A clip(r, 1-low, 1+high)), r = exp(logp - old_logp).
+
+    All (R, T), m a 0/1 float mask. Returns ``pg``, ``ratio``, ``clipped`` (1 where the clip is active), ``log_ratio``,
+    each 0 off the mask. Shared by PPO (symmetric clip) and GRPO (optionally asymmetric)."""
+    log_ratio = (logps - old_logps.to(logps.dtype)) * m
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.maximum(pg1, pg2) * m
+    return {"pg": pg, "ratio": ratio * m, "clipped": (pg2 > pg1).to(logps.dtype) * m, "log_ratio": log_ratio}
+
+
 def ppo_token_losses(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2,
                      values: Tensor | None = None, old_values: Tensor | None = None, returns: Tensor | None = None,
                      clip_range_value: float | None = 0.2, vf_coef: float = 0.1) -> dict[str, Tensor]:
@@ -119,13 +133,8 @@ def ppo_token_losses(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask:
     ``clip_range_value=None`` disables value clipping.
     """
     m = mask.to(logps.dtype)
-    adv = advantages.to(logps.dtype)
-    log_ratio = (logps - old_logps.to(logps.dtype)) * m
-    ratio = torch.exp(log_ratio)
-    pg1 = -adv * ratio
-    pg2 = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    pg = torch.maximum(pg1, pg2) * m
-    out = {"pg": pg, "ratio": ratio * m, "clipped": (pg2 > pg1).to(logps.dtype) * m, "log_ratio": log_ratio}
+    out = clipped_surrogate(logps, old_logps, advantages.to(logps.dtype), m, clip_range, clip_range)
+    pg = out["pg"]
     loss = pg
     if values is not None:
         if old_values is None or returns is None:
