@@ -5,6 +5,7 @@
     drpost bench quality --paradigm rlvr seeds=0,1,2
     drpost sft --help                               # every option with its type, default and help
     drpost sft --print-config ...                   # show the resolved config and stop
+    drpost model fetch smollm2-135m-instruct        # set up the real model once (drpost.models)
 
 Options come from ``drpost.config`` (the dataclasses are the single source of truth). Runners are found through the
 explicit table ``RUNNERS`` ("module:function"); a runner's module is imported only when its subcommand runs, and is
@@ -21,7 +22,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from drpost.config import CONFIGS, ConfigError, help_text, parse_config, save_resolved, to_dict
+from drpost.config import BENCH_CONFIGS, CONFIGS, ConfigError, help_text, parse_config, save_resolved, to_dict
 
 RUNNERS: dict[str, str] = {
     "demo": "drpost.world.demo:run",
@@ -43,6 +44,7 @@ SUMMARIES: dict[str, str] = {
     "rlhf": "RLHF (PPO with a learned reward model) with a data regularizer",
     "rlvr": "RL with verifiable rewards (GRPO) with a data regularizer",
     "bench": "benchmarks: 'bench quality' (methods x settings x seeds) or 'bench system' (step timings)",
+    "model": "set up models without a hub: 'model fetch smollm2-135m-instruct', 'model convert F.gguf', 'model list'",
 }
 
 BENCH_KINDS = ("quality", "system")
@@ -70,9 +72,11 @@ def top_help() -> str:
     return "\n".join(lines)
 
 
-def command_help(command: str) -> str:
-    cls = CONFIGS[command]
-    usage = "drpost bench {quality,system}" if command == "bench" else f"drpost {command}"
+def command_help(command: str, bench_kind: str | None = None) -> str:
+    cls = BENCH_CONFIGS[bench_kind] if command == "bench" and bench_kind in BENCH_CONFIGS else CONFIGS[command]
+    usage = f"drpost {command}"
+    if command == "bench":
+        usage = f"drpost bench {bench_kind}" if bench_kind in BENCH_CONFIGS else "drpost bench {quality,system}"
     doc = " ".join((cls.__doc__ or "").split())
     return (f"usage: {usage} [--config FILE.yaml] [key=value | --key value | --key=value ...] [--print-config]\n\n"
             f"{doc}\n\nOptions are applied in order: defaults < --config files < command-line overrides.\n"
@@ -115,19 +119,19 @@ def parse_args(argv: list[str]) -> tuple[str, object, bool]:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise UsageError(f"unknown command '{command}'{hint} (commands: {', '.join(CONFIGS)})")
     if "-h" in rest or "--help" in rest:
-        print(command_help(command))
+        print(command_help(command, rest[0] if rest else None))
         raise SystemExit(0)
-    key = command
+    key, cls = command, CONFIGS[command]
     if command == "bench":
         if not rest or rest[0].startswith("-") or "=" in rest[0]:
             raise UsageError("'drpost bench' needs a first argument: quality or system")
         if rest[0] not in BENCH_KINDS:
             raise UsageError(f"unknown benchmark '{rest[0]}': expected quality or system")
-        key = f"bench {rest[0]}"
-        rest = [f"kind={rest[0]}"] + rest[1:]
+        key, cls = f"bench {rest[0]}", BENCH_CONFIGS[rest[0]]
+        rest = rest[1:]
     print_config = "--print-config" in rest
     rest = [a for a in rest if a != "--print-config"]
-    return key, parse_config(CONFIGS[command], rest), print_config
+    return key, parse_config(cls, rest), print_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     from drpost.data.formats import DataError
 
     try:
+        if argv and argv[0] == "model":  # model set-up (drpost.models), not a config-driven runner
+            from drpost.models import run_model_command
+
+            return run_model_command(argv[1:])
         key, config, print_config = parse_args(argv)
         if print_config:
             import yaml
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("drpost").info("resolved config written to %s", path)
         result = run(config)
     except (UsageError, ConfigError, DataError) as e:
-        name = f"drpost {argv[0]}" if argv and argv[0] in CONFIGS else "drpost"
+        name = f"drpost {argv[0]}" if argv and (argv[0] in CONFIGS or argv[0] == "model") else "drpost"
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0

@@ -79,7 +79,12 @@ class ModelConfig:
     """Which model to post-train and how its weights are made trainable."""
 
     name_or_path: str = _opt("world", "Hugging Face model id or local directory of a causal LM; 'world' = the "
-                                      "built-in tiny Llama-style base model of the benchmark world (see model.size).")
+                                      "built-in tiny Llama-style base model of the benchmark world (see model.size); "
+                                      "an alias set up by 'drpost model fetch' (smollm2-135m-instruct); or a local "
+                                      ".gguf file (converted once, see model.gguf_file).")
+    gguf_file: str | None = _opt(None, "A local GGUF file to load (a path, or a file name inside the folder "
+                                       "model.name_or_path); converted once into a safetensors folder in the drpost "
+                                       "cache, keyed by its sha256. none = no GGUF.")
     size: Literal["micro", "tiny"] = _opt("tiny", "Size of the built-in world model (drpost.world.model."
                                                   "MODEL_SIZES; only used when model.name_or_path is 'world').")
     finetuning: Literal["full", "lora", "meso"] = _opt(
@@ -340,11 +345,11 @@ class DemoConfig(RunConfig):
 
 @dataclass
 class BenchConfig(RunConfig):
-    """Benchmarks: 'quality' (methods x settings x seeds tables and plots) or 'system' (step-time breakdown and
-    scoring-method crossovers)."""
+    """Quality benchmark ('drpost bench quality'): methods x settings x seeds on the world, tables and plots. The
+    system benchmark ('drpost bench system') has its own options (BenchSystemConfig)."""
 
-    kind: Literal["quality", "system"] = _opt("quality", "Which benchmark (the first positional argument of "
-                                                         "'drpost bench').")
+    kind: ClassVar[str] = "quality"  # the first positional argument of 'drpost bench'
+
     paradigm: Literal["sft", "dpo", "rlhf", "rlvr"] = _opt("sft", "Post-training paradigm benchmarked.")
     output_dir: str = _opt("runs/bench", "Directory for config.yaml, metrics.json, tables and plots.")
     steps: int = _opt(300, "Optimizer steps per run.", min=1)
@@ -356,14 +361,33 @@ class BenchConfig(RunConfig):
         help="Methods compared, comma-separated (feasible sets and baselines).")
     settings: list[str] = _opt(factory=lambda: ["format_shift", "sparse_related", "distribution_shift"],
                                help="World settings, comma-separated (quality).")
-    seeds: list[int] = _opt(factory=lambda: [0, 1, 2], help="Seeds, comma-separated (quality).", min=0)
-    seq_lengths: list[int] = _opt(factory=lambda: [64, 256, 1024],
-                                  help="Sequence lengths swept by the system benchmark.", min=1)
-    scorings: list[Scoring] = _opt(factory=lambda: ["full_ghost", "reduced_ghost", "direct", "compress"],
-                                   help="Scoring methods timed by the system benchmark.")
-    repeats: int = _opt(5, "Timed repetitions per system-benchmark cell (after one warm-up).", min=1)
-    quick: bool = _opt(False, "System benchmark: the small grid sized for 2 CPU cores (~10 min).")
+    seeds: list[int] = _opt(factory=lambda: [0, 1, 2], help="Seeds, comma-separated; each seed draws the data "
+                                                             "(pool, targets, test set) and the training.", min=0)
     optim: OptimConfig = _opt(factory=lambda: OptimConfig(lr=1e-3), help="Optimizer and schedule.")
+
+
+@dataclass
+class BenchSystemConfig:
+    """System benchmark ('drpost bench system'): the cost of one regularized step split by component, as a ratio
+    to a standard step, with analytic floors and the scoring-method crossovers."""
+
+    kind: ClassVar[str] = "system"  # the first positional argument of 'drpost bench'
+
+    output_dir: str = _opt("results/system", "Directory for system.json, metrics.json, summary.md and plots.")
+    quick: bool = _opt(False, "The small grid sized for 2 CPU cores (~10 min); false = the full grid.")
+    micro: bool = _opt(False, "One micro configuration (a smoke test, seconds).")
+    repeats: int | None = _opt(None, "Timed repetitions per method after one warm-up; none = 5 (quick), 7 (full) "
+                                     "or 1 (micro).", min=1)
+    threads: int = _opt(1, "torch CPU threads while timing; 0 = leave torch's setting.", min=0)
+    device: str = _opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.",
+                       pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
+    seq_lengths: list[int] | None = _opt(
+        None, "Sequence lengths T: every grid configuration is timed at each length, and the reduced-ghost vs "
+              "direct crossover sweeps these lengths; none = the grid's own lengths.", min=1)
+    scorings: list[Scoring] = _opt(
+        factory=lambda: ["auto", "full_ghost", "reduced_ghost", "direct", "compress"],
+        help="Scoring methods whose rows are timed; the standard step, full_training and torch.func rows are "
+             "always timed.")
 
 
 CONFIGS: dict[str, type] = {
@@ -374,6 +398,9 @@ CONFIGS: dict[str, type] = {
     "rlvr": RLVRConfig,
     "bench": BenchConfig,
 }
+
+# 'drpost bench' takes its config class from its first positional argument; CONFIGS["bench"] is the quality one.
+BENCH_CONFIGS: dict[str, type] = {"quality": BenchConfig, "system": BenchSystemConfig}
 
 GROUPS: tuple[type, ...] = (ModelConfig, RegularizerConfig, OptimConfig, DataConfig, LogConfig)
 
@@ -784,6 +811,8 @@ def to_dict(config: Any) -> dict:
 
 def command_of(config_or_cls: Any) -> str | None:
     cls = config_or_cls if isinstance(config_or_cls, type) else type(config_or_cls)
+    if cls is BenchSystemConfig:
+        return "bench system"
     return next((name for name, c in CONFIGS.items() if c is cls), None)
 
 
@@ -873,7 +902,7 @@ def config_reference_markdown() -> str:
         lines += _md_table([(f"{prefix}.{f.name}", tp, getattr(inst, f.name), f) for f, tp in _fields(group)])
         lines.append("")
     lines += ["## Commands", ""]
-    for command, cls in CONFIGS.items():
+    for command, cls in [*CONFIGS.items(), ("bench system", BenchSystemConfig)]:
         inst = cls()
         lines += [f"### `drpost {command}` ({cls.__name__})", "", " ".join((cls.__doc__ or "").split()), ""]
         allowed = getattr(cls, "allowed_formats", None)

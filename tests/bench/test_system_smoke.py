@@ -5,6 +5,8 @@ Checks that the files and JSON keys exist; never asserts a time.
 
 import json
 
+import pytest
+
 from drpost.bench import system
 
 
@@ -36,3 +38,33 @@ def test_run_accepts_a_config_object_or_dict(tmp_path):
     assert (tmp_path / "a" / "system.json").is_file()
     assert system.run({"out_dir": str(tmp_path / "b"), "micro": True, "repeats": 1}) == 0
     assert (tmp_path / "b" / "summary.md").is_file()
+
+
+def test_seq_lengths_and_scorings_change_the_run(tmp_path):
+    res = system.run_system_bench(tmp_path, micro=True, repeats=1, log=lambda *a: None, seq_lengths=[8, 12],
+                                  scorings=["auto", "direct"])
+    assert [c["config"]["T"] for c in res["cases"]] == [8, 12]
+    assert res["crossovers"]["T_sweep"]["T"] == [8, 12]
+    names = set(res["cases"][0]["methods"])
+    assert "layerwise/one_pass/direct" in names and "layerwise/one_pass/auto" in names
+    assert not any(n.endswith(("full_ghost", "reduced_ghost", "compress")) for n in names)
+    assert {"standard", "full_training", "torch.func vmap (layerwise topk)"} <= names
+
+
+def test_cli_bench_system_has_its_own_options(capsys):
+    from drpost import cli
+    from drpost.config import BenchSystemConfig
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "system", "--help"])
+    sys_help = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "quality", "--help"])
+    quality_help = capsys.readouterr().out
+    assert sys_help != quality_help and "usage: drpost bench system" in sys_help
+    assert "  seq_lengths:" in sys_help and "  scorings:" in sys_help and "paradigm" not in sys_help
+    assert "seq_lengths" not in quality_help
+    key, config, _ = cli.parse_args(["bench", "system", "micro=true", "seq_lengths=8,16", "scorings=auto"])
+    assert key == "bench system" and isinstance(config, BenchSystemConfig)
+    assert config.seq_lengths == [8, 16] and config.scorings == ["auto"]
+    assert cli.main(["bench", "system", "--paradigm", "sft"]) == 2  # a quality option is refused by name

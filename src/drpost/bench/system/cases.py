@@ -1,0 +1,260 @@
+"""System benchmark, the cases: the timed methods, the benchmark models and batches, the component clock, and
+``Case`` (one configuration: model, batches, optimizer, and a runner per method returning seconds per component).
+
+Part of ``drpost.bench.system`` (run it with ``drpost bench system``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+COMPONENTS = ("forward", "backward", "scoring", "solve", "assembly", "optimizer")
+VOCAB = 512
+LR = 1e-5
+# tiny Llama shapes: (hidden, intermediate, layers, heads) -> ~params with vocab 512, untied head
+SIZES = {
+    "micro": (32, 64, 1, 2),
+    "1M": (128, 352, 4, 2),
+    "5M": (256, 688, 6, 4),
+    "20M": (512, 1376, 6, 8),
+    "50M": (640, 1728, 10, 10),
+}
+
+
+# --------------------------------------------------------------------------- methods
+@dataclass
+class Method:
+    name: str
+    kind: str  # "standard" | "dr" | "func"
+    kw: dict = field(default_factory=dict)
+    core: bool = False  # also run in the sweep configurations
+
+    @property
+    def one_pass(self) -> bool:
+        return self.kind == "dr" and self.kw.get("assembly", "one_pass") == "one_pass"
+
+
+def method_list(include_convex: bool = True, scorings: list[str] | None = None) -> list[Method]:
+    """The timed methods, in report order. ``scorings``: keep only the regularizer rows whose scoring method is
+    listed (a row without an explicit scoring uses auto); the standard, full_training and torch.func rows stay."""
+    lw, gs = "layerwise_subset", "global_subset"
+    ms = [
+        Method("standard", "standard", core=True),
+        Method("full_training", "dr", dict(method="full_training"), core=True),
+        Method("global/one_pass/auto", "dr", dict(method=gs, frac=0.5), core=True),
+        Method("global/two_pass/auto", "dr", dict(method=gs, frac=0.5, assembly="two_pass")),
+        Method("layerwise/one_pass/auto", "dr", dict(method=lw, frac=0.5), core=True),
+        Method("layerwise/one_pass/autotune", "dr", dict(method=lw, frac=0.5, autotune=True)),
+        Method("layerwise/one_pass/full_ghost", "dr", dict(method=lw, frac=0.5, scoring="full_ghost")),
+        Method("layerwise/one_pass/reduced_ghost", "dr", dict(method=lw, frac=0.5, scoring="reduced_ghost")),
+        Method("layerwise/one_pass/direct", "dr", dict(method=lw, frac=0.5, scoring="direct")),
+        Method("layerwise/one_pass/compress", "dr", dict(method=lw, frac=0.5, scoring="compress"), core=True),
+        Method("global/one_pass/compress", "dr", dict(method=gs, frac=0.5, scoring="compress")),
+        Method("layerwise/two_pass/auto", "dr", dict(method=lw, frac=0.5, assembly="two_pass")),
+        Method("greats/two_pass (greedy)", "dr", dict(method=gs, frac=0.5, selection="greedy", assembly="two_pass")),
+        Method("torch.func vmap (layerwise topk)", "func"),
+    ]
+    if include_convex:
+        try:
+            import drpost.feasible.convex  # noqa: F401
+
+            ms.insert(10, Method("hull/one_pass/auto (exact Gram)", "dr", dict(method="hull"), core=True))
+            ms.insert(11, Method("hull/one_pass/compress", "dr", dict(method="hull", scoring="compress")))
+        except ImportError:  # the convex family is optional here
+            pass
+    if scorings is not None:
+        keep = set(scorings)
+        ms = [m for m in ms if m.kind != "dr" or m.kw.get("method") == "full_training"
+              or m.kw.get("scoring", "auto") in keep]
+    return ms
+
+
+# --------------------------------------------------------------------------- models and batches
+def build_model(size: str, mode: str, T: int, device, seed: int = 0, attn: str = "sdpa"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, inter, layers, heads = SIZES[size]
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=heads, vocab_size=VOCAB, max_position_embeddings=max(1024, T),
+                      tie_word_embeddings=False, attn_implementation=attn)
+    model = LlamaForCausalLM(cfg).to(device)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
+        with torch.no_grad():  # LoRA B starts at zero: make the adapters' gradients generic
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+    model.train()
+    return model
+
+
+def make_batch(rows: int, T: int, seed: int, device) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (rows, T), generator=g)  # (rows, T)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "labels": ids.clone().to(device)}
+
+
+# --------------------------------------------------------------------------- clocks
+class Clock:
+    """Component timer: perf_counter on CPU; CUDA events on GPU (read after one sync at the end)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+
+    def start(self):
+        self.marks = [("start", self._now())]
+
+    def mark(self, name: str):
+        self.marks.append((name, self._now()))
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def read(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            out[name] = out.get(name, 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+        return out
+
+
+# --------------------------------------------------------------------------- one case
+class Case:
+    """One configuration: model, batches, optimizer and a runner per method."""
+
+    def __init__(self, size, mode, T, n, m, device, methods: list[Method], sketch="64x64"):
+        from drpost.step import merge_batches
+
+        self.size, self.mode, self.T, self.n, self.m = size, mode, T, n, m
+        self.device = torch.device(device)
+        self.model = build_model(size, mode, T, device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=LR)
+        self.gen, self.tgt = make_batch(n, T, 1, device), make_batch(m, T, 2, device)
+        self.merged = merge_batches(self.gen, self.tgt, device)
+        self.methods = methods
+        self.regs = {}
+        self.reports = {}
+        self.sketch = sketch
+        self.func_mode = None
+        import drpost
+
+        for me in methods:
+            if me.kind == "dr":
+                self.regs[me.name] = drpost.DataRegularizer(self.model, sketch=sketch, optimizer=self.opt, **me.kw)
+
+    def n_params(self) -> tuple[int, int]:
+        total = sum(p.numel() for p in self.model.parameters())
+        return total, sum(p.numel() for p in self.params)
+
+    # ---- runners: each returns {component: seconds}
+    def _opt_step(self, clock):
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        clock.mark("optimizer")
+
+    def run_standard(self):
+        from drpost.objectives import causal_lm_loss
+
+        clock = Clock(self.device)
+        clock.start()
+        loss, counts = causal_lm_loss(self.model, self.merged)
+        clock.mark("forward")
+        (loss.sum() / counts.sum()).backward()
+        clock.mark("backward")
+        self._opt_step(clock)
+        return clock.read()
+
+    def run_dr(self, name):
+        from drpost.objectives import causal_lm_loss
+
+        reg = self.regs[name]
+        rep = reg.step(self.gen, self.tgt, causal_lm_loss, lr=1e-3)
+        self.reports[name] = rep
+        t = {k: float(rep.timings.get(k, 0.0)) for k in COMPONENTS if k != "optimizer"}
+        clock = Clock(self.device)
+        clock.start()
+        self._opt_step(clock)
+        t.update(clock.read())
+        return t
+
+    def run_func(self):
+        """torch.func anchor: per-sample grads of every row by vmap(grad), scores, per-tensor top-k, weighted sum."""
+        from drpost.geometry.oracle import per_sample_grads
+        from drpost.objectives import causal_lm_loss
+
+        clock = Clock(self.device)
+        clock.start()
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        ids, labels = self.merged["input_ids"], self.merged["labels"]
+        grads = None
+        if self.func_mode in (None, "vmap"):
+            try:
+                grads = self._vmap_grads(names, ids, labels)
+                self.func_mode = "vmap"
+            except Exception as e:  # noqa: BLE001 - fall back to the oracle loop
+                warnings.warn(f"torch.func vmap failed ({type(e).__name__}: {e}); using oracle.per_sample_grads",
+                              stacklevel=2)
+                self.func_mode = "oracle"
+        if grads is None:
+            g, _ = per_sample_grads(self.model, self.merged, causal_lm_loss)
+            grads = [g[k] for k in names]
+        clock.mark("backward")
+        n = self.n
+        counts_t = (labels[n:, 1:] != -100).sum()
+        picks = []
+        for g in grads:  # g: (R, *shape)
+            f = g.reshape(g.shape[0], -1)  # (R, P)
+            gt = f[n:].sum(0) / counts_t  # (P,)  token-mean target gradient
+            picks.append(f[:n] @ gt)  # (n,)
+        clock.mark("scoring")
+        k = max(1, n // 2)
+        masks = [torch.zeros(n, device=s.device).scatter_(0, torch.topk(s, k).indices, 1.0) for s in picks]
+        clock.mark("solve")
+        counts = (labels[:n, 1:] != -100).sum(1).to(grads[0].dtype)  # (n,)
+        for p_name, g, w in zip(names, grads, masks):
+            c = w / (w @ counts)  # (n,)
+            p = dict(self.model.named_parameters())[p_name]
+            p.grad = torch.tensordot(c.to(g.dtype), g[:n], dims=1).to(p.dtype)
+        clock.mark("assembly")
+        self._opt_step(clock)
+        return clock.read()
+
+    def _vmap_grads(self, names, ids, labels):
+        model = self.model
+        params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+        frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
+
+        def f(ps, x, y):
+            out = torch.func.functional_call(model, {**frozen, **ps}, (x[None],), {})
+            logits = out.logits if hasattr(out, "logits") else out[0]  # (1, T, V)
+            return torch.nn.functional.cross_entropy(logits[0, :-1].float(), y[1:], reduction="sum",
+                                                     ignore_index=-100)
+
+        g = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0, 0))(params, ids, labels)
+        return [g[k] for k in names]
+
+    def run(self, me: Method):
+        if me.kind == "standard":
+            return self.run_standard()
+        if me.kind == "func":
+            return self.run_func()
+        return self.run_dr(me.name)
+
+
+def cfg_label(c: dict) -> str:
+    return f"{c['size']} {c['mode']} T={c['T']} n={c['n']} m={c['m']}"

@@ -1,0 +1,305 @@
+"""System benchmark, the measurement: one configuration's interleaved repeats (``measure_case``), the scoring
+crossover sweeps, the configuration grids, and ``run_system_bench`` which runs them and writes the report.
+
+Part of ``drpost.bench.system`` (run it with ``drpost bench system``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from drpost.bench.system.cases import COMPONENTS, LR, SIZES, VOCAB, Case, Method, cfg_label, method_list
+from drpost.bench.system.floors import floor, scoring_check
+from drpost.bench.system.report import GOALS, _jsonable, evaluate_goals, plot, write_markdown
+
+
+def _q(xs, q):
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo, hi = int(math.floor(pos)), int(math.ceil(pos))
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def measure_case(cfg: dict, methods: list[Method], repeats: int, warmup: int, rates, device, log) -> dict:
+    case = Case(cfg["size"], cfg["mode"], cfg["T"], cfg["n"], cfg["m"], device, methods)
+    total_p, train_p = case.n_params()
+    runs = {me.name: [] for me in methods}
+    peak = {}
+    rng = random.Random(0)
+    for _ in range(warmup):
+        for me in methods:
+            case.run(me)
+    for _r in range(repeats):
+        order = list(methods)
+        rng.shuffle(order)
+        for me in order:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            runs[me.name].append(case.run(me))
+            if device.type == "cuda":
+                peak[me.name] = max(peak.get(me.name, 0), torch.cuda.max_memory_allocated())
+    std_runs = runs["standard"]
+    std_tot = [sum(d.values()) for d in std_runs]
+    t_std = {k: statistics.median(d.get(k, 0.0) for d in std_runs) for k in COMPONENTS}
+    std_med = statistics.median(std_tot)
+    rows = {}
+    for me in methods:
+        rs = runs[me.name]
+        tot = [sum(d.values()) for d in rs]
+        ratios = [a / b for a, b in zip(tot, std_tot)]
+        comp = {k: statistics.median(d.get(k, 0.0) for d in rs) for k in COMPONENTS}
+        excess = {k: comp[k] - t_std[k] for k in COMPONENTS}
+        row = {
+            "kind": me.kind, "kw": me.kw, "one_pass": me.one_pass,
+            "total_s": statistics.median(tot), "ratio": statistics.median(ratios),
+            "ratio_q25": _q(ratios, 0.25), "ratio_q75": _q(ratios, 0.75),
+            "components_s": comp, "excess_s": excess,
+            "held_back_by": max(excess, key=excess.get) if me.kind != "standard" else None,
+            "peak_mem_bytes": peak.get(me.name),
+        }
+        fl = floor(case, me, t_std, rates)
+        if fl is not None:
+            row.update(fl)
+            row["floor_ratio"] = fl["floor_s"] / std_med
+            row["over_floor"] = row["total_s"] / fl["floor_s"]
+        rep = case.reports.get(me.name)
+        if rep is not None and rep.scoring:
+            ch = {}
+            for v in rep.scoring.values():
+                ch[v] = ch.get(v, 0) + 1
+            row["scoring_choices"] = ch
+        if me.kind == "func":
+            row["func_mode"] = case.func_mode
+        rows[me.name] = row
+        log(f"    {me.name:36s} {row['ratio']:5.2f}x [{row['ratio_q25']:.2f}-{row['ratio_q75']:.2f}]"
+            + (f"  floor {row['floor_ratio']:.2f}x" if "floor_ratio" in row else ""))
+    sc = scoring_check(case, rates, max(1, min(3, repeats)))
+    return {"config": cfg, "params": total_p, "trainable": train_p, "standard_s": std_med,
+            "standard_components_s": t_std, "methods": rows, "scoring_check": sc}
+
+
+# --------------------------------------------------------------------------- crossovers
+def _layer_block(p: int, q: int, R: int, T: int, device):
+    from drpost.geometry.capture import Block, Use
+
+    w = torch.nn.Parameter(torch.empty(p, q, device=device))
+    a = torch.randn(R, T, q, device=device)  # (R, T, d_in)
+    b = torch.randn(R, T, p, device=device)  # (R, T, d_out)
+    return Block(name=f"linear{p}x{q}", factored={w: [Use(a, b, False)]}, params=[w])
+
+
+def _time_scoring(block, method, n, R, repeats, device) -> float:
+    from drpost.geometry.kernels import block_stats
+
+    tc = torch.zeros(R, device=device)
+    tc[n:] = 1.0 / (R - n)
+    ts = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        block_stats(block, 0, method, tc, n, False, False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts[1:])
+
+
+def _measured_crossover(xs, ta, tb) -> float | None:
+    """First x where method b becomes cheaper than a (log-linear interpolation); None if it never does."""
+    d = [math.log(b / a) for a, b in zip(ta, tb)]
+    for i in range(1, len(xs)):
+        if d[i - 1] > 0 >= d[i]:
+            f = d[i - 1] / (d[i - 1] - d[i])
+            return math.exp(math.log(xs[i - 1]) + f * (math.log(xs[i]) - math.log(xs[i - 1])))
+    return None
+
+
+def _model_crossover(xs, ca, cb) -> float | None:
+    return _measured_crossover(xs, ca, cb)
+
+
+def crossovers(shape, m_sweep, T_m, T_sweep, n, repeats, rates, device) -> dict:
+    from drpost.geometry import cost
+
+    p, q = shape
+    shapes = [(p, q, 1)]
+    out = {"shape": [p, q], "n": n}
+    # m-sweep: full ghost vs reduced ghost (scores only)
+    fg, rg, mfg, mrg = [], [], [], []
+    for m in m_sweep:
+        blk = _layer_block(p, q, n + m, T_m, device)
+        fg.append(_time_scoring(blk, "full_ghost", n, n + m, repeats, device))
+        rg.append(_time_scoring(blk, "reduced_ghost", n, n + m, repeats, device))
+        c = cost.method_costs(shapes, n, m, T_m, False, rates)
+        mfg.append(c["full_ghost"])
+        mrg.append(c["reduced_ghost"])
+    out["m_sweep"] = {"T": T_m, "m": list(m_sweep), "full_ghost_s": fg, "reduced_ghost_s": rg,
+                      "model_full_ghost_s": mfg, "model_reduced_ghost_s": mrg,
+                      "analytic_m_star": cost.crossover_m(shapes, T_m),
+                      "cost_model_m_star": _model_crossover(m_sweep, mfg, mrg),
+                      "measured_m_star": _measured_crossover(m_sweep, fg, rg)}
+    # T-sweep: reduced ghost vs direct (scores only, m = 1)
+    rg2, dr, mrg2, mdr = [], [], [], []
+    for T in T_sweep:
+        blk = _layer_block(p, q, n + 1, T, device)
+        rg2.append(_time_scoring(blk, "reduced_ghost", n, n + 1, repeats, device))
+        dr.append(_time_scoring(blk, "direct", n, n + 1, repeats, device))
+        c = cost.method_costs(shapes, n, 1, T, False, rates)
+        mrg2.append(c["reduced_ghost"])
+        mdr.append(c["direct"])
+    out["T_sweep"] = {"m": 1, "T": list(T_sweep), "reduced_ghost_s": rg2, "direct_s": dr,
+                      "model_reduced_ghost_s": mrg2, "model_direct_s": mdr,
+                      "analytic_T_star": cost.crossover_T(shapes),
+                      "cost_model_T_star": _model_crossover(T_sweep, mrg2, mdr),
+                      "measured_T_star": _measured_crossover(T_sweep, rg2, dr)}
+    return out
+
+
+# --------------------------------------------------------------------------- grids
+def grid(quick: bool, micro: bool = False, seq_lengths: list[int] | None = None) -> tuple[list[dict], dict]:
+    """(configurations, crossover settings). Each configuration: size, mode, T, n, m, methods ('all' | 'core').
+
+    ``seq_lengths``: time every configuration at each of these lengths instead of its own T (duplicates dropped),
+    and sweep them in the reduced-ghost vs direct crossover; None = the grid's own lengths.
+    """
+    cfgs, xcfg = _grid(quick, micro)
+    if not seq_lengths:
+        return cfgs, xcfg
+    out: list[dict] = []
+    for c in cfgs:
+        for T in seq_lengths:
+            c2 = dict(c, T=int(T))
+            if c2 not in out:
+                out.append(c2)
+    return out, dict(xcfg, T_sweep=sorted({int(T) for T in seq_lengths}))
+
+
+def _grid(quick: bool, micro: bool) -> tuple[list[dict], dict]:
+    if micro:
+        cfgs = [dict(size="micro", mode="full", T=16, n=4, m=1, methods="all")]
+        return cfgs, dict(shape=(32, 32), m_sweep=[1, 4], T_m=8, T_sweep=[8, 32], n=4)
+    base = dict(size="5M", T=64, n=8, m=1)
+    cfgs = []
+    for mode in ("full", "lora"):
+        cfgs.append(dict(base, mode=mode, methods="all"))
+    if quick:
+        variants = [dict(size="1M"), dict(size="20M"), dict(T=256), dict(n=32), dict(m=4)]
+        for mode in ("full", "lora"):
+            for v in variants:
+                cfgs.append(dict(base, mode=mode, methods="core", **v))
+        return cfgs, dict(shape=(256, 256), m_sweep=[1, 2, 4, 8, 16, 32], T_m=32,
+                          T_sweep=[32, 64, 128, 256, 512, 1024], n=8)
+    for size in ("1M", "5M", "20M", "50M"):
+        for mode in ("full", "lora"):
+            for T in (64, 256):
+                for n in (8, 32):
+                    for m in (1, 4):
+                        c = dict(size=size, mode=mode, T=T, n=n, m=m, methods="core")
+                        if c != dict(base, mode=mode, methods="core"):
+                            cfgs.append(c)
+    for size in ("1M", "20M"):
+        for mode in ("full", "lora"):
+            cfgs.append(dict(size=size, mode=mode, T=64, n=8, m=1, methods="all"))
+    return cfgs, dict(shape=(256, 256), m_sweep=[1, 2, 4, 8, 16, 32, 64], T_m=32,
+                      T_sweep=[16, 32, 64, 128, 256, 512, 1024, 2048], n=8)
+
+
+def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False, *, micro: bool = False,
+                     repeats: int | None = None, warmup: int = 1, threads: int | None = 1,
+                     device: str | None = None, command: str | None = None, log=print,
+                     seq_lengths: list[int] | None = None, scorings: list[str] | None = None) -> dict:
+    """Run the system benchmark and write ``system.json``, ``metrics.json``, ``summary.md`` and PNGs.
+
+    quick: small grid for 2 CPU cores (~10 min); micro: one tiny configuration (tests); repeats: timed repeats per
+    method (default 5 quick / 7 full / 1 micro); threads: torch CPU threads (None = leave as is); seq_lengths:
+    see ``grid``; scorings: the scoring methods whose rows are timed (None = all, see ``method_list``)."""
+    from drpost.geometry import cost
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    old_threads = torch.get_num_threads()
+    if threads and dev.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        rates = cost.calibrate(str(dev) if dev.type == "cuda" else "cpu", repeats=7)
+        cfgs, xcfg = grid(quick, micro, seq_lengths)
+        reps = repeats or (1 if micro else 5 if quick else 7)
+        all_methods = method_list(scorings=scorings)
+        cases = []
+        for i, cf in enumerate(cfgs):
+            ms = all_methods if cf["methods"] == "all" else [m for m in all_methods if m.core]
+            r = reps if cf["methods"] == "all" else max(1, reps - 2 if quick else reps)
+            log(f"[{i + 1}/{len(cfgs)}] {cfg_label(cf)}: {len(ms)} methods x {r} repeats")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cases.append(measure_case(cf, ms, r, warmup, rates, dev, log))
+        log("crossovers")
+        xo = crossovers(xcfg["shape"], xcfg["m_sweep"], xcfg["T_m"], xcfg["T_sweep"], xcfg["n"],
+                        max(3, reps), rates, dev)
+    finally:
+        torch.set_num_threads(old_threads)
+    res = {
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+                    "device": str(dev), "threads": threads if dev.type == "cpu" else None,
+                    "gemm_gflops": rates.flops_per_s / 1e9, "bandwidth_gbs": rates.bytes_per_s / 1e9},
+        "settings": {"quick": quick, "micro": micro, "repeats": reps, "warmup": warmup, "lr": LR, "vocab": VOCAB,
+                     "seq_lengths": seq_lengths, "scorings": scorings,
+                     "sizes": {k: list(v) for k, v in SIZES.items()}, "goals": GOALS},
+        "cases": cases,
+        "crossovers": xo,
+    }
+    res["goals"] = evaluate_goals(cases)
+    res["wall_s"] = time.perf_counter() - t_start
+    command = command or f"drpost bench system{' quick=true' if quick else ''} output_dir={out_dir}"
+    (out / "system.json").write_text(json.dumps(_jsonable(res), indent=1))
+    head = {g["goal"] + " | " + g["config"] + " | " + g["method"]: {"value": g["value"], "met": g["met"]}
+            for g in res["goals"]}
+    (out / "metrics.json").write_text(json.dumps(_jsonable({"goals": head, "wall_s": res["wall_s"]}), indent=1))
+    write_markdown(res, out / "summary.md", command)
+    plot(res, out)
+    log(f"wrote {out}/system.json, summary.md, breakdown.png, crossovers.png in {res['wall_s']:.0f} s")
+    return res
+
+
+def run(config) -> int:
+    """CLI runner (``drpost bench system``): ``config`` is a ``drpost.config.BenchSystemConfig`` (or any object or
+    dict with some of its keys: output_dir (or out_dir), quick, micro, repeats, threads, device, seq_lengths,
+    scorings)."""
+    get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
+        lambda k, d=None: getattr(config, k, d))
+    out_dir = get("out_dir") or get("output_dir") or "results/system"
+    dev = get("device")
+    dev = None if dev in (None, "auto") else dev
+    threads = get("threads", 1)
+    command = "drpost " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("drpost") \
+        else f"drpost bench system output_dir={out_dir}"
+    run_system_bench(out_dir, quick=bool(get("quick", False)), micro=bool(get("micro", False)),
+                     repeats=get("repeats"), threads=threads or None, device=dev, command=command,
+                     seq_lengths=get("seq_lengths"), scorings=get("scorings"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m drpost.bench.system ARGS`` = ``drpost bench system ARGS`` (one command line, the CLI's)."""
+    from drpost.cli import main as cli_main
+
+    return cli_main(["bench", "system", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
