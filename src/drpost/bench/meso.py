@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from drpost.bench.quality import mean_se
+from drpost.bench.stats import mean_se
 
 VARIANTS = {"AdamW": ["model.finetuning=full"],
             "MeSO 64x64": ["model.finetuning=meso", "regularizer.sketch=64x64"],

@@ -9,9 +9,10 @@ Python entry point (what the CLI writes, as records):
 ``setting`` is a ``drpost.world.settings.Setting`` (or a built-in name). Each record is one (setting, method, seed):
 target test exact match and loss, general retention, the chosen knob, the Dr weight share by family, wall time.
 
-Protocol (same for every method): the same base model, pool, targets, steps, batch and schedule. A method with a
-knob (``KNOBS``) is run on seed 0 with each knob value; the value with the best *validation* exact match (ties:
-lower validation loss) is kept and run on the remaining seeds. The test set is never used to choose anything.
+Protocol (same for every method): the same base model, pool, targets, steps, batch and schedule. The seed draws
+the data (``build_setting(setting, seed)``: pool, the 16 target examples, validation and test sets) and the
+training randomness. A method with a knob (``METHODS``) is run on the first seed with each knob value; the value
+with the best *validation* exact match (ties: lower validation loss) is kept and run on the remaining seeds. The test set is never used to choose anything.
 
 CLI: ``drpost bench quality --paradigm sft`` writes ``results/sft/`` (raw JSON per run, summary.json, README.md
 table, PNG plots).
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from drpost.bench.stats import mean_se
 from drpost.trainers.sft import MethodSpec, SFTRecipe, encode_examples, train_sft
 
 # name -> (label, spec builder(knob) , knob values or None)
@@ -118,20 +120,24 @@ def run_one(setting, name: str, knob, seed: int, budget: SFTRecipe, base_size: s
 
     setting = _setting(setting)
     ctx = _ctx if _ctx is not None else {}
-    if "data" not in ctx:
-        ctx["data"] = build_setting(setting, 0)  # the data are fixed; seeds vary training
+    if "base" not in ctx:
         ctx["base"], ctx["tok"] = load_base_model(base_size)
-        ctx["g_rows"] = encode_examples(ctx["tok"], ctx["data"].general, budget.max_length)
-        ctx["t_rows"] = encode_examples(ctx["tok"], ctx["data"].target_train, budget.max_length)
-        ctx["cache"] = {}
-    data, base, tok = ctx["data"], ctx["base"], ctx["tok"]
+        ctx["by_seed"] = {}
+    base, tok = ctx["base"], ctx["tok"]
+    if seed not in ctx["by_seed"]:  # the seed draws the data (pool, 16 targets, val/test) as well as training
+        built = build_setting(setting, seed)
+        ctx["by_seed"][seed] = {"data": built, "cache": {},
+                                "g_rows": encode_examples(tok, built.general, budget.max_length),
+                                "t_rows": encode_examples(tok, built.target_train, budget.max_length)}
+    sd = ctx["by_seed"][seed]
+    data = sd["data"]
     label, build, _ = METHODS[name]
     spec = build(knob)
     t0 = time.perf_counter()
-    selected = _selection(name, knob, base, tok, data, ctx["g_rows"], ctx["t_rows"], seed, ctx["cache"])
+    selected = _selection(name, knob, base, tok, data, sd["g_rows"], sd["t_rows"], seed, sd["cache"])
     recipe = replace(budget, seed=seed)
     metrics = train_sft(copy.deepcopy(base), tok, data.general, data.target_train, spec, recipe,
-                        selected=selected, general_rows=ctx["g_rows"])
+                        selected=selected, general_rows=sd["g_rows"])
     ev = _evaluator(tok, data, n_val)(metrics.pop("model"))
     return {
         "setting": setting.name, "method": name, "label": label, "knob": knob, "seed": seed,
@@ -199,15 +205,6 @@ def run_quality(setting, methods: list[str] | None = None, seeds: list[int] | No
 
 
 # --------------------------------------------------------------------------- reporting
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    n = len(xs)
-    mu = sum(xs) / n
-    if n < 2:
-        return mu, float("nan")
-    var = sum((x - mu) ** 2 for x in xs) / (n - 1)
-    return mu, math.sqrt(var / n)
-
-
 def summarize(records: list[dict]) -> dict:
     """{setting: {method: {metric: (mean, se), knob, n}}} over the non-tuning records."""
     out: dict = {}
@@ -360,8 +357,7 @@ def run(config) -> dict:
     from drpost.world.settings import SETTINGS
 
     settings = list(getattr(config, "settings", None) or SETTINGS)
-    seeds = list(range(int(getattr(config, "seeds", 3) if isinstance(getattr(config, "seeds", 3), int)
-                           else len(config.seeds))))
+    seeds = [int(s) for s in getattr(config, "seeds", None) or [0, 1, 2]]
     steps = int(getattr(config, "steps", 300) or 300)
     budget = SFTRecipe(steps=steps)
     methods = list(getattr(config, "methods", None) or DEFAULT_METHODS)

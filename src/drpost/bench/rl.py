@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from drpost.bench.quality import mean_se
+from drpost.bench.stats import mean_se
 from drpost.trainers.dpo import DPORecipe
 from drpost.trainers.rlhf import RLHFRecipe, RLMethod
 from drpost.trainers.rlvr import RLVRRecipe

@@ -1,10 +1,8 @@
 """The world's base model: a tiny Llama-architecture ``LlamaForCausalLM`` over the byte-level tokenizer.
 
-Owns: the model sizes (``MODEL_SIZES``), ``build_model(size)`` (random init), and ``load_base_model(size)`` which
-returns the pretrained, disk-cached base model (pretraining it on first use; see ``drpost.world.pretrain``).
-
-Sizes: ``micro`` (43,360 parameters, for tests, pretrains in ~4 s), ``tiny`` (870,272, the default base model).
-Attention: ``eager`` (at these sizes sdpa was not faster on CPU in our measurements; eager also suits torch.func).
+Owns ``load_base_model(size)``, which returns the pretrained, disk-cached base model (pretraining it on first use;
+see ``drpost.world.pretrain``). The sizes, config and random initialization live in ``drpost.world.arch`` and are
+re-exported here (``MODEL_SIZES``, ``model_config``, ``build_model``, ``n_params``).
 
 Try it: ``python -c "from drpost.world.model import load_base_model; print(load_base_model('tiny'))"``.
 """
@@ -12,41 +10,12 @@ Try it: ``python -c "from drpost.world.model import load_base_model; print(load_
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from drpost.world.tokenizer import VOCAB_SIZE, build_tokenizer
+from drpost.world.arch import ATTN_IMPLEMENTATION, MODEL_SIZES, build_model, model_config, n_params
+from drpost.world.pretrain import ensure_base_model
 
-MODEL_SIZES: dict[str, dict] = {
-    "micro": dict(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2),
-    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4),
-}
-ATTN_IMPLEMENTATION = "eager"
-
-
-def model_config(size: str = "tiny") -> LlamaConfig:
-    if size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {size!r}; choose from {sorted(MODEL_SIZES)}")
-    dims = MODEL_SIZES[size]
-    tok = build_tokenizer()
-    return LlamaConfig(
-        vocab_size=VOCAB_SIZE, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
-        num_key_value_heads=dims["num_attention_heads"], tie_word_embeddings=False, hidden_act="silu",
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        attention_dropout=0.0, initializer_range=0.02, **dims)
-
-
-def build_model(size: str = "tiny", seed: int = 0) -> LlamaForCausalLM:
-    """A randomly initialized model of ``size`` (deterministic in ``seed``)."""
-    cfg = model_config(size)
-    cfg._attn_implementation = ATTN_IMPLEMENTATION
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
-    return model
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+__all__ = ["ATTN_IMPLEMENTATION", "MODEL_SIZES", "build_model", "load_base_model", "model_config", "n_params"]
 
 
 def load_base_model(size: str = "tiny", device: str | torch.device = "cpu"):
@@ -55,8 +24,6 @@ def load_base_model(size: str = "tiny", device: str | torch.device = "cpu"):
     Built and cached on first call (cache: ``$DRPOST_CACHE`` or ``~/.cache/drpost``, keyed by a hash of the model
     config and the pretraining recipe); later calls only load.
     """
-    from drpost.world.pretrain import ensure_base_model  # late import: pretrain imports this module
-
     path = ensure_base_model(size)
     from transformers import AutoTokenizer
 

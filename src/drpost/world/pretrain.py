@@ -32,7 +32,7 @@ import torch
 
 from drpost.data.collate import collate, tokenize_prompt_completion
 from drpost.objectives.sft import causal_lm_loss
-from drpost.world.model import build_model, model_config, n_params
+from drpost.world.arch import build_model, model_config, n_params
 from drpost.world.tasks import FAMILY_NAMES, PRETRAIN_FORMATS, Difficulty, generate_examples
 from drpost.world.tokenizer import build_tokenizer
 

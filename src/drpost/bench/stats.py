@@ -1,0 +1,18 @@
+"""Small statistics shared by the benchmark reports (quality, RL, MeSO): mean and standard error over seeds.
+
+Lives apart from ``quality`` and ``rl`` so that neither report module imports the other.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean) of ``xs``; the error is nan for fewer than two values."""
+    n = len(xs)
+    mu = sum(xs) / n
+    if n < 2:
+        return mu, float("nan")
+    var = sum((x - mu) ** 2 for x in xs) / (n - 1)
+    return mu, math.sqrt(var / n)
