@@ -106,9 +106,27 @@ def _general_example(rng, s: RLSetting) -> dict:
     return make_example(rng, fam, _pick(rng, fmts), s.difficulty)
 
 
+def get_rl_setting(name: str, paradigm: str | None = None, option: str = "data.setting") -> RLSetting:
+    """The built-in RL setting ``name`` (of ``paradigm`` when given); a ConfigError naming ``option``, with the
+    closest names, when there is none."""
+    import difflib
+
+    from drpost.config import ConfigError
+
+    names = [n for n, s in RL_SETTINGS.items() if paradigm is None or s.paradigm == paradigm]
+    if name in names:
+        return RL_SETTINGS[name]
+    close = difflib.get_close_matches(str(name), names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    of = f" {paradigm}" if paradigm else ""
+    raise ConfigError(f"option '{option}': unknown{of} world setting {name!r}{hint} (settings: default, "
+                      f"{', '.join(names)})")
+
+
 def build_rl_setting(setting: RLSetting | str, seed: int = 0) -> RLSettingData:
-    """Build a setting's splits; deterministic in (setting, seed). Strings name a built-in setting."""
-    s = RL_SETTINGS[setting] if isinstance(setting, str) else setting
+    """Build a setting's splits; deterministic in (setting, seed). Strings name a built-in setting (an unknown
+    name is a ConfigError naming ``data.setting``, see ``get_rl_setting``)."""
+    s = get_rl_setting(setting) if isinstance(setting, str) else setting
     rng = random.Random(f"{seed}-{s.name}-general")
     general = [_general_example(rng, s) for _ in range(s.n_general)]
     trng = random.Random(f"{seed}-{s.name}-target")

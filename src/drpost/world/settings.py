@@ -115,9 +115,23 @@ def _target_splits(s: Setting, seed: int) -> tuple[list[dict], list[dict], list[
     return splits[0], splits[1], splits[2]
 
 
+def get_setting(name: str, option: str = "data.setting") -> Setting:
+    """The built-in setting ``name``; a ConfigError naming ``option``, with the closest name, when there is none."""
+    import difflib
+
+    from drpost.config import ConfigError
+
+    if name in SETTINGS:
+        return SETTINGS[name]
+    close = difflib.get_close_matches(str(name), list(SETTINGS), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"option '{option}': unknown world setting {name!r}{hint} (settings: {', '.join(SETTINGS)})")
+
+
 def build_setting(setting: Setting | str, seed: int = 0) -> SettingData:
-    """Build a setting's splits; deterministic in (setting, seed). Strings name a built-in setting."""
-    s = SETTINGS[setting] if isinstance(setting, str) else setting
+    """Build a setting's splits; deterministic in (setting, seed): the seed draws the pool, the target examples,
+    the validation and test sets and the retention sets. Strings name a built-in setting (``get_setting``)."""
+    s = get_setting(setting) if isinstance(setting, str) else setting
     rng = random.Random(f"{seed}-{s.name}-pool")
     general = [_pool_example(rng, s, _pick(rng, s.pool_families), s.noise) for _ in range(s.n_pool)]
     train, val, test = _target_splits(s, seed)
