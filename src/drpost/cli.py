@@ -12,7 +12,10 @@ explicit table ``RUNNERS`` ("module:function"); a runner's module is imported on
 called as ``run(config)``. Before running, the resolved config is written to ``<output_dir>/config.yaml``, except
 for the runners in ``VALIDATING_RUNNERS``: they check their model, data and checkpoint first and write config.yaml
 themselves, so a run that fails validation leaves only its log (with the error) in output_dir.
-Exit codes: 0 success or --help, 2 bad usage / bad config / bad data / runner not available.
+A resumed training run (``resume=...``) starts from its saved ``config.yaml``; options given again must agree
+with it (``drpost.trainers.runner.reconcile_resume``).
+Exit codes: 0 success or --help, 2 bad usage / bad config / bad data / runner not available, 130 interrupted
+(Ctrl-C).
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ RUNNERS: dict[str, str] = {
 }
 
 # runners that validate everything before writing, and write config.yaml themselves
-VALIDATING_RUNNERS: frozenset[str] = frozenset({"drpost.trainers.sft:run"})
+VALIDATING_RUNNERS: frozenset[str] = frozenset({"drpost.trainers.sft:run", "drpost.trainers.dpo:run",
+                                                "drpost.trainers.rlhf:run", "drpost.trainers.rlvr:run"})
+# training commands: a resumed run reuses its saved config.yaml (drpost.trainers.runner.reconcile_resume)
+TRAINING_COMMANDS: frozenset[str] = frozenset({"sft", "dpo", "rlhf", "rlvr"})
 
 SUMMARIES: dict[str, str] = {
     "demo": "world demo: a few regularizers side by side on the tiny world model (CPU, minutes)",
@@ -131,7 +137,12 @@ def parse_args(argv: list[str]) -> tuple[str, object, bool]:
         rest = rest[1:]
     print_config = "--print-config" in rest
     rest = [a for a in rest if a != "--print-config"]
-    return key, parse_config(cls, rest), print_config
+    config = parse_config(cls, rest)
+    if command in TRAINING_COMMANDS and getattr(config, "resume", None) is not None:
+        from drpost.trainers.runner import reconcile_resume
+
+        config = reconcile_resume(cls, rest, config)
+    return key, config, print_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             path = save_resolved(config, config.output_dir)
             logging.getLogger("drpost").info("resolved config written to %s", path)
         result = run(config)
+    except KeyboardInterrupt:  # runners that train report the step and how to resume, and return 130 themselves
+        print(f"drpost {argv[0] if argv else ''}: interrupted", file=sys.stderr)
+        return 130
     except (UsageError, ConfigError, DataError) as e:
         name = f"drpost {argv[0]}" if argv and (argv[0] in CONFIGS or argv[0] == "model") else "drpost"
         print(f"{name}: error: {e}", file=sys.stderr)

@@ -265,13 +265,17 @@ class RunConfig:
 
     output_dir: str = _opt("runs/run", "Directory for config.yaml, metrics.json, checkpoints and logs.")
     seed: int = _opt(0, "Random seed (data order, initialization of new heads, sampling).", min=0)
-    steps: int = _opt(1000, "Optimizer steps.", min=1)
+    steps: int = _opt(1000, "Optimizer steps (a resumed run may raise it to extend the run).", min=1)
     general_batch_size: int = _opt(8, "General samples per step (the regularizer's batch).", min=1)
     target_batch_size: int = _opt(1, "Target samples per step.", min=1)
     eval_every: int = _opt(100, "Evaluate every N steps; 0 = only at the end.", min=0)
-    save_every: int = _opt(0, "Save a checkpoint every N steps; 0 = only at the end.", min=0)
+    save_every: int = _opt(0, "Save a checkpoint every N steps and at the last step; 0 = no checkpoints (the "
+                              "trained model is always saved to output_dir/final).", min=0)
+    save_total_limit: int | None = _opt(None, "Keep only the newest N checkpoints; none = keep all.", min=1)
     resume: str | None = _opt(None, "Resume from a checkpoint directory, or 'auto' = the latest checkpoint in "
-                                    "output_dir; none = start fresh.")
+                                    "output_dir (a finished run is not retrained); none = start fresh. A resumed "
+                                    "run reuses output_dir/config.yaml: other options given must agree with it, "
+                                    "except steps (may grow), device, save_every, save_total_limit and log.*.")
     device: str = _opt("auto", "Device: auto (cuda if available, else cpu), cpu, mps, cuda or cuda:N.",
                        pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
     model: ModelConfig = _opt(factory=ModelConfig, help="Model and fine-tuning mode.")

@@ -113,6 +113,18 @@ def save_checkpoint(root: str | Path, step: int, weights: dict, trainer_state: d
     return final
 
 
+def prune(root: str | Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints under ``root`` (none = keep all); returns what was removed."""
+    root = Path(root)
+    if keep is None or not root.is_dir():
+        return []
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name)))
+    old = [p for _, p in found[:max(0, len(found) - keep)]]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
+
+
 def clean_stale(root: str | Path) -> list[Path]:
     """Remove temporary directories left by a process killed while saving; returns what was removed."""
     root = Path(root)
@@ -206,7 +218,11 @@ def trainable_weights(model: torch.nn.Module) -> dict:
 
 def load_weights(model: torch.nn.Module, weights: dict, where: Path) -> None:
     """Copy checkpointed trainable weights into ``model``; the names and shapes must match exactly."""
-    params = trainable_weights(model)
+    load_params(trainable_weights(model), weights, where)
+
+
+def load_params(params: dict, weights: dict, where: Path) -> None:
+    """Copy checkpointed weights into ``params`` (name -> Parameter); the names and shapes must match exactly."""
     missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {where} does not fit this model's trainable weights (model.finetuning / "
@@ -240,6 +256,8 @@ def _tuples(x):
 
 def regularizer_state(reg) -> dict:
     """The DataRegularizer's running state: automatic-strength estimates and cached scoring choices."""
+    if callable(getattr(reg, "state_dict", None)):
+        return reg.state_dict()
     state: dict = {"choice": [[list(k), v] for k, v in reg._choice.items()]}
     if getattr(reg, "_slack_strength", None) is not None:
         state["slack_strength"] = reg._slack_strength.state_dict()
@@ -250,6 +268,9 @@ def regularizer_state(reg) -> dict:
 
 
 def load_regularizer_state(reg, state: dict) -> None:
+    if callable(getattr(reg, "load_state_dict", None)):
+        reg.load_state_dict(state)
+        return
     reg._choice = {tuple(k): v for k, v in state.get("choice", [])}
     if "slack_strength" in state and getattr(reg, "_slack_strength", None) is not None:
         reg._slack_strength.load_state_dict(state["slack_strength"])

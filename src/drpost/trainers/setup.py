@@ -2,7 +2,7 @@
 
 Every function validates what it builds and raises ``ConfigError`` (naming the option) or ``DataError`` (naming the
 file and line), so a trainer's ``run(config)`` can check everything before its first step and before it writes
-anything but its log. Used by ``drpost.trainers.sft.run``.
+anything but its log. Used by the ``build`` functions of ``drpost.trainers.sft|dpo|rlhf|rlvr``.
 
 - ``load_model(config.model, device)``: a Hugging Face causal LM by hub name or local path (``trust_remote_code``
   only when set), or the world's tiny base model (``name_or_path: world``); dtype and attention kernel applied.
@@ -10,14 +10,14 @@ anything but its log. Used by ``drpost.trainers.sft.run``.
   checkpointing is refused with a clear error: it conflicts with the capture hooks).
 - ``load_sft_data(config, tokenizer)``: general / target / eval token rows from files or datasets names, or from a
   world setting (``data.setting``; ``default`` = ``WORLD_DEFAULT_SETTING``).
-- ``make_optimizer``, ``make_schedule``, ``make_regularizer``; ``run_log(output_dir)`` (file log of the run).
+- ``make_optimizer``, ``make_regularizer``; ``run_log(output_dir)`` (file log of the run). The LR schedule is
+  ``drpost.trainers.loop.make_scheduler``.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +57,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_model(mc, device: torch.device):
     """(model in train mode on device, tokenizer with a pad token) for ``config.model``."""
     dtype = resolve_dtype(mc.dtype, device)
-    if mc.name_or_path == "world":
+    from drpost.models import resolve_model  # alias / local GGUF -> converted folder; else unchanged
+
+    source = resolve_model(mc.name_or_path, getattr(mc, "gguf_file", None))
+    if source == "world":
         from drpost.world import model as world_model
 
         model, tokenizer = world_model.load_base_model(mc.size)
@@ -69,8 +72,8 @@ def load_model(mc, device: torch.device):
         if mc.attn_implementation:
             kw["attn_implementation"] = mc.attn_implementation
         try:
-            tokenizer = AutoTokenizer.from_pretrained(mc.name_or_path, trust_remote_code=bool(mc.trust_remote_code))
-            model = AutoModelForCausalLM.from_pretrained(mc.name_or_path, dtype=dtype, **kw)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=bool(mc.trust_remote_code))
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
         except (OSError, ValueError) as e:
             hint = " (it may need model.trust_remote_code=true, only for code you trust)" \
                 if "trust_remote_code" in str(e) else ""
@@ -189,6 +192,8 @@ def load_sft_data(config, tokenizer) -> SFTData:
 
 # ------------------------------------------------------------------------------------------- optimizer, regularizer
 def make_optimizer(params: list, config) -> torch.optim.Optimizer:
+    """AdamW (MeSO when ``model.finetuning=meso``) from ``config.optim``; ``params`` is a list of tensors or of
+    param-group dicts (a group may set its own ``lr``)."""
     o = config.optim
     if config.model.finetuning == "meso":
         from drpost.optim.meso import MeSO
@@ -197,21 +202,6 @@ def make_optimizer(params: list, config) -> torch.optim.Optimizer:
         return MeSO(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                     sketch=(k_out, k_in), seed=config.regularizer.seed)
     return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-
-
-def make_schedule(opt, steps: int, warmup_ratio: float, kind: str = "linear"):
-    """Linear warm-up over ``warmup_ratio * steps`` steps, then linear / cosine decay to 0, or constant."""
-    warm = max(1, int(round(warmup_ratio * steps))) if warmup_ratio > 0 else 0
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if kind == "constant":
-            return 1.0
-        frac = min(1.0, (step - warm) / max(1, steps - warm))
-        return max(0.0, 1.0 - frac) if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
 def regularizer_options(rc) -> dict:
