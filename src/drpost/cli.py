@@ -28,7 +28,7 @@ from collections.abc import Callable
 from drpost.config import BENCH_CONFIGS, CONFIGS, ConfigError, help_text, parse_config, save_resolved, to_dict
 
 RUNNERS: dict[str, str] = {
-    "demo": "drpost.world.demo:run",
+    "demo": "drpost.bench.demo:run",
     "sft": "drpost.trainers.sft:run",
     "dpo": "drpost.trainers.dpo:run",
     "rlhf": "drpost.trainers.rlhf:run",

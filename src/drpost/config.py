@@ -195,7 +195,9 @@ class DPOParams:
     """Direct preference optimization (offline pairs, frozen reference)."""
 
     beta: float = _opt(0.1, "DPO temperature beta on the log-ratio margin.", gt=0)
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = _opt("sigmoid", "Pair loss: sigmoid (DPO), ipo, or hinge.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = _opt(
+        "sigmoid", "Pair loss on the log-ratio margin h: sigmoid (DPO), ipo ((h - 1/(2 beta))^2) or hinge "
+                   "(max(0, 1 - beta h)).")
     label_smoothing: float = _opt(0.0, "Conservative-DPO label smoothing (probability the preference is "
                                        "flipped).", min=0, max=0.5)
     reference: str | None = _opt(None, "Reference model id or path; none = a frozen copy of the initial model.")
@@ -247,9 +249,9 @@ class GRPOParams:
         "group", "What the regularizer treats as one sample: one rollout record, or one prompt's group.")
     max_new_tokens: int = _opt(64, "Tokens generated per completion.", min=1)
     temperature: float = _opt(1.0, "Sampling temperature.", gt=0)
-    verifier: Literal["exact", "numeric", "contains", "world"] = _opt(
-        "exact", "Reward 1 when the completion's answer matches: exact string, numeric value, substring, or the "
-                 "world task's own verifier.")
+    verifier: Literal["auto", "exact", "numeric", "contains", "world"] = _opt(
+        "auto", "Reward 1 when the completion's answer matches: exact string, numeric value, substring, or the "
+                "world task's own verifier; auto = world for world records (with a 'family'), else exact.")
     target_objective: Literal["reward", "token_pg", "train_loss"] = _opt(
         "reward", "Objective whose gradient on the target prompts' rollouts is the target direction.")
 
@@ -339,11 +341,14 @@ class DemoConfig(RunConfig):
 
     output_dir: str = _opt("runs/demo", "Directory for config.yaml, metrics.json, checkpoints and logs.")
     steps: int = _opt(200, "Optimizer steps per method.", min=1)
-    eval_every: int = _opt(50, "Evaluate every N steps; 0 = only at the end.", min=0)
+    eval_every: int = _opt(0, "The demo evaluates each method once, at the end (0); other values are refused.",
+                           min=0)
     methods: list[BenchMethod] = _opt(
         factory=lambda: ["full_training", "target_only", "dsir", "greats", "global_subset", "layerwise_subset",
                          "layerwise_hull_slack"],
         help="Methods compared, comma-separated (feasible sets and baselines).")
+    verbose: bool = _opt(False, "Show the libraries' warnings, logs and progress bars (hidden by default so the "
+                                "table prints cleanly).")
     optim: OptimConfig = _opt(factory=lambda: OptimConfig(lr=1e-3), help="Optimizer and schedule.")
 
 
@@ -357,7 +362,8 @@ class BenchConfig(RunConfig):
     paradigm: Literal["sft", "dpo", "rlhf", "rlvr"] = _opt("sft", "Post-training paradigm benchmarked.")
     output_dir: str = _opt("runs/bench", "Directory for config.yaml, metrics.json, tables and plots.")
     steps: int = _opt(300, "Optimizer steps per run.", min=1)
-    eval_every: int = _opt(50, "Evaluate every N steps; 0 = only at the end.", min=0)
+    eval_every: int = _opt(0, "The benchmark evaluates each run once, at the end (0); other values are refused.",
+                           min=0)
     methods: list[BenchMethod] = _opt(
         factory=lambda: ["full_training", "target_only", "mixing", "random_subset", "dsir", "less", "greats",
                          "global_subset", "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem",
@@ -667,6 +673,26 @@ def _set(config: Any, name: str, value: Any, origin: str) -> None:
             raise ConfigError(f"option '{name}' is a group of options, not a value (from {origin}); set one of its "
                               f"fields, e.g. {name}.{first}=...")
         setattr(obj, part, _coerce_option(value, tp, f, name, origin))
+
+
+def refuse_unread(config: Any, read: set[str] | frozenset[str], command: str) -> None:
+    """ConfigError naming every option of ``config`` that differs from its class default and is not in ``read``.
+
+    For runners that take a shared config class but use only part of it: an option shown by ``--help`` then either
+    changes the run or is refused by name.
+    """
+    default = type(config)()
+    changed = []
+    for name, _f, _tp in leaf_options(type(config)):
+        a, b = config, default
+        for part in name.split("."):
+            a, b = getattr(a, part), getattr(b, part)
+        if a != b and name not in read:
+            changed.append(name)
+    if changed:
+        names = ", ".join(f"'{n}'" for n in changed)
+        raise ConfigError(f"option{'s' if len(changed) > 1 else ''} {names} {'are' if len(changed) > 1 else 'is'} "
+                          f"not used by drpost {command}; it reads only: {', '.join(sorted(read))}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def test_build_setting_redraws_everything_with_the_seed():
 def test_run_uses_the_given_seeds(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_run_quality(setting, methods, seeds, budget, workers=1):
+    def fake_run_quality(setting, methods, seeds, budget, **kw):
         seen.setdefault("seeds", []).append(list(seeds))
         return []
 
@@ -58,3 +58,16 @@ def test_each_seed_trains_on_its_own_data(monkeypatch):
     assert [r["seed"] for r in recs] == [5, 6, 5]
     assert [s for s, _ in built] == [5, 6]  # built once per seed, reused after
     assert built[0][1] != built[1][1]
+
+
+def test_run_refuses_options_it_does_not_read(tmp_path):
+    import pytest
+
+    from drpost.config import ConfigError, RegularizerConfig
+
+    with pytest.raises(ConfigError, match=r"'regularizer.method' is not used by drpost bench quality"):
+        quality.run(BenchConfig(regularizer=RegularizerConfig(method="hull"), output_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"option 'settings': unknown world setting 'format_shfit'"):
+        quality.run(BenchConfig(settings=["format_shfit"], output_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"option 'methods': 'mixing' not available for --paradigm rlvr"):
+        quality.run(BenchConfig(paradigm="rlvr", methods=["hull", "mixing"], output_dir=str(tmp_path)))

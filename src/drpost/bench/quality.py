@@ -60,13 +60,17 @@ METHODS: dict[str, tuple[str, callable, list | None]] = {
     "layerwise_hull_slack": ("LayerHull+slack(auto)",
                              lambda k: MethodSpec("LayerHull+slack(auto)", "hull", {"scope": "layer", "slack": "auto"}),
                              None),
+    "cone": ("Cone", lambda k: MethodSpec("Cone", "cone"), None),
+    "span": ("Span", lambda k: MethodSpec("Span", "span"), None),
+    "halfspace": ("Halfspace", lambda k: MethodSpec("Halfspace", "halfspace"), None),
 }
 # LESS computes a per-example gradient for every candidate; on 2 CPU cores it scores a fixed random 4,000-example
 # slice of the pool (its warm-up also draws from that slice), and keeps the top fraction of the slice.
 LESS_CANDIDATES = 4000
 DR_METHODS = {"global_subset", "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem", "layerwise_hull_slack"}
 SELECTION_BASELINES = {"dsir", "less", "greats", "random_subset"}
-DEFAULT_METHODS = list(METHODS)
+DEFAULT_METHODS = ["full_training", "target_only", "mixing", "random_subset", "dsir", "less", "greats", "global_subset",
+                   "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem", "layerwise_hull_slack"]
 
 
 def _setting(setting):
@@ -347,25 +351,44 @@ def rewrite(out_dir: str | Path, command: str) -> dict:
     return write_results(records, out_dir, command)
 
 
+# options of ``drpost bench quality --paradigm sft`` that change the run (the others are refused if set)
+READ = frozenset({"paradigm", "output_dir", "steps", "methods", "settings", "seeds", "general_batch_size",
+                  "target_batch_size", "optim.lr", "optim.weight_decay", "optim.warmup_ratio", "optim.max_grad_norm",
+                  "model.size"})
+
+
 def run(config) -> dict:
-    """CLI entry: ``drpost bench quality --paradigm sft`` (other paradigms: drpost.bench.rl)."""
-    paradigm = getattr(config, "paradigm", "sft")
-    if paradigm != "sft":
+    """CLI entry: ``drpost bench quality --paradigm sft`` (other paradigms: drpost.bench.rl).
+
+    ``config`` is a ``drpost.config.BenchConfig``; options outside ``READ`` that differ from their defaults are
+    refused by name (ConfigError).
+    """
+    if config.paradigm != "sft":
         from drpost.bench.rl import run as run_rl_bench
 
         return run_rl_bench(config)
-    from drpost.world.settings import SETTINGS
+    from drpost.config import ConfigError, refuse_unread
+    from drpost.world.settings import get_setting
 
-    settings = list(getattr(config, "settings", None) or SETTINGS)
-    seeds = [int(s) for s in getattr(config, "seeds", None) or [0, 1, 2]]
-    steps = int(getattr(config, "steps", 300) or 300)
-    budget = SFTRecipe(steps=steps)
-    methods = list(getattr(config, "methods", None) or DEFAULT_METHODS)
-    out_dir = getattr(config, "output_dir", "results/sft")
+    refuse_unread(config, READ, "bench quality --paradigm sft")
+    settings = list(config.settings)
+    for s in settings:
+        get_setting(s, option="settings")
+    seeds = [int(s) for s in config.seeds]
+    methods = list(config.methods)
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"option 'methods': {m!r} is not a method of the SFT benchmark; choose from "
+                              f"{', '.join(METHODS)}")
+    o = config.optim
+    budget = SFTRecipe(steps=config.steps, general_batch_size=config.general_batch_size,
+                       target_batch_size=config.target_batch_size, lr=o.lr, weight_decay=o.weight_decay,
+                       warmup_ratio=o.warmup_ratio, max_grad_norm=o.max_grad_norm)
+    out_dir = config.output_dir
     workers = int(os.environ.get("DRPOST_WORKERS", "2"))
     records = []
     for s in settings:
-        records += run_quality(s, methods, seeds, budget, workers=workers)
+        records += run_quality(s, methods, seeds, budget, base_size=config.model.size, workers=workers)
         write_results(records, out_dir, _command())
     table = write_results(records, out_dir, _command())
     print(markdown_table(table, _command()))

@@ -340,25 +340,37 @@ def rewrite(out_dir: str | Path, paradigm: str, notes: str = "") -> dict:
     return write_rl_results(paradigm, records, out, command, notes)
 
 
+READ = frozenset({"paradigm", "output_dir", "steps", "methods", "settings", "seeds", "model.size"})
+
+
 def run(config) -> dict:
     """CLI entry (via ``drpost.bench.quality.run``): ``drpost bench quality --paradigm rlhf|rlvr|dpo``.
 
-    Uses the config's ``methods`` when they fit the paradigm (else the paradigm's defaults), ``seeds``, ``settings``
-    (first one that is an RL setting of this paradigm, else the default) and ``steps`` when given on the command line
-    (``BUDGETS`` otherwise: the default config's 300 steps would not fit the time budget).
+    Uses the config's ``methods`` (the paradigm's defaults while the option keeps the SFT default list; a method the
+    paradigm lacks is a ConfigError), ``seeds``, ``settings`` (one RL setting of this paradigm; the paradigm's
+    default while the option keeps its SFT default), ``model.size``, and ``steps`` when given (``BUDGETS``
+    otherwise: the default config's 300 steps would not fit the time budget). Other options are refused if set.
     """
     import sys
 
-    from drpost.config import BenchConfig
-    from drpost.world.rl_settings import RL_SETTINGS
+    from drpost.config import BenchConfig, ConfigError, refuse_unread
+    from drpost.world.rl_settings import RL_SETTINGS, get_rl_setting
 
     paradigm = config.paradigm
+    refuse_unread(config, READ, f"bench quality --paradigm {paradigm}")
     default = BenchConfig()
-    methods = [m for m in config.methods if m in METHODS[paradigm]]
-    if config.methods == default.methods or not methods:
-        methods = DEFAULT_METHODS[paradigm]
-    settings = [s for s in config.settings if s in RL_SETTINGS and RL_SETTINGS[s].paradigm == paradigm]
-    setting = settings[0] if settings else DEFAULT_SETTINGS[paradigm]
+    methods = DEFAULT_METHODS[paradigm] if config.methods == default.methods else list(config.methods)
+    wrong = [m for m in methods if m not in METHODS[paradigm]]
+    if wrong:
+        raise ConfigError(f"option 'methods': {', '.join(map(repr, wrong))} not available for --paradigm {paradigm}; "
+                          f"choose from {', '.join(METHODS[paradigm])}")
+    if config.settings == default.settings:
+        setting = DEFAULT_SETTINGS[paradigm]
+    else:
+        if len(config.settings) != 1:
+            raise ConfigError(f"option 'settings': the {paradigm} benchmark runs one setting, got {config.settings}")
+        setting = get_rl_setting(config.settings[0], paradigm, option="settings").name
+    assert setting in RL_SETTINGS
     budget = BUDGETS[paradigm]
     if config.steps != default.steps:
         field = "rounds" if paradigm == "rlhf" else "steps"

@@ -11,6 +11,7 @@ Try it: ``python -m drpost.world.evaluate --size micro`` (evaluates the cached b
 from __future__ import annotations
 
 import argparse
+import inspect
 from collections import defaultdict
 
 import torch
@@ -22,6 +23,15 @@ from drpost.world.tasks import verify
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def _cache_names(model) -> tuple[str, str]:
+    """(forward keyword, output attribute) of the KV cache: ``cache`` in newer transformers, ``past_key_values``
+    before (passing the old keyword to a newer model only warns, once per call)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "cache" in inspect.signature(base.forward).parameters:
+        return "cache", "cache"
+    return "past_key_values", "past_key_values"
 
 
 @torch.no_grad()
@@ -38,8 +48,9 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
         attn[i, T - len(x):] = 1
     input_ids, attn = input_ids.to(dev), attn.to(dev)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions count real tokens only
+    kw, attr = _cache_names(model)
     out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    past, next_pos = out.past_key_values, pos[:, -1:] + 1  # (B, 1)
+    past, next_pos = getattr(out, attr), pos[:, -1:] + 1  # (B, 1)
     new = torch.empty((B, 0), dtype=torch.long, device=dev)  # (B, t) generated so far
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for _ in range(max_new_tokens):
@@ -50,9 +61,8 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 
         if bool(done.all()):
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=past,
-                    use_cache=True)
-        past, next_pos = out.past_key_values, next_pos + 1
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True, **{kw: past})
+        past, next_pos = getattr(out, attr), next_pos + 1
     texts = []
     for row in new.tolist():
         row = row[: row.index(eos)] if eos in row else row
