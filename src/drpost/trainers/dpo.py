@@ -5,13 +5,16 @@
     metrics = train_dpo(policy, ref, tokenizer, general_pairs, target_pairs,
                         RLMethod("Hull", "hull"), DPORecipe(steps=150))
 
-CLI: ``drpost dpo output_dir=runs/dpo regularizer.method=hull steps=150`` (``run(config)``).
+CLI: ``drpost dpo output_dir=runs/dpo regularizer.method=hull steps=150`` (``run(config)``; the shared CLI run of
+``drpost.trainers.runner``: LoRA / MeSO, optimizer and schedule from ``optim.*``, checkpoints, resume, the trained
+model in ``output_dir/final``).
 
-Each step draws ``general_batch_size`` general pairs and ``target_batch_size`` target pairs; rows alternate
-chosen/rejected (rows 2j, 2j+1 = pair j, ``sample_index`` maps both to sample j) as
-``drpost.objectives.dpo.DPOLoss`` expects; reference log-prob sums are computed once per pair and cached.
-``DataRegularizer.step`` fills ``.grad``; AdamW with linear warm-up/decay follows. Methods: ``full_training``,
-``target_only``, ``global_subset``, ``layerwise_subset`` and the convex sets (``hull``, ...).
+Each step (``DPOTask.step``) draws ``general_batch_size`` general pairs and ``target_batch_size`` target pairs; rows
+alternate chosen/rejected (rows 2j, 2j+1 = pair j, ``sample_index`` maps both to sample j) as
+``drpost.objectives.dpo.DPOLoss`` expects; reference log-prob sums are computed once per pair and cached (the cache
+is part of a checkpoint, so a resumed run sees the same values). ``DataRegularizer.step`` fills ``.grad``; the
+optimizer and the schedule follow. ``dpo.loss_type``: ``sigmoid`` (DPO), ``ipo`` (``(h - 1/(2 beta))^2``, Azar et
+al. 2023) or ``hinge`` (``max(0, 1 - beta h)``, SLiC), with ``h`` the pair's log-ratio margin.
 
 Departures from textbook DPO (Rafailov et al. 2023):
 1. Pairs are encoded as prompt + answer + EOS (the world's completion form); the loss covers the answer and EOS.
@@ -23,15 +26,25 @@ from __future__ import annotations
 
 import copy
 import random
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from drpost.data.collate import collate, tokenize_prompt_completion
-from drpost.objectives.dpo import dpo_loss_fn
-from drpost.objectives.logprobs import sequence_logps
+from drpost.data.collate import collate
+from drpost.data.prompts import encode_preference
+from drpost.objectives.dpo import DPOLoss, dpo_loss_fn
+from drpost.objectives.logprobs import sequence_logps, token_logps
 from drpost.step import DataRegularizer
+from drpost.trainers.loop import (
+    Task,
+    TrainState,
+    apply_update,
+    freeze,
+    kept_fraction,
+    run_eval,
+    train,
+    warmup_linear,
+)
 from drpost.trainers.rlhf import RLMethod
 
 
@@ -43,24 +56,54 @@ class DPORecipe:
     lr: float = 3e-4
     beta: float = 0.1
     label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
     warmup_ratio: float = 0.03
     max_grad_norm: float | None = 1.0
     max_length: int = 96
+    max_prompt_length: int | None = None  # keep the prompt's last N tokens; None = only max_length applies
     eval_every: int = 0
     seed: int = 0
 
 
-def encode_pair(tokenizer, pair: dict, max_length: int) -> tuple[dict, dict]:
-    """(chosen row, rejected row) as completion-only rows."""
-    return (tokenize_prompt_completion(tokenizer, pair["prompt"], pair["chosen"], max_length),
-            tokenize_prompt_completion(tokenizer, pair["prompt"], pair["rejected"], max_length))
+class PairLoss(DPOLoss):
+    """DPO's row contract with the IPO or hinge pair loss on the margin ``h = (pi_c - ref_c) - (pi_r - ref_r)``."""
+
+    def __init__(self, loss_type: str, beta: float, stats: dict | None = None):
+        super().__init__(beta=beta, stats=stats)
+        self.loss_type = loss_type
+
+    def __call__(self, model, batch: dict):
+        logp, _ = token_logps(model, batch)  # (R, T)
+        ratios = (logp.sum(-1) - batch["ref_logps"].to(logp.dtype)).view(-1, 2)  # (P, 2): chosen, rejected
+        h = ratios[:, 0] - ratios[:, 1]  # (P,)
+        if self.loss_type == "ipo":
+            loss = (h - 1.0 / (2.0 * self.beta)) ** 2
+        else:  # hinge
+            loss = torch.relu(1.0 - self.beta * h)
+        rows = torch.stack([loss, torch.zeros_like(loss)], dim=1).reshape(-1)  # (R,)
+        counts = torch.stack([torch.ones_like(loss), torch.zeros_like(loss)], dim=1).reshape(-1).detach()
+        r = (self.beta * ratios).detach()
+        self.stats.clear()
+        self.stats.update(chosen_rewards=r[:, 0], rejected_rewards=r[:, 1], margins=r[:, 0] - r[:, 1],
+                          accuracies=(r[:, 0] > r[:, 1]).to(r.dtype))
+        return rows, counts
+
+
+def pair_loss_fn(loss_type: str, beta: float, label_smoothing: float = 0.0, stats: dict | None = None):
+    if loss_type == "sigmoid":
+        return dpo_loss_fn(beta, label_smoothing, stats=stats)
+    if loss_type not in ("ipo", "hinge"):
+        raise ValueError(f"option 'loss_type': expected sigmoid, ipo or hinge, got {loss_type!r}")
+    if label_smoothing:
+        raise ValueError(f"option 'label_smoothing' applies to the sigmoid loss only, not {loss_type}")
+    return PairLoss(loss_type, beta, stats)
 
 
 class PairBank:
     """Encoded pairs plus their cached reference log-prob sums; ``batch(idx)`` -> an alternating DPO batch."""
 
-    def __init__(self, tokenizer, pairs: list[dict], ref, max_length: int):
-        self.rows = [encode_pair(tokenizer, p, max_length) for p in pairs]
+    def __init__(self, tokenizer, pairs: list[dict], ref, max_length: int, max_prompt_length: int | None = None):
+        self.rows = [encode_preference(tokenizer, p, max_length, max_prompt_length) for p in pairs]
         self.ref = ref
         self.pad = tokenizer.pad_token_id
         self.ref_logps: dict[int, tuple[float, float]] = {}
@@ -74,64 +117,85 @@ class PairBank:
         missing = [i for i in dict.fromkeys(idx) if i not in self.ref_logps]
         if missing:
             mb = collate([r for i in missing for r in self.rows[i]], self.pad)
-            lp = sequence_logps(self.ref, mb).view(-1, 2)  # (P, 2)
+            dev = next(self.ref.parameters()).device
+            lp = sequence_logps(self.ref, {k: v.to(dev) for k, v in mb.items()}).view(-1, 2)  # (P, 2)
             for i, (c, r) in zip(missing, lp.tolist()):
                 self.ref_logps[i] = (c, r)
         b["ref_logps"] = torch.tensor([v for i in idx for v in self.ref_logps[i]])  # (2P,)
         return b
 
+    def state(self) -> list:
+        return [[i, c, r] for i, (c, r) in self.ref_logps.items()]
+
+    def load(self, state: list) -> None:
+        self.ref_logps = {int(i): (float(c), float(r)) for i, c, r in state}
+
+
+class DPOTask(Task):
+    """Regularized DPO steps; the batch RNG and the reference log-prob caches are its running state."""
+
+    command = "dpo"
+
+    def __init__(self, policy, ref, tokenizer, general: list[dict], target: list[dict], spec: RLMethod,
+                 recipe: DPORecipe, opt=None, sched=None, reg=None):
+        self.model, self.ref, self.tokenizer, self.general, self.spec, self.recipe = \
+            policy, freeze(ref), tokenizer, general, spec, recipe
+        self.rng = random.Random(recipe.seed)
+        policy.train()
+        self.gbank = PairBank(tokenizer, general, ref, recipe.max_length, recipe.max_prompt_length)
+        self.tbank = PairBank(tokenizer, target, ref, recipe.max_length, recipe.max_prompt_length)
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.opt = opt or torch.optim.AdamW(self.params, lr=recipe.lr, weight_decay=0.0)
+        self.sched = sched or warmup_linear(self.opt, recipe.steps, recipe.warmup_ratio)
+        self.reg = reg or DataRegularizer(policy, method=spec.method, optimizer=self.opt, **spec.options)
+        self.stats: dict = {}
+        self.loss_fn = pair_loss_fn(recipe.loss_type, recipe.beta, recipe.label_smoothing, stats=self.stats)
+
+    def new_metrics(self) -> dict:
+        return {"train_loss": [], "target_loss": [], "flipped_weight": [], "kept_frac": [], "evals": [],
+                "skipped_steps": 0, "solver_fallbacks": 0, "train_seconds": 0.0, "recipe": asdict(self.recipe),
+                "method": asdict(self.spec)}
+
+    def step(self, i: int, metrics: dict) -> dict:
+        r = self.recipe
+        gi = [self.rng.randrange(len(self.gbank)) for _ in range(r.general_batch_size)]
+        ti = [self.rng.randrange(len(self.tbank)) for _ in range(r.target_batch_size)]
+        report = self.reg.step(general=self.gbank.batch(gi), target=self.tbank.batch(ti), loss_fn=self.loss_fn)
+        logs = {"loss": report.loss, "target_loss": report.target_loss,
+                "skipped": report.skip_reason if report.skipped else None}
+        if apply_update(self, report, self.params, r.max_grad_norm, metrics):
+            metrics["train_loss"].append(report.loss)
+            metrics["target_loss"].append(report.target_loss)
+            metrics["kept_frac"].append(logs.setdefault("kept_frac", kept_fraction(report)))
+            if report.weights is not None:  # share of the update's weight on flipped (noisy) general pairs
+                w = report.weights.clamp_min(0).mean(0)  # (n,)
+                flipped = torch.tensor([float(self.general[j].get("flipped", False)) for j in gi])
+                if float(w.sum()) > 0:
+                    metrics["flipped_weight"].append(float((w * flipped).sum() / w.sum()))
+        self.sched.step()
+        return logs
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "general_ref": self.gbank.state(), "target_ref": self.tbank.state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        from drpost.trainers.checkpoint import _tuples
+
+        self.rng.setstate(_tuples(state["rng"]))
+        self.gbank.load(state["general_ref"])
+        self.tbank.load(state["target_ref"])
+
 
 def train_dpo(policy, ref, tokenizer, general: list[dict], target: list[dict], spec: RLMethod, recipe: DPORecipe,
               eval_fn=None) -> dict:
     """Train ``policy`` in place with regularized DPO; returns metrics (the trained policy under "model")."""
-    from drpost.trainers.sft import linear_schedule
-
     torch.manual_seed(recipe.seed)
-    rng = random.Random(recipe.seed)
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    policy.train()
-    gbank = PairBank(tokenizer, general, ref, recipe.max_length)
-    tbank = PairBank(tokenizer, target, ref, recipe.max_length)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    sched = linear_schedule(opt, recipe.steps, recipe.warmup_ratio)
-    reg = DataRegularizer(policy, method=spec.method, optimizer=opt, **spec.options)
-    stats: dict = {}
-    loss_fn = dpo_loss_fn(recipe.beta, recipe.label_smoothing, stats=stats)
-    metrics: dict = {"train_loss": [], "target_loss": [], "flipped_weight": [], "evals": [], "skipped_steps": 0,
-                     "recipe": asdict(recipe), "method": asdict(spec)}
-    t0 = time.perf_counter()
-    for step in range(recipe.steps):
-        gi = [rng.randrange(len(gbank)) for _ in range(recipe.general_batch_size)]
-        ti = [rng.randrange(len(tbank)) for _ in range(recipe.target_batch_size)]
-        report = reg.step(general=gbank.batch(gi), target=tbank.batch(ti), loss_fn=loss_fn)
-        if report.skipped:
-            metrics["skipped_steps"] += 1
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            continue
-        if recipe.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        metrics["train_loss"].append(report.loss)
-        metrics["target_loss"].append(report.target_loss)
-        if report.weights is not None:  # share of the update's weight on flipped (noisy) general pairs
-            w = report.weights.clamp_min(0).mean(0)  # (n,)
-            flipped = torch.tensor([float(general[i].get("flipped", False)) for i in gi])
-            if float(w.sum()) > 0:
-                metrics["flipped_weight"].append(float((w * flipped).sum() / w.sum()))
-        if eval_fn is not None and recipe.eval_every and (step + 1) % recipe.eval_every == 0 and step + 1 < recipe.steps:
-            metrics["evals"].append({"step": step + 1, **eval_fn(policy, step + 1)})
-    metrics["train_seconds"] = time.perf_counter() - t0
-    policy.eval()
-    if eval_fn is not None:
-        metrics["evals"].append({"step": recipe.steps, **eval_fn(policy, recipe.steps)})
-    metrics["model"] = policy
-    return metrics
+    task = DPOTask(policy, ref, tokenizer, general, target, spec, recipe)
+    state = TrainState(0, task.new_metrics())
+    train(task, state, recipe.steps, eval_fn=eval_fn, eval_every=recipe.eval_every)
+    run_eval(task, eval_fn, state, recipe.steps)
+    state.metrics["model"] = policy
+    return state.metrics
 
 
 @torch.no_grad()
@@ -141,71 +205,65 @@ def pair_accuracy(policy, ref, tokenizer, pairs: list[dict], max_length: int = 9
         return float("nan")
     bank = PairBank(tokenizer, pairs, ref, max_length)
     b = bank.batch(list(range(len(pairs))))
-    h = (sequence_logps(policy, b) - b["ref_logps"]).view(-1, 2)  # (P, 2)
+    dev = next(policy.parameters()).device
+    h = (sequence_logps(policy, {k: v.to(dev) for k, v in b.items()}).cpu() - b["ref_logps"]).view(-1, 2)  # (P, 2)
     return float((h[:, 0] > h[:, 1]).float().mean())
 
 
 def evaluate_dpo(policy, ref, tokenizer, test: list[dict], retention: dict | None, max_new_tokens: int = 8) -> dict:
-    """Target exact match (greedy), KL to the reference (samples), retention; plus pair accuracy on test pairs."""
+    """Target exact match of greedy (``em``) and sampled (``sampled_em``) answers, KL to the reference (k3 on
+    samples), retention; plus pair accuracy on the test pairs."""
     from drpost.trainers.rl_common import evaluate_policy, verifier_reward_fn
 
     out = evaluate_policy(policy, ref, tokenizer, test, verifier_reward_fn(tokenizer), max_new_tokens, retention)
+    out.pop("reward", None)  # the verifier's reward of greedy answers is exactly em
+    out["sampled_em"] = out.pop("sampled_reward")
     out["pair_accuracy"] = pair_accuracy(policy, ref, tokenizer, test)
     return out
 
 
-def load_pairs(path: str | None, max_n: int | None) -> list[dict] | None:
-    """Preference records ``{"prompt", "chosen", "rejected"}`` from a .jsonl / .json file (None: use the world)."""
-    from drpost.data.formats import DataError
-    from drpost.trainers.rl_common import load_prompt_records
+# ---------------------------------------------------------------------------------------------------- the CLI run
+def build(config, device):
+    """The DPO task of a ``drpost dpo`` config (everything checked before anything is written) and its evaluation."""
+    from drpost.config import ConfigError
+    from drpost.trainers import setup
+    from drpost.trainers.loop import make_scheduler
+    from drpost.trainers.rl_common import load_rl_data
 
-    recs = load_prompt_records(path, max_n)
-    if recs is None:
-        return None
-    for i, r in enumerate(recs):
-        if not isinstance(r.get("chosen"), str) or not isinstance(r.get("rejected"), str):
-            raise DataError(f"{path}:{i + 1}: a preference record needs string 'chosen' and 'rejected'")
-    return recs
+    c = config.dpo
+    if c.label_smoothing and c.loss_type != "sigmoid":
+        raise ConfigError(f"option 'dpo.label_smoothing' applies to dpo.loss_type=sigmoid only, not {c.loss_type}")
+    policy, tok = setup.load_model(config.model, device)
+    data = load_rl_data(config, "dpo", tok)
+    if c.reference:
+        ref, _ = setup.load_model(type(config.model)(name_or_path=c.reference, dtype=config.model.dtype), device)
+    else:
+        ref = copy.deepcopy(policy)  # the initial model, before adapters
+    policy = setup.apply_finetuning(policy, config.model)
+    recipe = DPORecipe(steps=config.steps, general_batch_size=config.general_batch_size,
+                       target_batch_size=config.target_batch_size, lr=config.optim.lr, beta=c.beta,
+                       label_smoothing=c.label_smoothing, loss_type=c.loss_type,
+                       warmup_ratio=config.optim.warmup_ratio, max_grad_norm=config.optim.max_grad_norm,
+                       max_length=config.data.max_seq_length, max_prompt_length=c.max_prompt_length,
+                       eval_every=config.eval_every, seed=config.seed)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = setup.make_optimizer(params, config)
+    sched = make_scheduler(opt, config.optim.schedule, config.steps, config.optim.warmup_ratio)
+    spec = RLMethod(config.regularizer.method, config.regularizer.method)
+    task = DPOTask(policy, ref, tok, data.general, data.target, spec, recipe, opt=opt, sched=sched,
+                   reg=setup.make_regularizer(policy, config, opt))
+    test = data.test
+
+    def eval_fn(model, step):
+        if data.setting is not None and config.data.eval is None:
+            return evaluate_dpo(model, task.ref, tok, test, data.retention)
+        return {"pair_accuracy": pair_accuracy(model, task.ref, tok, test, recipe.max_length)}
+
+    return task, (eval_fn if test else None)
 
 
 def run(config) -> int:
-    """``drpost dpo``: regularized DPO on the world's ``dpo_pairs`` setting (or given model / pair files)."""
-    import json
+    """``drpost dpo``: regularized DPO on the world's ``dpo_pairs`` setting or on given pairs (see module doc)."""
+    from drpost.trainers.runner import run_task
 
-    from drpost.trainers import setup
-    from drpost.trainers.rl_common import start_rl_run
-
-    run_ = start_rl_run(config, "dpo_pairs", load=load_pairs)
-    out, device, policy, tok = run_.out, run_.device, run_.policy, run_.tokenizer
-    data, general, target = run_.data, run_.general, run_.target
-    if config.dpo.loss_type != "sigmoid":
-        from drpost.config import ConfigError
-
-        raise ConfigError(f"option 'dpo.loss_type': only 'sigmoid' is implemented, got {config.dpo.loss_type!r}")
-    if config.dpo.reference:
-        from transformers import AutoModelForCausalLM
-
-        ref = AutoModelForCausalLM.from_pretrained(config.dpo.reference).to(device).eval()
-    else:
-        ref = copy.deepcopy(policy).eval()
-    recipe = DPORecipe(steps=config.steps, general_batch_size=config.general_batch_size,
-                       target_batch_size=config.target_batch_size, lr=config.optim.lr, beta=config.dpo.beta,
-                       label_smoothing=config.dpo.label_smoothing, warmup_ratio=config.optim.warmup_ratio,
-                       max_grad_norm=config.optim.max_grad_norm, max_length=config.data.max_seq_length,
-                       eval_every=config.eval_every, seed=config.seed)
-    rc = config.regularizer
-    spec = RLMethod(rc.method, rc.method, setup.regularizer_options(rc))
-    test = data.target_test[:100] if config.data.eval is None else load_pairs(config.data.eval, None)
-    world = config.data.general is None
-
-    def eval_fn(model, step):
-        if world:
-            return evaluate_dpo(model, ref, tok, test, data.retention)
-        return {"pair_accuracy": pair_accuracy(model, ref, tok, test, recipe.max_length)}
-
-    metrics = train_dpo(policy, ref, tok, general, target, spec, recipe, eval_fn)
-    metrics.pop("model")
-    setup.log.info("drpost dpo: final %s", {k: v for k, v in metrics["evals"][-1].items()
-                                            if not isinstance(v, dict)})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
-    return 0
+    return run_task(config, build)

@@ -99,8 +99,10 @@ def train(task: Task, state, end: int, *, total: int | None = None, eval_fn: Eva
         bar = tqdm(total=end, initial=state.step, desc=progress, leave=False, dynamic_ncols=True)
     try:
         for i in range(state.step, end):
+            lr = task.opt.param_groups[0]["lr"]  # the step's learning rate (the scheduler advances inside)
             t0 = time.perf_counter()
             logs = task.step(i, metrics)
+            logs.setdefault("lr", lr)
             dt = time.perf_counter() - t0
             metrics["train_seconds"] += dt
             logs.setdefault("s_per_step", dt)

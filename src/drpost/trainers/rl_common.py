@@ -11,7 +11,7 @@ Owns
 - ``rollout_batch``: (prompt ids, response ids) -> a right-padded batch with labels on the response tokens only.
 - ``MixedRLLoss``: the one ``loss_fn`` the regularizer sees in an RL step. ``DataRegularizer.step`` runs one loss on
   the merged (general + target) batch, but the general rows need the PPO/GRPO loss and the target rows the *target
-  objective* (``reward`` / ``token_pg`` / ``train_loss``, DESIGN.md section 4). Every row carries ``is_target``
+  objective* (``reward`` / ``token_pg`` / ``train_loss``; see drpost.objectives.rl_target). Every row carries ``is_target``
   (R,), and the loss runs one forward and picks each row's objective, so one forward/backward still serves both.
 
 All per-token tensors are token-aligned (R, T) (``drpost.objectives.logprobs``).
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -270,8 +269,10 @@ def evaluate_policy(policy, ref, tokenizer, examples: list[dict], reward_fn, max
 
     ``reward`` / ``em``: mean reward and exact match (world verifier, when examples carry ``family`` and ``answer``)
     of *greedy* responses; ``sampled_reward``: mean reward of temperature-1 samples (fixed generator seed);
-    ``kl``: mean over prompts of ``sum_t log pi(y_t) - log ref(y_t)`` on those samples (k1, an unbiased estimate of
-    KL(pi || ref)); ``retention_em``: mean exact match over the general families' retention sets (greedy).
+    ``kl``: KL(pi || ref) per response, estimated on those samples with the k3 estimator summed over tokens,
+    ``sum_t (r_t - 1 - log r_t)`` with ``r_t = ref(y_t) / pi(y_t)``: unbiased for each token's KL given its prefix
+    and never negative (the plain k1 sum ``log pi - log ref`` is unbiased too but often negative on few samples);
+    ``retention_em``: mean exact match over the general families' retention sets (greedy).
     """
     from drpost.objectives.logprobs import response_mask
     from drpost.world.tasks import verify
@@ -289,7 +290,8 @@ def evaluate_policy(policy, ref, tokenizer, examples: list[dict], reward_fn, max
     lp, _ = forward_stats(policy, batch)
     rp, _ = forward_stats(ref, batch)
     m = response_mask(batch["labels"]).to(lp.dtype)
-    out["kl"] = float(((lp - rp) * m).sum(-1).mean())
+    log_r = (rp - lp) * m  # (R, T) log ref/pi on the sampled tokens
+    out["kl"] = float((torch.expm1(log_r) - log_r).sum(-1).mean())  # k3 per token: >= 0, unbiased
     if retention:
         from drpost.world.evaluate import exact_match
 
@@ -310,55 +312,104 @@ def verifier_reward_fn(tokenizer):
     return fn
 
 
+def answer_reward_fn(tokenizer, kind: str):
+    """reward_fn for prompts with an ``answer``: 1.0 when ``drpost.data.verifiers`` (``exact`` / ``numeric`` /
+    ``contains``) accepts the decoded response, else 0.0."""
+    from drpost.data.verifiers import make_verifier
+
+    check = make_verifier(kind)
+
+    def fn(prompts, responses, examples):
+        return torch.tensor([check(decode_response(tokenizer, r), e) for e, r in zip(examples, responses)])
+
+    return fn
+
+
 def load_prompt_records(path: str | None, max_n: int | None) -> list[dict] | None:
-    """Prompt records (``prompt`` and, for verifiable rewards, ``answer`` and ``family``) from a .jsonl / .json file;
-    None when ``path`` is None (the caller then uses the world setting)."""
+    """Prompt records from a file or dataset (``drpost.data.prompts.load_prompts``); None when ``path`` is None."""
     if path is None:
         return None
-    import json
-    from pathlib import Path
+    from drpost.data.prompts import load_prompts
 
-    from drpost.data.formats import DataError
+    return load_prompts(path, limit=max_n)
 
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{path}: no such file (RL prompt data must be a local .jsonl or .json file)")
-    text = p.read_text(encoding="utf-8")
-    recs = json.loads(text) if p.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
-    for i, r in enumerate(recs):
-        if "prompt" not in r:
-            raise DataError(f"{path}:{i + 1}: record has no 'prompt'")
-    return recs[:max_n] if max_n else recs
+
+DEFAULT_SETTINGS = {"rlhf": "rlhf_format", "rlvr": "rlvr_arith", "dpo": "dpo_pairs"}
+WORLD_TEST = 100  # held-out target prompts of a world setting scored by evaluation
 
 
 @dataclass
-class RLRun:
-    """What every RL CLI run starts from (``start_rl_run``)."""
+class RLData:
+    """The records of a ``drpost dpo|rlhf|rlvr`` run: pairs (dpo) or prompts (rlhf, rlvr)."""
 
-    out: Path
-    device: torch.device
-    policy: torch.nn.Module
-    tokenizer: object
-    setting: str
-    data: object  # drpost.world.rl_settings data of the setting
     general: list[dict]
     target: list[dict]
+    test: list[dict]  # evaluation records (data.eval, or the world setting's held-out target test split)
+    retention: dict | None = None  # world only: family -> examples for retention exact match
+    setting: str | None = None  # world setting name, None for user data
 
 
-def start_rl_run(config, default_setting: str, load=None) -> RLRun:
-    """Output dir, seed, device, policy and tokenizer, the world setting, and the general/target records of a
-    ``drpost rlhf|rlvr|dpo`` run (files from ``config.data`` when given, else the setting's own splits)."""
-    from drpost.trainers import setup
-    from drpost.world.rl_settings import build_rl_setting
+def load_rl_data(config, paradigm: str, tokenizer) -> RLData:
+    """``config.data`` -> records: user files / datasets (``drpost.data.prompts``; errors name file:line), or the
+    world setting (``data.setting``; ``default`` = ``DEFAULT_SETTINGS[paradigm]``)."""
+    from drpost.config import ConfigError
+    from drpost.data.prompts import load_preference_pairs, load_prompts
 
-    load = load or load_prompt_records
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    device = setup.resolve_device(config.device)
-    policy, tok = setup.load_model(config.model, device)
-    setting = default_setting if config.data.setting == "default" else config.data.setting
-    data = build_rl_setting(setting, 0)
-    general = load(config.data.general, config.data.max_general_samples) or data.general
-    target = load(config.data.target, config.data.max_target_samples) or data.target_train
-    return RLRun(out, device, policy, tok, setting, data, general, target)
+    d = config.data
+    if (d.general is None) != (d.target is None):
+        missing = "data.target" if d.target is None else "data.general"
+        raise ConfigError(f"option '{missing}' is needed when the other data source is a file or dataset (set both "
+                          f"data.general and data.target, or neither for a world setting)")
+
+    def load(source, role, split, config_name, limit):
+        if paradigm == "dpo":
+            return load_preference_pairs(source, tokenizer, role=role, split=split, config_name=config_name,
+                                         limit=limit)
+        need = paradigm == "rlvr" and getattr(config.grpo, "verifier", "world") != "world"
+        return load_prompts(source, tokenizer, require_answer=need, role=role, split=split,
+                            config_name=config_name, limit=limit)
+
+    test = load(d.eval, "eval", d.eval_split, None, None) if d.eval is not None else None
+    if d.general is not None:
+        return RLData(load(d.general, "general", d.general_split, d.general_config, d.max_general_samples),
+                      load(d.target, "target", d.target_split, d.target_config, d.max_target_samples), test or [])
+    from drpost.world.rl_settings import build_rl_setting, get_rl_setting
+
+    name = DEFAULT_SETTINGS[paradigm] if d.setting == "default" else d.setting
+    data = build_rl_setting(get_rl_setting(name, paradigm), 0)
+    return RLData(data.general[: d.max_general_samples], data.target_train[: d.max_target_samples],
+                  test if test is not None else data.target_test[:WORLD_TEST], data.retention, name)
+
+
+def truncate_prompt(ids: list[int], max_len: int | None, bos: int | None) -> list[int]:
+    """The prompt's last ``max_len`` tokens (the end holds the question), BOS kept first when it led."""
+    if max_len is None or len(ids) <= max_len:
+        return ids
+    if bos is not None and ids and ids[0] == bos:
+        return [bos] + ids[len(ids) - max_len + 1:]
+    return ids[len(ids) - max_len:]
+
+
+def prompt_budget(config, max_new_tokens: int, option: str) -> int:
+    """Prompt tokens allowed by ``data.max_seq_length`` once ``max_new_tokens`` are generated."""
+    from drpost.config import ConfigError
+
+    budget = config.data.max_seq_length - max_new_tokens
+    if budget < 1:
+        raise ConfigError(f"option 'data.max_seq_length' ({config.data.max_seq_length}) leaves no room for a prompt "
+                          f"after {option}={max_new_tokens} generated tokens; raise it")
+    return budget
+
+
+def refuse_unused(config, options: dict[str, str]) -> None:
+    """ConfigError naming each option of ``options`` (name -> why) whose value differs from its default: options
+    this command shows (inherited) but cannot use."""
+    from drpost.config import ConfigError
+
+    default = type(config)()
+    for name, why in options.items():
+        value, base = config, default
+        for part in name.split("."):
+            value, base = getattr(value, part), getattr(base, part)
+        if value != base:
+            raise ConfigError(f"option '{name}' is not used by this command ({why}); remove it")

@@ -4,7 +4,9 @@
     metrics = train_rlhf(policy, ref, reward_model, tokenizer, general_prompts, target_prompts,
                          RLMethod("LayerWiseSubset", "layerwise_subset", {"frac": 0.5}), RLHFRecipe(rounds=20))
 
-CLI: ``drpost rlhf output_dir=runs/rlhf regularizer.method=layerwise_subset steps=20`` (``run(config)``).
+CLI: ``drpost rlhf output_dir=runs/rlhf regularizer.method=layerwise_subset steps=20`` (``run(config)``; the shared
+CLI run of ``drpost.trainers.runner``: LoRA / MeSO, ``optim.*`` (the schedule advances once per round),
+checkpoints, resume, the policy in ``final/`` and the value head in ``final/value_head.safetensors``).
 
 One round:
   1. sample ``rollout_batch_size`` general prompts and ``target_rollouts`` target prompts; generate responses
@@ -27,14 +29,17 @@ Departures from textbook PPO (Ziegler et al. 2019 / TRL's classic PPOTrainer):
 2. The loss is per row (summed token terms); the regularizer normalizes (token mean over the kept records).
 3. Target rollouts are generated every round alongside the general ones and only define the target direction;
    they are never trained on (except by ``target_only``, or convex sets with slack).
-4. Constant learning rate; gradient clipping after the regularizer wrote ``.grad``.
+4. The library recipe keeps a constant learning rate (the CLI follows ``optim.schedule`` per round); gradient
+   clipping after the regularizer wrote ``.grad``.
+
+Metrics per round: ``kept_frac`` is the fraction of the regularizer's sample weights that are nonzero, averaged over
+the round's steps (times the share IIF kept); ``iif_kept_frac`` the share IIF kept.
 """
 
 from __future__ import annotations
 
 import copy
 import random
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -51,6 +56,7 @@ from drpost.objectives.logprobs import response_mask
 from drpost.objectives.ppo import PolicyValueOutput, ValueHead
 from drpost.objectives.rl_target import normalize_rewards
 from drpost.step import DataRegularizer
+from drpost.trainers.loop import Task, TrainState, constant_schedule, freeze, kept_fraction, run_eval, train
 from drpost.trainers.rl_common import (
     MixedRLLoss,
     encode_prompt,
@@ -59,6 +65,7 @@ from drpost.trainers.rl_common import (
     sample_generate,
     take,
     trim,
+    truncate_prompt,
 )
 
 
@@ -89,6 +96,7 @@ class RLHFRecipe:
     temperature: float = 1.0
     top_p: float = 1.0
     target_objective: str = "reward"
+    max_prompt_length: int | None = None  # keep the prompt's last N tokens; None = whole prompts
     eval_every: int = 0
     seed: int = 0
 
@@ -129,7 +137,9 @@ def ppo_rollouts(model: DetachedValuePolicy, ref, reward_fn, tokenizer, examples
     batch keys (R, T): input_ids, attention_mask, labels, old_logps, old_values, returns, advantages;
     (R,): scores, is_target, seq_weight (normalized score, used by the ``reward`` target objective).
     """
-    prompts = [encode_prompt(tokenizer, e["prompt"]) for e in examples]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    prompts = [truncate_prompt(encode_prompt(tokenizer, e["prompt"]), recipe.max_prompt_length, bos)
+               for e in examples]
     responses = sample_generate(model.policy, tokenizer, prompts, recipe.max_new_tokens, recipe.temperature,
                                 recipe.top_p, generator)
     batch = rollout_batch(prompts, responses, tokenizer.pad_token_id)
@@ -163,87 +173,129 @@ def iif_keep(reg: DataRegularizer, general: dict, target: dict, loss_fn) -> Tens
 
 
 # --------------------------------------------------------------------------- the loop
+class RLHFTask(Task):
+    """PPO rounds (one loop step = one round). The prompt RNG, the sampling generator and the KL controller are its
+    running state; the value head is trained (and checkpointed) with the policy."""
+
+    command = "rlhf"
+    unit = "round"
+
+    def __init__(self, policy, ref, reward_fn, tokenizer, general: list[dict], target: list[dict], spec: RLMethod,
+                 recipe: RLHFRecipe, make_opt=None, make_sched=None, make_reg=None):
+        self.model, self.ref, self.reward_fn, self.tokenizer = policy, ref, reward_fn, tokenizer
+        self.general, self.target, self.spec, self.recipe = general, target, spec, recipe
+        self.extra_metrics: dict = {}
+        self.rng = random.Random(recipe.seed)
+        self.gen = torch.Generator().manual_seed(recipe.seed)
+        self.wrapped = DetachedValuePolicy(policy)
+        self.wrapped.value_head.to(next(policy.parameters()).device)
+        freeze(ref)
+        policy.train()
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.vparams = list(self.wrapped.value_head.parameters())
+        groups = [{"params": self.params, "lr": recipe.lr}, {"params": self.vparams, "lr": recipe.value_lr}]
+        self.opt = make_opt(groups) if make_opt else torch.optim.AdamW(groups, weight_decay=0.0)
+        self.sched = make_sched(self.opt) if make_sched else constant_schedule(self.opt)
+        method = "full_training" if spec.baseline == "iif" else spec.method
+        self.reg = make_reg(self.opt) if make_reg else DataRegularizer(
+            policy, method=method, optimizer=self.opt, **(spec.options if spec.baseline is None else {}))
+        self.iif = DataRegularizer(policy, method="global_subset", selection="filter", frac=1.0) \
+            if spec.baseline == "iif" else None
+        self.stats: dict = {}
+        self.mixed = MixedRLLoss("ppo", recipe.target_objective, recipe.clip_eps, recipe.value_clip, recipe.vf_coef,
+                                 stats=self.stats)
+        self.kl_ctl = (AdaptiveKLController(recipe.kl_coef, recipe.kl_target, recipe.kl_horizon)
+                       if recipe.adaptive_kl else FixedKLController(recipe.kl_coef))
+
+    def loss_fn(self, _lm, batch):  # the regularizer passes the LM; the loss needs the value head too
+        return self.mixed(self.wrapped, batch)
+
+    def new_metrics(self) -> dict:
+        return {"rounds": [], "evals": [], "skipped_steps": 0, "solver_fallbacks": 0, "train_seconds": 0.0,
+                "recipe": asdict(self.recipe), "method": asdict(self.spec), **self.extra_metrics}
+
+    def modules(self) -> dict:
+        return {"": self.model, "value_head.": self.wrapped.value_head}
+
+    def step(self, i: int, metrics: dict) -> dict:
+        r, rng, gen, opt = self.recipe, self.rng, self.gen, self.opt
+        g_ex = [self.general[rng.randrange(len(self.general))] for _ in range(r.rollout_batch_size)]
+        t_ex = [self.target[rng.randrange(len(self.target))] for _ in range(r.target_rollouts)]
+        kl = self.kl_ctl.value
+        gb, gstats = ppo_rollouts(self.wrapped, self.ref, self.reward_fn, self.tokenizer, g_ex, r, kl, gen, False)
+        tb, tstats = ppo_rollouts(self.wrapped, self.ref, self.reward_fn, self.tokenizer, t_ex, r, kl, gen, True)
+        keep = torch.arange(len(g_ex))
+        if self.iif is not None:
+            keep = iif_keep(self.iif, trim(gb), trim(tb), self.loss_fn)
+            opt.zero_grad(set_to_none=True)
+        iif_frac = len(keep) / len(g_ex)
+        steps, kept, skipped = 0, [], None
+        for _ in range(r.ppo_epochs):
+            order = keep[torch.randperm(len(keep), generator=gen)]
+            for s in range(0, len(order), r.mini_batch_size):
+                mb = trim(take(gb, order[s:s + r.mini_batch_size]))
+                tidx = torch.randperm(len(t_ex), generator=gen)[:r.target_batch_size]
+                report = self.reg.step(general=mb, target=trim(take(tb, tidx)), loss_fn=self.loss_fn)
+                if report.info.get("solver_fallback"):
+                    metrics["solver_fallbacks"] = metrics.get("solver_fallbacks", 0) + 1
+                if report.skipped:
+                    metrics["skipped_steps"] += 1
+                    skipped = report.skip_reason
+                    opt.zero_grad(set_to_none=True)
+                    continue
+                kept.append(kept_fraction(report))
+                n_tok = float(response_mask(mb["labels"]).sum())
+                for p in self.vparams:  # autograd summed the value loss over rows: make it the token mean
+                    if p.grad is not None:
+                        p.grad.div_(max(n_tok, 1.0))
+                if r.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.params, r.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(self.vparams, r.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                steps += 1
+        self.sched.step()
+        self.kl_ctl.update(gstats["kl"], r.rollout_batch_size)
+        rec = {"round": i + 1, "general_score": gstats["score"], "target_score": tstats["score"], "kl": gstats["kl"],
+               "target_kl": tstats["kl"], "kl_coef": self.kl_ctl.value,
+               "kept_frac": iif_frac * (sum(kept) / len(kept) if kept else 0.0), "iif_kept_frac": iif_frac,
+               "steps": steps, **{k: float(v) for k, v in self.stats.items()}}
+        metrics["rounds"].append(rec)
+        return {k: v for k, v in rec.items() if k not in ("round", "steps")} | {"skipped": skipped}
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "generator": self.gen.get_state(), "kl_ctl": self.kl_ctl.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        from drpost.trainers.checkpoint import _tuples
+
+        self.rng.setstate(_tuples(state["rng"]))
+        self.gen.set_state(state["generator"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+
+    def save_extra(self, final_dir) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.wrapped.value_head.state_dict().items()},
+                  str(final_dir / "value_head.safetensors"))
+
+
 def train_rlhf(policy, ref, reward_fn, tokenizer, general: list[dict], target: list[dict], spec: RLMethod,
                recipe: RLHFRecipe, eval_fn=None, progress=None) -> dict:
     """Train ``policy`` (a causal LM, in place) with PPO; returns metrics (the trained policy under "model").
 
     reward_fn(prompt_ids, response_ids, examples) -> (R,) scores. ``ref`` is frozen. ``eval_fn(policy, round)`` ->
-    dict, called every ``recipe.eval_every`` rounds and at the end.
+    dict, called every ``recipe.eval_every`` rounds and at the end; ``progress(record)`` after every round.
     """
     torch.manual_seed(recipe.seed)
-    rng = random.Random(recipe.seed)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    model = DetachedValuePolicy(policy)
-    model.value_head.to(next(policy.parameters()).device)
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    policy.train()
-    params = [p for p in policy.parameters() if p.requires_grad]
-    vparams = list(model.value_head.parameters())
-    opt = torch.optim.AdamW([{"params": params, "lr": recipe.lr}, {"params": vparams, "lr": recipe.value_lr}],
-                            weight_decay=0.0)
-    method = "full_training" if spec.baseline == "iif" else spec.method
-    reg = DataRegularizer(policy, method=method, optimizer=opt, **(spec.options if spec.baseline is None else {}))
-    iif = DataRegularizer(policy, method="global_subset", selection="filter", frac=1.0) \
-        if spec.baseline == "iif" else None
-    stats: dict = {}
-    mixed = MixedRLLoss("ppo", recipe.target_objective, recipe.clip_eps, recipe.value_clip, recipe.vf_coef,
-                        stats=stats)
-
-    def loss_fn(_lm, batch):  # the regularizer passes the LM; the loss needs the value head too
-        return mixed(model, batch)
-
-    kl_ctl = (AdaptiveKLController(recipe.kl_coef, recipe.kl_target, recipe.kl_horizon) if recipe.adaptive_kl
-              else FixedKLController(recipe.kl_coef))
-    metrics: dict = {"rounds": [], "evals": [], "skipped_steps": 0, "recipe": asdict(recipe), "method": asdict(spec)}
-    t0 = time.perf_counter()
-    for rnd in range(recipe.rounds):
-        g_ex = [general[rng.randrange(len(general))] for _ in range(recipe.rollout_batch_size)]
-        t_ex = [target[rng.randrange(len(target))] for _ in range(recipe.target_rollouts)]
-        gb, gstats = ppo_rollouts(model, ref, reward_fn, tokenizer, g_ex, recipe, kl_ctl.value, gen, False)
-        tb, tstats = ppo_rollouts(model, ref, reward_fn, tokenizer, t_ex, recipe, kl_ctl.value, gen, True)
-        keep = torch.arange(len(g_ex))
-        if iif is not None:
-            keep = iif_keep(iif, trim(gb), trim(tb), loss_fn)
-            opt.zero_grad(set_to_none=True)
-        kept_frac = len(keep) / len(g_ex)
-        steps = 0
-        for _ in range(recipe.ppo_epochs):
-            order = keep[torch.randperm(len(keep), generator=gen)]
-            for s in range(0, len(order), recipe.mini_batch_size):
-                mb = trim(take(gb, order[s:s + recipe.mini_batch_size]))
-                tidx = torch.randperm(len(t_ex), generator=gen)[:recipe.target_batch_size]
-                report = reg.step(general=mb, target=trim(take(tb, tidx)), loss_fn=loss_fn)
-                if report.skipped:
-                    metrics["skipped_steps"] += 1
-                    opt.zero_grad(set_to_none=True)
-                    continue
-                n_tok = float(response_mask(mb["labels"]).sum())
-                for p in vparams:  # autograd summed the value loss over rows: make it the token mean
-                    if p.grad is not None:
-                        p.grad.div_(max(n_tok, 1.0))
-                if recipe.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-                    torch.nn.utils.clip_grad_norm_(vparams, recipe.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                steps += 1
-        kl_ctl.update(gstats["kl"], recipe.rollout_batch_size)
-        metrics["rounds"].append({"round": rnd + 1, "general_score": gstats["score"], "target_score": tstats["score"],
-                                  "kl": gstats["kl"], "target_kl": tstats["kl"], "kl_coef": kl_ctl.value,
-                                  "kept_frac": kept_frac, "steps": steps, **{k: float(v) for k, v in stats.items()}})
-        if progress:
-            progress(metrics["rounds"][-1])
-        if eval_fn is not None and recipe.eval_every and (rnd + 1) % recipe.eval_every == 0 and rnd + 1 < recipe.rounds:
-            metrics["evals"].append({"round": rnd + 1, **eval_fn(policy, rnd + 1)})
-    metrics["train_seconds"] = time.perf_counter() - t0
-    policy.eval()
-    if eval_fn is not None:
-        metrics["evals"].append({"round": recipe.rounds, **eval_fn(policy, recipe.rounds)})
-    metrics["model"] = policy
-    metrics["value_head"] = model.value_head
-    return metrics
+    task = RLHFTask(policy, ref, reward_fn, tokenizer, general, target, spec, recipe)
+    state = TrainState(0, task.new_metrics())
+    hooks = [lambda st, _logs: progress(st.metrics["rounds"][-1])] if progress else []
+    train(task, state, recipe.rounds, eval_fn=eval_fn, eval_every=recipe.eval_every, hooks=hooks)
+    run_eval(task, eval_fn, state, recipe.rounds)
+    state.metrics["model"] = policy
+    state.metrics["value_head"] = task.wrapped.value_head
+    return state.metrics
 
 
 def rm_reward_fn(rm):
@@ -256,28 +308,38 @@ def rm_reward_fn(rm):
 
 
 # --------------------------------------------------------------------------- CLI
-def run(config) -> int:
-    """``drpost rlhf``: PPO on the world's ``rlhf_format`` setting (or given model / reward model / prompts)."""
-    import json
-
+def build(config, device):
+    """The PPO task of a ``drpost rlhf`` config (everything checked before anything is written), its evaluation."""
+    from drpost.config import ConfigError
     from drpost.trainers import setup
+    from drpost.trainers.loop import make_scheduler
     from drpost.trainers.reward_model import RewardModel, load_classifier, world_reward_model
-    from drpost.trainers.rl_common import evaluate_policy, load_prompt_records, start_rl_run
+    from drpost.trainers.rl_common import evaluate_policy, load_rl_data, prompt_budget, refuse_unused
 
-    run_ = start_rl_run(config, "rlhf_format")
-    out, device, policy, tok = run_.out, run_.device, run_.policy, run_.tokenizer
-    setting, data, general, target = run_.setting, run_.data, run_.general, run_.target
+    p = config.ppo
+    refuse_unused(config, {"general_batch_size": "the general batch of a step is ppo.mini_batch_size rollout "
+                                                 "records, from ppo.rollout_batch_size prompts per round"})
+    max_prompt = prompt_budget(config, p.max_new_tokens, "ppo.max_new_tokens")
+    policy, tok = setup.load_model(config.model, device)
+    data = load_rl_data(config, "rlhf", tok)
     if config.reward_model:
         from transformers import AutoTokenizer
 
-        rm = RewardModel(load_classifier(config.reward_model).to(device).eval(),
-                         AutoTokenizer.from_pretrained(config.reward_model))
+        try:
+            rm = RewardModel(load_classifier(config.reward_model).to(device).eval(),
+                             AutoTokenizer.from_pretrained(config.reward_model))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"option 'reward_model': cannot load {config.reward_model!r} as a sequence "
+                              f"classifier: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         rm_info = {"path": config.reward_model}
+    elif data.setting is None:
+        raise ConfigError("option 'reward_model' is needed with your own prompts (data.general / data.target): the "
+                          "world's learned reward model only scores the world's prompts")
     else:
-        rm, rm_info = world_reward_model(setting, config.model.size)
+        rm, rm_info = world_reward_model(data.setting, config.model.size)
         rm.model.to(device)
-    ref = copy.deepcopy(policy).eval()
-    p = config.ppo
+    ref = copy.deepcopy(policy)  # the initial model, before adapters
+    policy = setup.apply_finetuning(policy, config.model)
     recipe = RLHFRecipe(rounds=config.steps, rollout_batch_size=p.rollout_batch_size, mini_batch_size=p.mini_batch_size,
                         target_batch_size=config.target_batch_size, target_rollouts=p.target_rollouts,
                         ppo_epochs=p.ppo_epochs, lr=config.optim.lr, value_lr=p.value_lr or config.optim.lr,
@@ -285,24 +347,28 @@ def run(config) -> int:
                         vf_coef=p.vf_coef, kl_coef=p.kl_coef, adaptive_kl=p.adaptive_kl, kl_target=p.kl_target,
                         kl_horizon=p.kl_horizon, gamma=p.gamma, lam=p.lam, whiten_advantages=p.whiten_advantages,
                         max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
-                        target_objective=p.target_objective, eval_every=config.eval_every, seed=config.seed)
-    rc = config.regularizer
-    spec = RLMethod(rc.method, rc.method, setup.regularizer_options(rc),
+                        target_objective=p.target_objective, max_prompt_length=max_prompt,
+                        eval_every=config.eval_every, seed=config.seed)
+    spec = RLMethod(config.regularizer.method, config.regularizer.method,
                     baseline=None if p.baseline == "none" else p.baseline)
-    test = data.target_test[:100] if config.data.eval is None else load_prompt_records(config.data.eval, None)
     reward_fn = rm_reward_fn(rm)
+    task = RLHFTask(policy, ref, reward_fn, tok, data.general, data.target, spec, recipe,
+                    make_opt=lambda groups: setup.make_optimizer(groups, config),
+                    make_sched=lambda opt: make_scheduler(opt, config.optim.schedule, config.steps,
+                                                          config.optim.warmup_ratio),
+                    make_reg=lambda opt: setup.make_regularizer(policy, config, opt))  # with iif too (ppo.baseline)
+    task.extra_metrics = {"reward_model": {k: v for k, v in rm_info.items() if k != "loss_curve"}}
 
     def eval_fn(model, rnd):
-        return evaluate_policy(model, ref, tok, test, reward_fn, max_new_tokens=p.max_new_tokens,
-                               retention=data.retention if config.data.general is None else None)
+        return evaluate_policy(model, ref, tok, data.test, reward_fn, max_new_tokens=p.max_new_tokens,
+                               retention=data.retention)
 
-    def progress(r):
-        setup.log.info("round %d: general score %.3f target score %.3f kl %.3f", r["round"], r["general_score"],
-                       r["target_score"], r["kl"])
+    return task, (eval_fn if data.test else None)
 
-    metrics = train_rlhf(policy, ref, reward_fn, tok, general, target, spec, recipe, eval_fn, progress)
-    metrics.pop("model")
-    metrics.pop("value_head")
-    metrics["reward_model"] = {k: v for k, v in rm_info.items() if k != "loss_curve"}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
-    return 0
+
+def run(config) -> int:
+    """``drpost rlhf``: PPO on the world's ``rlhf_format`` setting (its learned reward model), or on given prompts
+    with a given reward model (see the module docstring)."""
+    from drpost.trainers.runner import run_task
+
+    return run_task(config, build)

@@ -6,7 +6,10 @@
                          RLMethod("LayerWiseSubset", "layerwise_subset", {"selection": "filter", "frac": 1.0}),
                          RLVRRecipe(steps=40))
 
-CLI: ``drpost rlvr output_dir=runs/rlvr regularizer.method=layerwise_subset steps=40`` (``run(config)``).
+CLI: ``drpost rlvr output_dir=runs/rlvr regularizer.method=layerwise_subset steps=40`` (``run(config)``; the shared
+CLI run of ``drpost.trainers.runner``: LoRA / MeSO, ``optim.*``, checkpoints, resume, the model in ``final/``).
+Rewards: the world task's own verifier for world records, else ``grpo.verifier`` (``drpost.data.verifiers``) on the
+record's ``answer``.
 
 One step:
   1. sample ``prompts_per_step`` general prompts and ``target_prompts`` target prompts, ``group_size`` completions
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import random
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,6 +44,16 @@ from drpost.objectives.grpo import group_sample_index
 from drpost.objectives.logprobs import response_mask
 from drpost.objectives.rl_target import normalize_rewards
 from drpost.step import DataRegularizer
+from drpost.trainers.loop import (
+    Task,
+    TrainState,
+    apply_update,
+    constant_schedule,
+    freeze,
+    kept_fraction,
+    run_eval,
+    train,
+)
 from drpost.trainers.rl_common import (
     MixedRLLoss,
     encode_prompt,
@@ -49,6 +61,7 @@ from drpost.trainers.rl_common import (
     rollout_batch,
     sample_generate,
     trim,
+    truncate_prompt,
 )
 from drpost.trainers.rlhf import RLMethod
 
@@ -71,6 +84,7 @@ class RLVRRecipe:
     max_new_tokens: int = 8
     temperature: float = 1.0
     target_objective: str = "reward"
+    max_prompt_length: int | None = None  # keep the prompt's last N tokens; None = whole prompts
     eval_every: int = 0
     seed: int = 0
 
@@ -86,7 +100,8 @@ def grpo_rollouts(policy, ref, reward_fn, tokenizer, examples: list[dict], recip
     """
     k = recipe.group_size
     reps = [e for e in examples for _ in range(k)]
-    prompts = [encode_prompt(tokenizer, e["prompt"]) for e in reps]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    prompts = [truncate_prompt(encode_prompt(tokenizer, e["prompt"]), recipe.max_prompt_length, bos) for e in reps]
     responses = sample_generate(policy, tokenizer, prompts, recipe.max_new_tokens, recipe.temperature,
                                 generator=generator)
     batch = rollout_batch(prompts, responses, tokenizer.pad_token_id)
@@ -110,105 +125,143 @@ def grpo_rollouts(policy, ref, reward_fn, tokenizer, examples: list[dict], recip
     return batch, stats
 
 
+class RLVRTask(Task):
+    """GRPO steps: rollouts of general and target prompts, then ``num_iterations`` regularized updates. The prompt
+    RNG and the sampling generator are its running state."""
+
+    command = "rlvr"
+
+    def __init__(self, policy, ref, reward_fn, tokenizer, general: list[dict], target: list[dict], spec: RLMethod,
+                 recipe: RLVRRecipe, opt=None, sched=None, reg=None):
+        if spec.baseline is not None:
+            raise ValueError(f"RLVR has no baseline {spec.baseline!r} (IIF is an RLHF baseline)")
+        self.model, self.ref, self.reward_fn, self.tokenizer = policy, freeze(ref), reward_fn, tokenizer
+        self.general, self.target, self.spec, self.recipe = general, target, spec, recipe
+        self.rng = random.Random(recipe.seed)
+        self.gen = torch.Generator().manual_seed(recipe.seed)
+        policy.train()
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.opt = opt or torch.optim.AdamW(self.params, lr=recipe.lr, weight_decay=0.0)
+        self.sched = sched or constant_schedule(self.opt)
+        self.reg = reg or DataRegularizer(policy, method=spec.method, optimizer=self.opt, **spec.options)
+        self.stats: dict = {}
+        self.loss_fn = MixedRLLoss("grpo", recipe.target_objective, recipe.clip_eps, kl_coef=recipe.kl_coef,
+                                   stats=self.stats)
+
+    def new_metrics(self) -> dict:
+        return {"steps": [], "evals": [], "skipped_steps": 0, "solver_fallbacks": 0, "train_seconds": 0.0,
+                "recipe": asdict(self.recipe), "method": asdict(self.spec)}
+
+    def step(self, i: int, metrics: dict) -> dict:
+        r, rng = self.recipe, self.rng
+        g_ex = [self.general[rng.randrange(len(self.general))] for _ in range(r.prompts_per_step)]
+        t_ex = [self.target[rng.randrange(len(self.target))] for _ in range(r.target_prompts)]
+        gb, gstats = grpo_rollouts(self.model, self.ref, self.reward_fn, self.tokenizer, g_ex, r, self.gen, False)
+        tb, tstats = grpo_rollouts(self.model, self.ref, self.reward_fn, self.tokenizer, t_ex, r, self.gen, True)
+        gb, tb = trim(gb), trim(tb)
+        kept, skipped = [], None
+        for _ in range(r.num_iterations):
+            report = self.reg.step(general=gb, target=tb, loss_fn=self.loss_fn)
+            if report.skipped:
+                skipped = report.skip_reason
+            else:
+                kept.append(kept_fraction(report))
+            apply_update(self, report, self.params, r.max_grad_norm, metrics)
+        self.sched.step()
+        rec = {"step": i + 1, "general_reward": gstats["reward"], "target_reward": tstats["reward"],
+               "solved_groups": gstats["solved_groups"], "kept_frac": sum(kept) / len(kept) if kept else None,
+               **{k: float(v) for k, v in self.stats.items()}}
+        metrics["steps"].append(rec)
+        return {k: v for k, v in rec.items() if k != "step" and v is not None} | {"skipped": skipped}
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        from drpost.trainers.checkpoint import _tuples
+
+        self.rng.setstate(_tuples(state["rng"]))
+        self.gen.set_state(state["generator"])
+
+
 def train_rlvr(policy, ref, reward_fn, tokenizer, general: list[dict], target: list[dict], spec: RLMethod,
                recipe: RLVRRecipe, eval_fn=None, progress=None) -> dict:
     """Train ``policy`` (a causal LM, in place) with GRPO; returns metrics (the trained policy under "model").
 
     reward_fn(prompt_ids, response_ids, examples) -> (R,) rewards. ``ref`` is frozen (KL penalty and evaluation).
+    ``progress(record)`` is called after every step with its record.
     """
-    if spec.baseline is not None:
-        raise ValueError(f"RLVR has no baseline {spec.baseline!r} (IIF is an RLHF baseline)")
     torch.manual_seed(recipe.seed)
-    rng = random.Random(recipe.seed)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    policy.train()
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
-    reg = DataRegularizer(policy, method=spec.method, optimizer=opt, **spec.options)
-    stats: dict = {}
-    loss_fn = MixedRLLoss("grpo", recipe.target_objective, recipe.clip_eps, kl_coef=recipe.kl_coef, stats=stats)
-    metrics: dict = {"steps": [], "evals": [], "skipped_steps": 0, "recipe": asdict(recipe), "method": asdict(spec)}
-    t0 = time.perf_counter()
-    for step in range(recipe.steps):
-        g_ex = [general[rng.randrange(len(general))] for _ in range(recipe.prompts_per_step)]
-        t_ex = [target[rng.randrange(len(target))] for _ in range(recipe.target_prompts)]
-        gb, gstats = grpo_rollouts(policy, ref, reward_fn, tokenizer, g_ex, recipe, gen, False)
-        tb, tstats = grpo_rollouts(policy, ref, reward_fn, tokenizer, t_ex, recipe, gen, True)
-        gb, tb = trim(gb), trim(tb)
-        kept = []
-        for _ in range(recipe.num_iterations):
-            report = reg.step(general=gb, target=tb, loss_fn=loss_fn)
-            if report.skipped:
-                metrics["skipped_steps"] += 1
-                opt.zero_grad(set_to_none=True)
-                continue
-            if report.weights is not None:
-                kept.append(float((report.weights > 0).float().mean()))
-            if recipe.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        metrics["steps"].append({"step": step + 1, "general_reward": gstats["reward"],
-                                 "target_reward": tstats["reward"], "solved_groups": gstats["solved_groups"],
-                                 "kept_frac": sum(kept) / len(kept) if kept else None,
-                                 **{k: float(v) for k, v in stats.items()}})
-        if progress:
-            progress(metrics["steps"][-1])
-        if eval_fn is not None and recipe.eval_every and (step + 1) % recipe.eval_every == 0 and step + 1 < recipe.steps:
-            metrics["evals"].append({"step": step + 1, **eval_fn(policy, step + 1)})
-    metrics["train_seconds"] = time.perf_counter() - t0
-    policy.eval()
-    if eval_fn is not None:
-        metrics["evals"].append({"step": recipe.steps, **eval_fn(policy, recipe.steps)})
-    metrics["model"] = policy
-    return metrics
+    task = RLVRTask(policy, ref, reward_fn, tokenizer, general, target, spec, recipe)
+    state = TrainState(0, task.new_metrics())
+    hooks = [lambda st, _logs: progress(st.metrics["steps"][-1])] if progress else []
+    train(task, state, recipe.steps, eval_fn=eval_fn, eval_every=recipe.eval_every, hooks=hooks)
+    run_eval(task, eval_fn, state, recipe.steps)
+    state.metrics["model"] = policy
+    return state.metrics
 
 
-def run(config) -> int:
-    """``drpost rlvr``: GRPO on the world's ``rlvr_arith`` setting (or given model / prompt files)."""
-    import json
-
+# ---------------------------------------------------------------------------------------------------- the CLI run
+def build(config, device):
+    """The GRPO task of a ``drpost rlvr`` config (everything checked before anything is written), its evaluation."""
+    from drpost.data.formats import DataError
+    from drpost.data.verifiers import check_numeric_answers
     from drpost.trainers import setup
+    from drpost.trainers.loop import make_scheduler
     from drpost.trainers.rl_common import (
+        answer_reward_fn,
         evaluate_policy,
-        load_prompt_records,
-        start_rl_run,
+        load_rl_data,
+        prompt_budget,
+        refuse_unused,
         verifier_reward_fn,
     )
 
-    run_ = start_rl_run(config, "rlvr_arith")
-    out, policy, tok = run_.out, run_.policy, run_.tokenizer
-    data, general, target = run_.data, run_.general, run_.target
-    for name, recs in (("data.general", general), ("data.target", target)):
-        if any("answer" not in r or "family" not in r for r in recs):
-            from drpost.data.formats import DataError
-
-            raise DataError(f"option '{name}': RLVR prompt records need 'answer' and 'family' (the world verifier)")
-    ref = copy.deepcopy(policy).eval()
     g = config.grpo
+    refuse_unused(config, {"general_batch_size": "the general batch is grpo.prompts_per_step prompts x "
+                                                 "grpo.group_size completions"})
+    max_prompt = prompt_budget(config, g.max_new_tokens, "grpo.max_new_tokens")
+    policy, tok = setup.load_model(config.model, device)
+    data = load_rl_data(config, "rlvr", tok)
+    records = data.general + data.target + data.test
+    kind = g.verifier
+    if kind == "auto":
+        kind = "world" if all("family" in r and "answer" in r for r in records) else "exact"
+    if kind == "world":
+        if any("family" not in r or "answer" not in r for r in records):
+            raise DataError("grpo.verifier=world needs records with the world task's 'family' and 'answer'; use "
+                            "grpo.verifier=exact|numeric|contains for your own prompts with an 'answer'")
+        reward_fn = verifier_reward_fn(tok)
+    else:
+        if kind == "numeric":
+            for name, recs in (("data.general", data.general), ("data.target", data.target)):
+                check_numeric_answers(recs, getattr(config.data, name.split(".")[1]))
+        reward_fn = answer_reward_fn(tok, kind)
+    ref = copy.deepcopy(policy)  # the initial model, before adapters
+    policy = setup.apply_finetuning(policy, config.model)
     recipe = RLVRRecipe(steps=config.steps, prompts_per_step=g.prompts_per_step,
                         target_prompts=config.target_batch_size, group_size=g.group_size,
                         num_iterations=g.num_iterations, lr=config.optim.lr, max_grad_norm=config.optim.max_grad_norm,
                         clip_eps=g.clip_eps, kl_coef=g.kl_coef, scale_rewards=g.scale_rewards,
                         sample_unit=g.sample_unit, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                        target_objective=g.target_objective, eval_every=config.eval_every, seed=config.seed)
-    rc = config.regularizer
-    spec = RLMethod(rc.method, rc.method, setup.regularizer_options(rc))
-    reward_fn = verifier_reward_fn(tok)
-    test = data.target_test[:100] if config.data.eval is None else load_prompt_records(config.data.eval, None)
+                        target_objective=g.target_objective, max_prompt_length=max_prompt,
+                        eval_every=config.eval_every, seed=config.seed)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = setup.make_optimizer(params, config)
+    sched = make_scheduler(opt, config.optim.schedule, config.steps, config.optim.warmup_ratio)
+    spec = RLMethod(config.regularizer.method, config.regularizer.method)
+    task = RLVRTask(policy, ref, reward_fn, tok, data.general, data.target, spec, recipe, opt=opt, sched=sched,
+                    reg=setup.make_regularizer(policy, config, opt))
 
     def eval_fn(model, step):
-        return evaluate_policy(model, ref, tok, test, reward_fn, max_new_tokens=g.max_new_tokens,
-                               retention=data.retention if config.data.general is None else None)
+        return evaluate_policy(model, task.ref, tok, data.test, reward_fn, max_new_tokens=g.max_new_tokens,
+                               retention=data.retention)
 
-    def progress(r):
-        setup.log.info("step %d: general reward %.3f target reward %.3f", r["step"], r["general_reward"],
-                       r["target_reward"])
+    return task, (eval_fn if data.test else None)
 
-    metrics = train_rlvr(policy, ref, reward_fn, tok, general, target, spec, recipe, eval_fn, progress)
-    metrics.pop("model")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
-    return 0
+
+def run(config) -> int:
+    """``drpost rlvr``: GRPO on the world's ``rlvr_arith`` setting or on given prompt files (see module doc)."""
+    from drpost.trainers.runner import run_task
+
+    return run_task(config, build)

@@ -61,7 +61,7 @@ def reconcile_resume(cls: type, argv: list[str], config):
             continue
         if name == "steps" and new > old:
             continue
-        changed.append(f"{name} (saved {old!r}, given {new!r})")
+        changed.append(f"'{name}' (saved {old!r}, given {new!r})")
     if changed:
         raise ConfigError(f"option{'s' if len(changed) > 1 else ''} {'; '.join(changed)}: a resumed run keeps the "
                           f"config saved in {saved}; drop {'them' if len(changed) > 1 else 'it'} from the command "
@@ -203,7 +203,6 @@ def _run(config, build, command: str) -> int:
         msg = (f"the run in {out} is finished ({done} steps); nothing to train (give steps=N with N > {done} to "
                f"extend it)")
         log.info("%s", msg)
-        print(f"drpost {command}: {msg}")
         return 0
     torch.manual_seed(config.seed)
     device = setup.resolve_device(config.device)
@@ -261,12 +260,11 @@ def _log_hook(task: Task, config, trackers: Trackers):
             log.warning("%s %d skipped: %s (parameters and optimizer state untouched)", task.unit, state.step,
                         logs["skipped"])
         scalars = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        lr = task.opt.param_groups[0]["lr"]
         if state.step % every == 0 or state.step == total:
-            body = " ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k != "s_per_step")
-            log.info("%s %d/%d %s lr %.3g s/%s %.3g", task.unit, state.step, total, body, lr, task.unit,
-                     scalars.get("s_per_step", float("nan")))
-        trackers.scalars({**scalars, "lr": lr}, state.step, "train")
+            body = " ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k not in ("s_per_step", "lr"))
+            log.info("%s %d/%d %s lr %.3g s/%s %.3g", task.unit, state.step, total, body,
+                     scalars.get("lr", float("nan")), task.unit, scalars.get("s_per_step", float("nan")))
+        trackers.scalars(scalars, state.step, "train")
         evals = state.metrics["evals"]
         if evals and evals[-1].get(task.unit) == state.step:
             trackers.scalars(evals[-1], state.step, "eval")
