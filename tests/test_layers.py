@@ -13,6 +13,7 @@ reason; a listed exception that has been fixed is simply no longer seen (the tes
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -66,6 +67,7 @@ def _type_checking_lines(tree: ast.AST) -> set[int]:
     return lines
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     """module -> the drpost modules it imports (a ``from pkg import name`` that names a submodule counts as it)."""
     mods = _modules()
