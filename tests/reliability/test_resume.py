@@ -1,5 +1,6 @@
 """Checkpoints and resume: kill -9 mid-run then ``resume=auto`` gives the uninterrupted run's metrics and weights
-bit for bit (CPU, one thread); corrupt / truncated / incomplete / malicious checkpoints are refused by name."""
+bit for bit (CPU, one thread) for every paradigm (sft, dpo, rlvr, rlhf); corrupt / truncated / incomplete /
+malicious checkpoints are refused by name."""
 
 from __future__ import annotations
 
@@ -17,34 +18,82 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from drpost import cli
 from drpost.trainers import checkpoint as ckpt
 from tests.reliability.conftest import SMALL, read_metrics, run_sft
 
 SAME = ("train_loss", "target_loss", "evals", "skipped_steps", "skip_reasons", "solver_fallbacks", "family_weight",
         "steps")
+VOLATILE = ("train_seconds", "resumed_from", "config")  # wall time; where a resumed run came from; its output_dir
+
+
+def _final_weights(out: Path) -> dict:
+    name = "adapter_model.safetensors" if (out / "final" / "adapter_model.safetensors").exists() else "model.safetensors"
+    w = load_file(str(out / "final" / name))
+    if (out / "final" / "value_head.safetensors").exists():  # RLHF
+        w.update({f"value_head.{k}": v for k, v in load_file(str(out / "final" / "value_head.safetensors")).items()})
+    return w
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
     ma, mb = read_metrics(a), read_metrics(b)
     for k in SAME:
-        assert ma[k] == mb[k], k
-    name = "adapter_model.safetensors" if (a / "final" / "adapter_model.safetensors").exists() else "model.safetensors"
-    wa, wb = load_file(str(a / "final" / name)), load_file(str(b / "final" / name))
+        assert ma.get(k) == mb.get(k), k
+    assert {k: v for k, v in ma.items() if k not in VOLATILE} == {k: v for k, v in mb.items() if k not in VOLATILE}
+    wa, wb = _final_weights(a), _final_weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
 
 
+@pytest.fixture(scope="session")
+def classifier_dir(micro_dir, tmp_path_factory) -> Path:
+    """A one-logit sequence classifier on the micro model (an untrained reward model for drpost rlhf)."""
+    from transformers import AutoTokenizer
+
+    from drpost.trainers.reward_model import load_classifier
+
+    path = tmp_path_factory.mktemp("micro-rm")
+    load_classifier(micro_dir).save_pretrained(path)
+    AutoTokenizer.from_pretrained(micro_dir).save_pretrained(path)
+    return path
+
+
 KILL_RUN = ["steps=16", "save_every=2", "regularizer.method=hull", "regularizer.slack=auto"]
+RL = ["device=cpu", "eval_every=0", "optim.lr=1e-3", "data.max_general_samples=64", "save_every=2"]
+KILL_RUNS = {  # tiny runs of every paradigm, killed right after their first checkpoint (step 2)
+    "sft": [*SMALL, *KILL_RUN],
+    "dpo": [*RL, "steps=10", "general_batch_size=2", "target_batch_size=1", "regularizer.method=hull",
+            "regularizer.slack=auto", "data.max_seq_length=64"],
+    "rlvr": [*RL, "steps=8", "grpo.group_size=2", "grpo.prompts_per_step=2", "grpo.max_new_tokens=3",
+             "target_batch_size=1", "regularizer.method=layerwise_subset", "grpo.kl_coef=0.01"],
+    "rlhf": [*RL, "steps=8", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=2", "ppo.ppo_epochs=1",
+             "ppo.max_new_tokens=3", "ppo.target_rollouts=2", "target_batch_size=2", "ppo.adaptive_kl=true",
+             "regularizer.method=layerwise_subset", "model.finetuning=lora", "model.lora_target_modules=q_proj,v_proj"],
+}
 
 
-def test_kill_dash_nine_then_resume_auto_equals_uninterrupted(tmp_path, micro_dir, capsys, one_thread):
-    """A subprocess ``drpost sft`` is killed with SIGKILL right after its first checkpoint; ``resume=auto`` (run
-    in-process, one thread like the subprocess) must end exactly where an uninterrupted run ends."""
+def _run(command: str, argv: list[str], capsys) -> int:
+    try:
+        return cli.main([command, *argv])
+    except SystemExit as e:
+        return e.code
+    finally:
+        capsys.readouterr()
+
+
+@pytest.mark.parametrize("command", list(KILL_RUNS))
+def test_kill_dash_nine_then_resume_auto_equals_uninterrupted(command, tmp_path, micro_dir, classifier_dir, capsys,
+                                                               one_thread):
+    """A subprocess ``drpost <command>`` is killed with SIGKILL right after its first checkpoint; ``resume=auto``
+    (run in-process, one thread like the subprocess) must end exactly where an uninterrupted run ends: the same
+    metrics.json (wall time aside) and the same final weights, bit for bit."""
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    argv = [f"model.name_or_path={micro_dir}", *SMALL, *KILL_RUN]
+    argv = [f"model.name_or_path={micro_dir}", *KILL_RUNS[command]]
+    if command == "rlhf":
+        argv.append(f"reward_model={classifier_dir}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "drpost.cli", "sft", f"output_dir={killed}", *argv], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "drpost.cli", command, f"output_dir={killed}", *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed / "checkpoints" / ckpt.step_dir_name(2)
     deadline = time.monotonic() + 120
@@ -54,8 +103,8 @@ def test_kill_dash_nine_then_resume_auto_equals_uninterrupted(tmp_path, micro_di
     assert proc.wait() == -signal.SIGKILL
     assert first.exists() and not (killed / "final").exists() and not (killed / "metrics.json").exists()
 
-    assert run_sft([f"output_dir={ref}", *argv], capsys)[0] == 0
-    assert run_sft([f"output_dir={killed}", *argv, "resume=auto"], capsys)[0] == 0
+    assert _run(command, [f"output_dir={ref}", *argv], capsys) == 0
+    assert _run(command, [f"output_dir={killed}", *argv, "resume=auto"], capsys) == 0
     m = read_metrics(killed)
     assert m["resumed_from"].startswith(str(killed / "checkpoints" / "step-"))
     assert "resumed from" in (killed / "train.log").read_text()
