@@ -41,7 +41,7 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Names shared with the rest of the package (DESIGN.md section 8).
+# Names shared with the rest of the package (checked against feasible/kernels/bench by tests/test_options_read.py).
 
 Method = Literal["full_training", "target_only", "global_subset", "layerwise_subset", "hull", "capped_simplex", "cone",
                  "span", "ball", "halfspace", "gem"]
@@ -107,7 +107,7 @@ class ModelConfig:
 
 @dataclass
 class RegularizerConfig:
-    """The feasible set that turns the general batch into a regularizer (DESIGN.md sections 1-3)."""
+    """The feasible set that turns the general batch into a regularizer (docs/design.md, sections 2-4)."""
 
     method: Method = _opt("layerwise_subset", "Feasible set: full_training, target_only, global_subset, "
                                               "layerwise_subset (the paper's family), or a convex set hull, "

@@ -1,4 +1,4 @@
-"""System benchmark: wall time of each convex feasible set's solve (DESIGN.md section 3.3).
+"""System benchmark: wall time of each convex feasible set's solve (docs/design.md, section 3).
 
 This module owns ``solver_cost_table``: random but gradient-like instances (per-sample token-mean gradients = a
 shared direction + noise, scaled by unequal token counts; a partly aligned target), float32 on CPU by default,

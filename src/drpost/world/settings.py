@@ -1,7 +1,7 @@
 """Benchmark settings: a general pool and a target task, declared as data and built deterministically by seed.
 
 Owns: ``Setting`` (frozen, declarative), ``SettingData`` (the built splits), ``build_setting(setting, seed)`` and the
-three built-in settings in ``SETTINGS``, shaped like the paper's SFT settings (REFERENCE.md section A):
+three built-in settings in ``SETTINGS``, shaped like the paper's SFT settings:
 
 - ``format_shift`` (like alpaca -> samsum): 16 families in the pretraining formats; the target skill (``sort_letters``)
   is in the pool only in those formats; the target asks for it in the unseen ``arrow`` format (template and
@@ -14,7 +14,7 @@ three built-in settings in ``SETTINGS``, shaped like the paper's SFT settings (R
   The overlap (3 pairs) is deliberate: with disjoint lengths (reverse 2-5 -> 6-8 letters) nothing, not even
   target-only, left 0% with the tiny base; with the overlap, plain pool training reached 0.42 vs target-only 0.17.
 
-Design rule (DESIGN.md section 6): subset methods never train on target rows, so every pool contains the target
+Design rule (docs/design.md, section 9): subset methods never train on target rows, so every pool contains the target
 skill, diluted (sparse_related), in another format (format_shift) or shifted and noisy (distribution_shift).
 
 All target splits (train 16, val, test 500) and retention sets are clean; target splits are disjoint by prompt.
