@@ -156,3 +156,26 @@ def test_unknown_world_setting_is_a_config_error_naming_the_option():
     with pytest.raises(ConfigError, match=r"option 'data.setting': unknown world setting 'format_shfit'; did you "
                                           r"mean 'format_shift'\?"):
         build_setting("format_shfit")
+
+
+def test_overlong_records_error_skip_or_truncate_the_prompt(tmp_path):
+    from drpost.data.loaders import load_records, to_rows
+
+    tok = byte_tokenizer()
+    f = jsonl(tmp_path / "long.jsonl", [{"prompt": "p" * 30, "completion": "ok"}, {"prompt": "hi", "completion": "yo"}])
+    records = load_records(f)
+    with pytest.raises(DataError, match=r"long.jsonl:1: no completion tokens left.*overlong='skip'"):
+        to_rows(records, tok, max_seq_length=12)
+    skipped: list[str] = []
+    rows = to_rows(records, tok, max_seq_length=12, overlong="skip", skipped=skipped)
+    assert len(rows) == 1 and skipped == [f"{f}:1"]
+    rows = to_rows(records, tok, max_seq_length=12, overlong="truncate_prompt")
+    first = rows[0]
+    full = to_rows(records, tok)[0]
+    assert len(first["input_ids"]) == 12 and first["input_ids"][-3:] == full["input_ids"][-3:]
+    assert first["input_ids"][0] == full["input_ids"][0]  # BOS (when the tokenizer adds one) stays first
+    kept = [t for t, lab in zip(first["input_ids"], first["labels"]) if lab != -100]
+    assert tok.decode(kept) == "ok</s>"  # the whole completion and EOS kept; the prompt lost its start
+    assert rows[1] == to_rows(records[1:], tok, max_seq_length=12)[0]  # rows that fit are unchanged
+    with pytest.raises(DataError, match="unknown overlong policy"):
+        to_rows(records, tok, overlong="drop")

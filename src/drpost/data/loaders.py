@@ -11,7 +11,8 @@ which set (general / target) it belongs to when the set is empty.
 
 ``to_rows(records, tokenizer, fmt, max_seq_length)`` turns records into rows for ``drpost.data.collate``:
 - prompt_completion / messages / text -> ``{"input_ids", "labels"}`` (loss on the completion / final assistant
-  turn / whole text, plus EOS); a row left with no loss tokens after truncation is a DataError naming file:line;
+  turn / whole text, plus EOS); a row left with no loss tokens after truncation is a DataError naming file:line,
+  or, with ``overlong="skip"`` / ``"truncate_prompt"``, dropped / kept with its prompt cut from the left;
 - preference -> ``{"chosen": row, "rejected": row}`` (batch with ``collate.collate_preference``);
 - prompt_answer -> ``{"prompt_ids", "prompt", "answer"}`` for generation; a prompt longer than max_seq_length keeps
   its last tokens (the end holds the question and the generation prompt).
@@ -20,12 +21,15 @@ which set (general / target) it belongs to when the set is empty.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from drpost.data import chat
 from drpost.data.collate import IGNORE, tokenize_prompt_completion
 from drpost.data.formats import FORMATS, DataError, Record, detect_format, make_record
+
+log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 FILE_SUFFIXES = JSONL_SUFFIXES + (".json", ".parquet")
@@ -206,57 +210,106 @@ def _sft_texts(record: Record, tokenizer) -> tuple[str, str, bool]:
     return f["prompt"], f["completion"], True
 
 
+OVERLONG = ("error", "skip", "truncate_prompt")
+
+
+class _Overlong(Exception):
+    """Internal: a row has no loss tokens left within max_seq_length (handled per ``overlong``)."""
+
+
+def _truncate_prompt(row: dict, max_seq_length: int, keep_first: int) -> dict:
+    """Drop prompt tokens after the first ``keep_first`` (BOS) until the row fits, then cut the row's end."""
+    ids, labels = row["input_ids"], row["labels"]
+    n_prompt = next((i for i, lab in enumerate(labels) if lab != IGNORE), len(labels))
+    excess = len(ids) - max_seq_length
+    drop = min(max(0, excess), max(0, n_prompt - keep_first))
+    ids = ids[:keep_first] + ids[keep_first + drop:]
+    labels = labels[:keep_first] + labels[keep_first + drop:]
+    return {"input_ids": ids[:max_seq_length], "labels": labels[:max_seq_length]}
+
+
 def _checked_row(tokenizer, prompt: str, completion: str, add_eos: bool, max_seq_length: int | None,
-                 record: Record, what: str = "completion") -> dict:
-    row = tokenize_prompt_completion(tokenizer, prompt, completion, max_length=max_seq_length, add_eos=add_eos)
+                 record: Record, what: str = "completion", overlong: str = "error") -> dict:
+    if overlong == "truncate_prompt" and max_seq_length is not None:
+        full = tokenize_prompt_completion(tokenizer, prompt, completion, add_eos=add_eos)
+        keep_first = 1 if chat.adds_bos(tokenizer) else 0
+        row = _truncate_prompt(full, max_seq_length, keep_first) if len(full["input_ids"]) > max_seq_length \
+            else full
+    else:
+        row = tokenize_prompt_completion(tokenizer, prompt, completion, max_length=max_seq_length, add_eos=add_eos)
     if not any(label != IGNORE for label in row["labels"]):
+        if overlong == "skip":
+            raise _Overlong(record.where)
         n_prompt = len(tokenize_prompt_completion(tokenizer, prompt, "", add_eos=False)["input_ids"])
         limit = f" after truncation to max_seq_length={max_seq_length} (the prompt is {n_prompt} tokens)" \
             if max_seq_length is not None else ""
-        raise DataError(f"{record.where}: no {what} tokens left to train on{limit}; raise data.max_seq_length or "
-                        f"shorten the prompt")
+        raise DataError(f"{record.where}: no {what} tokens left to train on{limit}; raise data.max_seq_length, "
+                        f"shorten the prompt, or skip / left-truncate such records (overlong='skip' or "
+                        f"'truncate_prompt')")
     return row
 
 
-def to_rows(records: list[Record], tokenizer, fmt: str | None = None, max_seq_length: int | None = None
-            ) -> list[dict]:
+def to_rows(records: list[Record], tokenizer, fmt: str | None = None, max_seq_length: int | None = None,
+            overlong: str = "error", skipped: list[str] | None = None) -> list[dict]:
     """Token rows for ``records`` (see the module docstring for the row shape of each format).
 
     ``fmt`` None or "auto" takes each record's own format; otherwise every record must have that format.
+    ``overlong``: what to do with a record whose prompt leaves no completion token within ``max_seq_length``:
+    ``error`` (a DataError naming file:line), ``skip`` (drop it; its ``file:line`` is appended to ``skipped``
+    when a list is given, and the count is logged) or ``truncate_prompt`` (drop prompt tokens from the left,
+    after BOS, until the row fits; the completion is cut at its end only if it alone is too long).
     """
+    if overlong not in OVERLONG:
+        raise DataError(f"unknown overlong policy {overlong!r}; expected one of {', '.join(OVERLONG)}")
     rows = []
+    dropped: list[str] = []
     for record in records:
         if fmt not in (None, "auto") and record.fmt != fmt:
             raise DataError(f"{record.where}: record has format {record.fmt}, expected {fmt}")
-        if record.fmt in ("prompt_completion", "messages", "text"):
-            rows.append(_checked_row(tokenizer, *_sft_texts(record, tokenizer), max_seq_length, record))
-        elif record.fmt == "preference":
-            f = record.fields
-            pair = {}
-            for side in ("chosen", "rejected"):
-                if isinstance(f["prompt"], list):
-                    prompt, completion, add_eos = chat.split_conversation(tokenizer, f["prompt"], f[side])
-                else:
-                    prompt, completion, add_eos = f["prompt"], f[side], True
-                pair[side] = _checked_row(tokenizer, prompt, completion, add_eos, max_seq_length, record, side)
-            rows.append(pair)
-        elif record.fmt == "prompt_answer":
-            prompt = record.fields["prompt"]
-            text = chat.render_prompt(tokenizer, prompt) if isinstance(prompt, list) else prompt
-            ids = tokenize_prompt_completion(tokenizer, text, "", add_eos=False)["input_ids"]
-            if not ids:
-                raise DataError(f"{record.where}: the prompt encodes to no tokens")
-            if max_seq_length is not None:
-                ids = ids[-max_seq_length:]
-            rows.append({"prompt_ids": ids, "prompt": text, "answer": record.fields["answer"]})
-        else:
-            raise DataError(f"{record.where}: unknown format {record.fmt!r}")
+        try:
+            row = _record_row(record, tokenizer, max_seq_length, overlong)
+        except _Overlong:
+            dropped.append(record.where)
+            continue
+        rows.append(row)
+    if dropped:
+        log.warning("skipped %d record(s) with no completion token within max_seq_length=%s (first: %s)",
+                    len(dropped), max_seq_length, dropped[0])
+        if skipped is not None:
+            skipped.extend(dropped)
     return rows
+
+
+def _record_row(record: Record, tokenizer, max_seq_length: int | None, overlong: str) -> dict:
+    """The row (or pair of rows) of one record; raises _Overlong when ``overlong="skip"`` drops it."""
+    if record.fmt in ("prompt_completion", "messages", "text"):
+        return _checked_row(tokenizer, *_sft_texts(record, tokenizer), max_seq_length, record, overlong=overlong)
+    if record.fmt == "preference":
+        f = record.fields
+        pair = {}
+        for side in ("chosen", "rejected"):
+            if isinstance(f["prompt"], list):
+                prompt, completion, add_eos = chat.split_conversation(tokenizer, f["prompt"], f[side])
+            else:
+                prompt, completion, add_eos = f["prompt"], f[side], True
+            pair[side] = _checked_row(tokenizer, prompt, completion, add_eos, max_seq_length, record, side,
+                                      overlong=overlong)
+        return pair
+    if record.fmt == "prompt_answer":
+        prompt = record.fields["prompt"]
+        text = chat.render_prompt(tokenizer, prompt) if isinstance(prompt, list) else prompt
+        ids = tokenize_prompt_completion(tokenizer, text, "", add_eos=False)["input_ids"]
+        if not ids:
+            raise DataError(f"{record.where}: the prompt encodes to no tokens")
+        if max_seq_length is not None:
+            ids = ids[-max_seq_length:]
+        return {"prompt_ids": ids, "prompt": text, "answer": record.fields["answer"]}
+    raise DataError(f"{record.where}: unknown format {record.fmt!r}")
 
 
 def load_rows(source: str, tokenizer, fmt: str = "auto", max_seq_length: int | None = None, *,
               role: str = "general", split: str = "train", config_name: str | None = None,
-              limit: int | None = None) -> list[dict]:
+              limit: int | None = None, overlong: str = "error") -> list[dict]:
     """``load_records`` then ``to_rows``: one call from a file (or hub name) to token rows."""
     records = load_records(source, fmt, role=role, split=split, config_name=config_name, limit=limit)
-    return to_rows(records, tokenizer, None, max_seq_length)
+    return to_rows(records, tokenizer, None, max_seq_length, overlong=overlong)
