@@ -1,18 +1,21 @@
 """Training checkpoints: atomic writes, verified reads, and the resume lookup (``resume: auto | PATH``).
 
 A checkpoint is a directory ``<output_dir>/checkpoints/step-<NNNNNNNN>/`` holding
-- ``weights.safetensors``: the trainable parameters by name (all weights for full fine-tuning, adapters for LoRA);
-- ``trainer_state.pt``: optimizer and LR-scheduler state dicts, torch / python / sampler RNG states and the
-  DataRegularizer's running state (automatic-strength estimates, autotune choices); plain tensors and containers
-  only, read back with ``torch.load(weights_only=True)`` (never arbitrary pickles);
-- ``progress.json``: the step reached and the metrics so far;
+- ``weights.safetensors``: the trainable parameters by name (all weights for full fine-tuning, adapters for LoRA;
+  other trained modules by prefix, e.g. ``value_head.`` for RLHF);
+- ``trainer_state.pt``: optimizer and LR-scheduler state dicts, torch / python RNG states, the DataRegularizer's
+  running state (automatic-strength estimates, autotune choices) and the task's own state (``task``: sampler RNGs,
+  generators, caches; see ``drpost.trainers.loop.Task``); plain tensors and containers only, read back with
+  ``torch.load(weights_only=True)`` (never arbitrary pickles);
+- ``progress.json``: the step reached, the metrics so far and the run's config;
 - ``manifest.json`` (written last): format version, step, and every file's size and sha256.
 
 Writing is atomic: everything goes to a hidden temporary directory beside the final one, every file and the
 directory are fsync'ed, then the directory is renamed into place (and the parent fsync'ed). A process killed while
 saving leaves only a ``.tmp-*`` directory, which ``latest_checkpoint`` ignores and ``clean_stale`` removes.
 Reading checks the manifest first: a missing file, a size mismatch (truncation) or a sha256 mismatch (corruption)
-raises ``CheckpointError`` naming the file, before anything is deserialized.
+raises ``CheckpointError`` naming the file, before anything is deserialized. ``prune(root, keep)`` deletes all but
+the newest ``keep`` checkpoints (``save_total_limit``).
 
     save_checkpoint(out_dir / "checkpoints", step, weights, trainer_state, progress)
     ckpt = load_checkpoint(resolve_resume("auto", out_dir))   # -> Checkpoint(step, weights, trainer_state, progress)

@@ -10,7 +10,9 @@ token, right padding) and ``train_reward_model`` (pairs ``{"prompt", "chosen", "
 trains the world setting's reward model once and caches it on disk next to the base model
 (``$DRPOST_CACHE``/``~/.cache/drpost``), keyed by a hash of the base model, the pairs and the recipe.
 
-Run it: ``python -m drpost.trainers.reward_model --setting rlhf_format`` (trains or loads, prints pair accuracy).
+Run it: ``python -c "from drpost.trainers.reward_model import world_reward_model as w; print(w('rlhf_format',
+verbose=True)[1])"`` (trains or loads the cached model, prints its pair accuracy); ``drpost rlhf`` does it on
+first use.
 """
 
 from __future__ import annotations
@@ -157,15 +159,3 @@ def world_reward_model(setting="rlhf_format", size: str = "tiny", recipe: dict |
     model.save_pretrained(path, safe_serialization=True)
     (path / "reward.json").write_text(json.dumps({**metrics, "recipe": recipe}, indent=1))
     return rm, metrics
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Train (or load the cached) world reward model.")
-    ap.add_argument("--setting", default="rlhf_format")
-    ap.add_argument("--size", default="tiny")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    _, m = world_reward_model(args.setting, args.size, verbose=True)
-    print({k: v for k, v in m.items() if k != "loss_curve"})

@@ -2,8 +2,9 @@
 
 Owns
 - ``encode_prompt`` / ``sample_generate`` (a KV-cache sampling loop with temperature and top-p) and
-  ``hf_sample_generate`` (the same through ``model.generate``); ``python -m drpost.trainers.rl_common`` times both
-  on the tiny world model. Measured (``ROLLOUT_TIMING``; 64 prompts x 12 new tokens, 1 thread, shared 2-core
+  ``hf_sample_generate`` (the same through ``model.generate``); ``time_rollouts()`` times both on
+  the tiny world model (``python -c "import torch; torch.set_num_threads(1); from drpost.trainers.rl_common import
+  time_rollouts; print(time_rollouts())"``). Measured (``ROLLOUT_TIMING``; 64 prompts x 12 new tokens, 1 thread, shared 2-core
   machine, best of 3): hand loop 0.360 s, ``model.generate`` 0.338 s -- a tie within the machine's noise. The
   trainers use the hand loop: it samples from an explicit seeded ``torch.Generator`` (rollouts reproducible per
   seed without touching the global RNG), returns ragged responses cut at EOS, and the same loop does greedy
@@ -31,7 +32,7 @@ from drpost.objectives.logprobs import aligned_token_logps, model_output, output
 from drpost.objectives.ppo import ppo_token_losses
 
 IGNORE = -100
-# measured with `python -m drpost.trainers.rl_common` (tiny model, 1 thread, 64 prompts, 12 new tokens), seconds
+# measured with time_rollouts() (tiny model, 1 thread, 64 prompts, 12 new tokens), seconds
 ROLLOUT_TIMING = {"sample_generate": 0.360, "model.generate": 0.338}
 
 
@@ -254,11 +255,6 @@ def time_rollouts(size: str = "tiny", n: int = 64, max_new_tokens: int = 12, rep
             best = min(best, time.perf_counter() - t0)
         res[name] = best
     return res
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    print(time_rollouts())
 
 
 # --------------------------------------------------------------------------- evaluation and data
