@@ -8,6 +8,7 @@ Run: ``.venv/bin/pytest -q tests/integrations/test_trl.py``
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -229,3 +230,124 @@ def test_grpo_trains(tok, tmp_path):
     after = params(m)
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any((after[n] != before[n]).any() for n in before)
+
+
+# --------------------------------------------------------------------------- DPO reference for the target pairs
+def _logged(tr, key):
+    return [h[key] for h in tr.state.log_history if key in h]
+
+
+def test_dpo_precomputed_reference_covers_target_pairs(tok, tmp_path):
+    """precompute_ref_log_probs=True, no ref_model: the target pairs get the initial model's log-probs, so the run
+    equals one with an explicit frozen ref_model, and dr/target_loss leaves ln 2 once the policy has moved."""
+    from trl import DPOConfig
+
+    base = tiny(tok)
+    runs = {}
+    for mode in ("precompute", "ref_model"):
+        args = DPOConfig(output_dir=str(tmp_path / mode), per_device_train_batch_size=4, max_steps=3,
+                         learning_rate=2.0, beta=0.5, precompute_ref_log_probs=mode == "precompute", **COMMON)
+        m = copy.deepcopy(base)
+        tr = DrDPOTrainer(model=m, ref_model=None if mode == "precompute" else copy.deepcopy(base), args=args,
+                          train_dataset=dpo_data(12), processing_class=tok, target_dataset=dpo_data(2, off=20),
+                          dr_method="global_subset", dr_options={"frac": 0.5})
+        if mode == "precompute":
+            assert tr.ref_model is None and {"ref_chosen_logps", "ref_rejected_logps"} <= set(
+                tr.target_dataset.column_names)
+        tr.train()
+        runs[mode] = (_logged(tr, "dr/target_loss"), params(m))
+    (tl_pre, p_pre), (tl_ref, p_ref) = runs["precompute"], runs["ref_model"]
+    assert len(tl_pre) == 3
+    assert abs(tl_pre[0] - math.log(2)) < 1e-5  # step 1: policy == reference (TRL: fp32 log-probs)
+    assert all(abs(t - math.log(2)) > 1e-3 for t in tl_pre[1:])  # before the fix: ln 2 at every step
+    assert tl_pre == pytest.approx(tl_ref, rel=1e-9, abs=1e-12)
+    for n in p_pre:
+        assert torch.allclose(p_pre[n], p_ref[n], rtol=1e-9, atol=1e-12), n
+
+
+# --------------------------------------------------------------------------- TRL's own metrics
+def _step_log(tr, step):
+    return [h for h in tr.state.log_history if h.get("step") == step and "loss" in h][0]
+
+
+def test_sft_logs_trl_metrics_like_plain_sft(tok, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    base = tiny(tok)
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=0.5,
+                     **COMMON)
+    plain = SFTTrainer(model=copy.deepcopy(base), args=args, train_dataset=sft_data(8), processing_class=tok)
+    plain.train()
+    dr = DrSFTTrainer(model=copy.deepcopy(base), args=args, train_dataset=sft_data(8), processing_class=tok,
+                      target_dataset=sft_data(3, off=20), dr_method="full_training")
+    dr.train()
+    for step in (1, 2):  # step 2 is computed after one (identical) update
+        want, got = _step_log(plain, step), _step_log(dr, step)
+        assert got["num_tokens"] == want["num_tokens"] > 0
+        assert got["mean_token_accuracy"] == pytest.approx(want["mean_token_accuracy"], abs=1e-9)
+        assert got["entropy"] == pytest.approx(want["entropy"], rel=1e-5)
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert "dr/target_loss" in got
+
+
+def test_dpo_logs_trl_metrics_like_plain_dpo(tok, tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    base = tiny(tok)
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=2.0,
+                     beta=0.5, **COMMON)
+    plain = DPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(base), args=args,
+                       train_dataset=dpo_data(8), processing_class=tok)
+    plain.train()
+    dr = DrDPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(base), args=args,
+                      train_dataset=dpo_data(8), processing_class=tok, target_dataset=dpo_data(3, off=20),
+                      dr_method="full_training")
+    dr.train()
+    keys = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"]
+    want, got = _step_log(plain, 2), _step_log(dr, 2)
+    assert abs(want["rewards/margins"]) > 1e-4  # the policy has left the reference: the metrics carry signal
+    for k in keys:
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7), k
+    assert got["num_tokens"] == want["num_tokens"] > 0
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- one pass vs two passes
+def _count_forwards(model):
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("kind,method", [("sft", "global_subset"), ("sft", "hull"), ("dpo", "global_subset")])
+def test_global_one_pass_equals_two_pass(tok, tmp_path, kind, method):
+    """Single process: a global-scope step runs one captured forward/backward and assembles .grad from the factors;
+    dr_options assembly='two_pass' (DeepSpeed/FSDP's path) gives the same update, with accumulation and clipping."""
+    from trl import DPOConfig, SFTConfig
+
+    base = tiny(tok)
+    before = params(base)
+    out = {}
+    for assembly in ("one_pass", "two_pass"):
+        m = copy.deepcopy(base)
+        kw = dict(output_dir=str(tmp_path / assembly), per_device_train_batch_size=4, max_steps=2,
+                  learning_rate=0.5, gradient_accumulation_steps=2, **{**COMMON, "max_grad_norm": 0.05})
+        opts = {"assembly": assembly, **({"frac": 0.5} if method == "global_subset" else {})}
+        if kind == "sft":
+            tr = DrSFTTrainer(model=m, args=SFTConfig(**kw), train_dataset=sft_data(16), processing_class=tok,
+                              target_dataset=sft_data(3, off=20), dr_method=method, dr_options=opts)
+        else:
+            tr = DrDPOTrainer(model=m, ref_model=copy.deepcopy(base), args=DPOConfig(beta=0.5, **kw),
+                              train_dataset=dpo_data(16), processing_class=tok, target_dataset=dpo_data(3, off=20),
+                              dr_method=method, dr_options=opts)
+        calls = _count_forwards(m)
+        res = tr.train()
+        assert len(calls) == (4 if assembly == "one_pass" else 8)  # 2 steps x 2 micro-batches x passes
+        out[assembly] = (params(m), res.training_loss, _logged(tr, "grad_norm"))
+    (p1, l1, g1), (p2, l2, g2) = out["one_pass"], out["two_pass"]
+    assert any((p1[n] != before[n]).any() for n in before)
+    assert g1[0] > 0.05  # clipping was active
+    assert g1 == pytest.approx(g2, rel=1e-6)
+    assert l1 == pytest.approx(l2, rel=1e-9)
+    assert_same_update(before, p1, p2, rtol=1e-6)

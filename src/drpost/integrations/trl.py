@@ -8,21 +8,29 @@ Owns the glue between TRL's trainers (``trl>=1.0,<2``; tested with 1.16) and :cl
 
 Each subclass adds ``target_dataset`` (prepared exactly like ``train_dataset`` and cycled by its own iterator: it runs
 out first), ``target_batch_size`` (target samples per rank per step, default 1: the paper's setting), ``dr_method``
-and ``dr_options`` (DataRegularizer options: ``frac``, ``scoring``, ``slack``, ...). ``training_step`` is overridden:
+and ``dr_options`` (DataRegularizer options: ``frac``, ``scoring``, ``slack``, ``assembly``, ...). ``training_step`` is
+overridden; the merged batch (general rows + target rows) runs through the *unwrapped* model with drpost's per-row
+loss, under the accelerator's autocast when mixed precision is on (TRL's configs default to ``bf16=True``, also on
+CPU; the backward then runs outside autocast, as the Trainer does it). Two ways to land the update:
 
-  pass 1: the regularizer runs the merged batch (general rows + target rows) through the *unwrapped* model with
-          drpost's per-row loss, one captured backward (no ``.grad`` written), and returns row coefficients ``c_r``
-          (:meth:`DataRegularizer.row_weights`; under ``torch.distributed`` they are global, see distributed.py);
-  pass 2: the rows with ``c_r != 0`` go through the *wrapped* model and ``accelerator.backward(sum_r c_r loss_r)``,
-          so DDP's gradient all-reduce, gradient clipping, accumulation, mixed precision and logging keep working.
+  one pass (single process and plain DDP, the default): one captured forward/backward; the regularizer assembles the
+          update from the captured factors and writes ``.grad`` itself (:meth:`DataRegularizer.step`; under DDP it
+          all-reduces the result), scaled by 1 / gradient-accumulation steps (and by an fp16 grad scaler's scale, which
+          the Trainer unscales before clipping) and added to any accumulated gradient. Used for every scope: layer
+          scope (``layerwise_subset``, any set with ``scope="layer"``) has one coefficient vector per block, which no
+          single weighted loss could express anyway.
+  two passes (global scope under DeepSpeed or FSDP, or ``dr_options={"assembly": "two_pass"}``): pass 1 returns the
+          row coefficients ``c_r`` from the captured backward without writing ``.grad``
+          (:meth:`DataRegularizer.row_weights`); pass 2 runs the rows with ``c_r != 0`` through the *wrapped* model
+          and ``accelerator.backward(sum_r c_r loss_r)``, so sharded gradients and the engine's own accumulation keep
+          working. Layer scope cannot take this path, so it is refused under DeepSpeed and FSDP.
+Both give the same update (tested in fp64 to 1e-6 relative, with accumulation and clipping). Gradient clipping, the
+optimizer, the scheduler and logging stay the Trainer's; the returned loss is the general rows' token-mean loss /
+accumulation steps, as the plain trainer's.
 
-Cost: pass 1 is a forward + activation-only backward of the merged batch (plus scoring), pass 2 an ordinary
-forward/backward of the kept rows: about 1.7-2x a plain TRL step for selection sets (less when a subset is small),
-about 2x for convex sets; ``full_training`` / ``target_only`` skip pass 1's backward (forward only, for the counts).
-Layer scope (``layerwise_subset``, any set with ``scope="layer"``) has one coefficient vector per block, which no
-single weighted loss can express: it falls back to the regularizer's own one-pass assembly, which writes ``.grad``
-directly (one captured backward, no pass 2; scaled by 1 / gradient-accumulation steps, all-reduced by drpost itself
-under DDP). That path bypasses the accelerator's backward, so it is refused under DeepSpeed and FSDP.
+Cost: one pass = a forward + activation-only backward of the merged batch, plus scoring and one GEMM per weight for
+the assembly; two passes add an ordinary forward/backward of the kept rows (about 1.7-2x a plain step). Measured
+against the plain TRL trainers by ``scripts/bench_trl_adapters.py``.
 
 Supported features and limits (checked at construction, with a clear error):
   * SFT: padded batches of ``input_ids``/``attention_mask``/``labels``; not ``padding_free`` / packing.
@@ -33,15 +41,22 @@ Supported features and limits (checked at construction, with a clear error):
     masks, ``delta``, tools or images. Sample = one completion (TRL shuffles a generation batch, so groups are not
     contiguous). Target prompts are generated and scored by TRL's own ``_generate_and_score_completions`` (their
     reward metrics are logged with the general ones).
-Metrics added to the logs: ``dr/target_loss``, ``dr/kept_frac`` (fraction of general samples with nonzero weight).
+  * DPO with ``precompute_ref_log_probs=True``: the target dataset gets its reference columns precomputed like the
+    train dataset, from the model before training (or ``ref_model``); a batch without them is refused.
+Metrics in the logs: TRL's own, computed on the general rows as the plain trainer computes them on its batch (SFT:
+``entropy``, ``mean_token_accuracy``, ``num_tokens``; DPO: ``rewards/{chosen,rejected,accuracies,margins}``,
+``logps/{chosen,rejected}``, ``logits/{chosen,rejected}``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``,
+taken from pass 1's logits, a few rows at a time; GRPO: TRL's generation and reward metrics), and drpost's
+``dr/target_loss``, ``dr/kept_frac`` (fraction of general samples with nonzero weight), ``dr/skipped``.
 
-Test: ``.venv/bin/pytest -q tests/integrations/test_trl.py``.
+Test: ``.venv/bin/pytest -q tests/integrations/test_trl.py tests/integrations/test_trl_bf16.py``.
 """
 
 from __future__ import annotations
 
 import torch
 import trl
+from accelerate.utils import is_peft_model
 from packaging.version import Version
 from torch import Tensor
 
@@ -119,67 +134,169 @@ class _DrMixin:
         target = self._dr_rows(self._dr_next_target(), model, target=True)
         return self._dr_backward(model, general, target)
 
-    def _dr_backward(self, model, general: dict, target: dict) -> Tensor:
-        """Regularized backward of one micro-batch; returns the general token-mean loss / accumulation steps."""
+    def _dr_two_pass(self, reg) -> bool:
+        """True when a global-scope step must run pass 2 through the accelerator (DeepSpeed, FSDP, or asked for)."""
         from accelerate.utils import DistributedType
 
+        sharded = self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        if reg.feasible.scope != "global":
+            if sharded:
+                raise NotImplementedError(
+                    f"layer-scope methods ({self.dr_method!r}) write .grad directly and cannot run under "
+                    f"{self.accelerator.distributed_type}; use a global-scope method (global_subset, hull, ...) or "
+                    "plain DDP")
+            return False
+        return sharded or reg.assembly == "two_pass"
+
+    def _dr_backward(self, model, general: dict, target: dict) -> Tensor:
+        """Regularized backward of one micro-batch; returns the general token-mean loss / accumulation steps."""
         reg = self._dr_get_regularizer(model)
+        stats: dict = {}
         loss_fn = self._dr_loss_fn()
+        if self._dr_wants_stats():  # TRL's own metrics, from the general rows of pass 1's forward
+            loss_fn = _tapped(loss_fn, general["input_ids"].shape[0], stats)
         ga = self.current_gradient_accumulation_steps
         lr = float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else None
-        device = self.accelerator.device
-        dtype = self.accelerator.distributed_type
-        if reg.feasible.scope == "global":
-            with self.compute_loss_context_manager():
-                c, rep = reg.row_weights(general, target, loss_fn, lr=lr)
-            if c is not None:
-                merged = merge_batches(general, target, device)
-                if "sample_index" in general:  # row -> sample grouping is kept (DPO pairs stay whole)
-                    merged["sample_index"] = torch.cat([torch.as_tensor(general["sample_index"], device=device),
-                                                        torch.as_tensor(target["sample_index"], device=device)
-                                                        + int(general["sample_index"].max()) + 1])
-                keep = torch.nonzero(c != 0).flatten()
-                if keep.numel() == 0:  # still one (zero-weight) backward: DDP ranks must all reduce
-                    keep = torch.zeros(1, dtype=torch.long, device=c.device)
-                with self.compute_loss_context_manager():
-                    loss_sums, _ = loss_fn(model, take_rows(merged, keep))
-                # coefficients are globally normalized; DDP averages over ranks, so undo that average
-                world = rep.info.get("world_size", 1)
-                acc_div = 1 if dtype == DistributedType.DEEPSPEED else self.accelerator.gradient_accumulation_steps
-                loss = (loss_sums * c[keep].to(loss_sums.dtype)).sum() * (world * acc_div / ga)
-                kwargs = {"scale_wrt_gas": False} if dtype == DistributedType.DEEPSPEED else {}
-                self.accelerator.backward(loss, **kwargs)
+        if self._dr_two_pass(reg):
+            rep = self._dr_backward_two_pass(model, reg, general, target, loss_fn, lr, ga)
         else:
-            if dtype in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-                raise NotImplementedError(
-                    f"layer-scope methods ({self.dr_method!r}) write .grad directly and cannot run under {dtype}; "
-                    "use a global-scope method (global_subset, hull, ...) or plain DDP")
-            params = [p for p in reg.model.parameters() if p.requires_grad]
-            stash = {p: p.grad for p in params}
-            for p in params:
-                p.grad = None
-            try:
-                with self.compute_loss_context_manager():
-                    rep = reg.step(general, target, loss_fn, lr=lr)
-            finally:
-                for p in params:
-                    g, old = p.grad, stash[p]
-                    if g is not None and ga != 1:
-                        g.div_(ga)
-                    p.grad = old if g is None else (g if old is None else old.add_(g))
+            rep = self._dr_backward_one_pass(reg, general, target, loss_fn, lr, ga)
         self.dr_last_report = rep
         self._dr_log(rep)
-        return torch.tensor(rep.loss / ga if rep.loss == rep.loss else 0.0, device=device)
+        if stats:
+            self._dr_log_trl_metrics(stats, general)
+        return torch.tensor(rep.loss / ga if rep.loss == rep.loss else 0.0, device=self.accelerator.device)
+
+    def _dr_backward_one_pass(self, reg, general, target, loss_fn, lr, ga):
+        """One captured forward/backward of the merged batch; the regularizer assembles ``.grad`` from the captured
+        factors (all-reduced by drpost itself under DDP). Scaled by 1 / accumulation steps (and by the loss scale of
+        an fp16 grad scaler, which the Trainer unscales before clipping), added to any accumulated ``.grad``."""
+        params = [p for p in reg.model.parameters() if p.requires_grad]
+        stash = {p: p.grad for p in params}
+        for p in params:
+            p.grad = None
+        scale = 1.0 / ga
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale *= float(scaler.get_scale())
+        try:
+            with self.compute_loss_context_manager():
+                rep = reg.step(general, target, loss_fn, lr=lr)
+        finally:
+            for p in params:
+                g, old = p.grad, stash[p]
+                if g is not None and scale != 1.0:
+                    g.mul_(scale)
+                p.grad = old if g is None else (g if old is None else old.add_(g))
+        return rep
+
+    def _dr_backward_two_pass(self, model, reg, general, target, loss_fn, lr, ga):
+        """Pass 1: row coefficients from one captured backward (no ``.grad``); pass 2: the kept rows through the
+        *wrapped* model and ``accelerator.backward(sum_r c_r loss_r)`` (what DeepSpeed / FSDP need)."""
+        from accelerate.utils import DistributedType
+
+        device = self.accelerator.device
+        dtype = self.accelerator.distributed_type
+        with self.compute_loss_context_manager():
+            c, rep = reg.row_weights(general, target, loss_fn, lr=lr)
+        if c is None:
+            return rep
+        merged = merge_batches(general, target, device)
+        if "sample_index" in general:  # row -> sample grouping is kept (DPO pairs stay whole)
+            merged["sample_index"] = torch.cat([torch.as_tensor(general["sample_index"], device=device),
+                                                torch.as_tensor(target["sample_index"], device=device)
+                                                + int(general["sample_index"].max()) + 1])
+        keep = torch.nonzero(c != 0).flatten()
+        if keep.numel() == 0:  # still one (zero-weight) backward: DDP ranks must all reduce
+            keep = torch.zeros(1, dtype=torch.long, device=c.device)
+        with self.compute_loss_context_manager():
+            loss_sums, _ = self._dr_loss_fn()(model, take_rows(merged, keep))
+        # coefficients are globally normalized; DDP averages over ranks, so undo that average
+        world = rep.info.get("world_size", 1)
+        acc_div = 1 if dtype == DistributedType.DEEPSPEED else self.accelerator.gradient_accumulation_steps
+        loss = (loss_sums * c[keep].to(loss_sums.dtype)).sum() * (world * acc_div / ga)
+        kwargs = {"scale_wrt_gas": False} if dtype == DistributedType.DEEPSPEED else {}
+        self.accelerator.backward(loss, **kwargs)
+        return rep
 
     def _dr_log(self, rep) -> None:
         metrics = getattr(self, "_metrics", None)
-        if metrics is None or rep.weights is None:
+        if metrics is None:
             return
         m = metrics["train"]
-        m["dr/target_loss"].append(float(rep.target_loss))
-        m["dr/kept_frac"].append(float((rep.weights != 0).float().mean()))
         if rep.skipped:
             m["dr/skipped"].append(1.0)
+        if rep.weights is None:
+            return
+        m["dr/target_loss"].append(float(rep.target_loss))
+        m["dr/kept_frac"].append(float((rep.weights != 0).float().mean()))
+
+    def _dr_wants_stats(self) -> bool:
+        """Whether the step taps the general rows' logits for TRL's own metrics (SFT, DPO)."""
+        return False
+
+    def _dr_log_trl_metrics(self, stats: dict, general: dict) -> None:
+        raise NotImplementedError
+
+    def _dr_count_tokens(self, general: dict) -> None:
+        """TRL's ``num_tokens``: running total of the general rows' attended tokens over all ranks."""
+        n = self.accelerator.gather_for_metrics(general["attention_mask"].sum()).sum().item()
+        self._total_train_tokens += n // getattr(self, "_tp_size", 1)
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+    def _dr_total(self, x: Tensor) -> float:
+        """Sum of ``x`` over this rank and every other (TRL gathers its metric counts the same way)."""
+        return float(self.accelerator.gather_for_metrics(x.detach().sum()).sum())
+
+
+# --------------------------------------------------------------------------- logit tap for TRL's metrics
+class _Tap(torch.nn.Module):
+    """Calls ``model`` and hands its logits (R, T, V), detached, to ``fn`` before returning the output unchanged."""
+
+    def __init__(self, model, fn):
+        super().__init__()
+        self.inner = model
+        self.fn = fn
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        with torch.no_grad():
+            self.fn((out.logits if hasattr(out, "logits") else out[0]).detach())
+        return out
+
+
+def _token_stats(logits: Tensor, labels: Tensor, max_elems: int = 1 << 22) -> dict[str, Tensor]:
+    """Per-row sums over each row's loss tokens (shifted ``labels != -100``), in fp32, a few rows at a time so no
+    second full (R, T, V) tensor is held: ``valid`` tokens, ``entropy``, ``correct`` (top-1 == label), ``logits``
+    (mean logit over the vocabulary), ``logp`` (log-prob of the label). logits (R, T, V), labels (R, T) -> each (R,)."""
+    R, T, V = logits.shape
+    step = max(1, max_elems // max(1, (T - 1) * V))
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("valid", "entropy", "correct", "logits", "logp")}
+    for r0 in range(0, R, step):
+        lg = logits[r0:r0 + step, :-1].float()  # (r, T-1, V)
+        lab = labels[r0:r0 + step, 1:]  # (r, T-1)
+        mask = lab != -100
+        logp = lg.log_softmax(-1)
+        tok = logp.gather(-1, lab.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (r, T-1)
+        parts["valid"].append(mask.sum(-1).float())
+        parts["entropy"].append((-(logp.exp() * logp).sum(-1) * mask).sum(-1))
+        parts["correct"].append(((lg.argmax(-1) == lab) & mask).sum(-1).float())
+        parts["logits"].append((lg.mean(-1) * mask).sum(-1))
+        parts["logp"].append((tok * mask).sum(-1))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _tapped(loss_fn, rows: int, stats: dict):
+    """``loss_fn`` whose first call also fills ``stats`` with :func:`_token_stats` of the batch's first ``rows``
+    rows (the general rows of a merged batch); later calls (a second pass) run ``loss_fn`` untouched."""
+
+    def fn(model, batch):
+        if stats:
+            return loss_fn(model, batch)
+        labels = batch["labels"][:rows]
+        return loss_fn(_Tap(model, lambda logits: stats.update(_token_stats(logits[:rows], labels))), batch)
+
+    return fn
 
 
 def _interleave(x: Tensor) -> Tensor:
@@ -213,6 +330,17 @@ class DrSFTTrainer(_DrMixin, SFTTrainer):
     def _dr_loss_fn(self):
         return causal_lm_loss
 
+    def _dr_wants_stats(self) -> bool:
+        return True
+
+    def _dr_log_trl_metrics(self, stats: dict, general: dict) -> None:
+        """SFTTrainer's ``entropy``, ``mean_token_accuracy`` and ``num_tokens``, on the general rows."""
+        m = self._metrics["train"]
+        valid = self._dr_total(stats["valid"])
+        m["entropy"].append(self._dr_total(stats["entropy"]) / valid if valid > 0 else 0.0)
+        m["mean_token_accuracy"].append(self._dr_total(stats["correct"]) / valid if valid > 0 else 0.0)
+        self._dr_count_tokens(general)
+
 
 # --------------------------------------------------------------------------- DPO
 class DrDPOTrainer(_DrMixin, DPOTrainer):
@@ -236,6 +364,9 @@ class DrDPOTrainer(_DrMixin, DPOTrainer):
             raise NotImplementedError("DrDPOTrainer does not support: " + ", ".join(bad))
         self._dr_init(target_dataset, dr_method, dr_options, target_batch_size)
         self.target_dataset = self._prepare_dataset(target_dataset, self.processing_class, self.args, "target")
+        if self.precompute_ref_logps:  # the target pairs need reference log-probs too, taken before training
+            bs = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
+            self.target_dataset = self._precompute_ref_logps(self.target_dataset, "target", bs)
 
     def _dr_rows(self, inputs, model, target: bool) -> dict:
         dev = self.accelerator.device
@@ -243,6 +374,10 @@ class DrDPOTrainer(_DrMixin, DPOTrainer):
         ids, cm = inputs["input_ids"], inputs["completion_mask"]
         if "ref_chosen_logps" in inputs and "ref_rejected_logps" in inputs:
             ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        elif self.ref_model is None and self.precompute_ref_logps and not is_peft_model(self.model):
+            raise RuntimeError(  # the policy is no longer the reference: refuse rather than train a wrong direction
+                f"DrDPOTrainer: a {'target' if target else 'general'} batch has no 'ref_chosen_logps' / "
+                "'ref_rejected_logps' although precompute_ref_log_probs=True and there is no ref_model")
         else:
             ref_model = self.ref_model if self.ref_model is not None else self.model
             ref_c, ref_r = self.compute_ref_log_probs(ref_model, inputs)
@@ -257,6 +392,32 @@ class DrDPOTrainer(_DrMixin, DPOTrainer):
 
     def _dr_loss_fn(self):
         return dpo_loss_fn(beta=self.beta)
+
+    def _dr_wants_stats(self) -> bool:
+        return True
+
+    def _dr_log_trl_metrics(self, stats: dict, general: dict) -> None:
+        """DPOTrainer's ``rewards/*``, ``logps/*``, ``logits/*``, ``entropy``, ``mean_token_accuracy`` and
+        ``num_tokens``, on the general pairs (rows alternate chosen / rejected)."""
+        m = self._metrics["train"]
+        gather = self.accelerator.gather_for_metrics
+        logp = stats["logp"]  # (2P,) summed completion log-probs
+        rewards = self.beta * (logp - general["ref_logps"].to(logp.dtype))  # (2P,)
+        rc, rr = gather(rewards[0::2]), gather(rewards[1::2])
+        m["rewards/chosen"].append(rc.mean().item())
+        m["rewards/rejected"].append(rr.mean().item())
+        m["rewards/accuracies"].append((rc > rr).float().mean().item())
+        m["rewards/margins"].append((rc - rr).mean().item())
+        m["logps/chosen"].append(gather(logp[0::2]).mean().item())
+        m["logps/rejected"].append(gather(logp[1::2]).mean().item())
+        valid = self._dr_total(stats["valid"])
+        m["entropy"].append(self._dr_total(stats["entropy"]) / valid if valid > 0 else 0.0)
+        for side, sl in (("chosen", slice(0, None, 2)), ("rejected", slice(1, None, 2))):
+            n = self._dr_total(stats["valid"][sl])
+            m[f"logits/{side}"].append(self._dr_total(stats["logits"][sl]) / n if n > 0 else 0.0)
+        n_c = self._dr_total(stats["valid"][0::2])
+        m["mean_token_accuracy"].append(self._dr_total(stats["correct"][0::2]) / n_c if n_c > 0 else 0.0)
+        self._dr_count_tokens(general)
 
 
 # --------------------------------------------------------------------------- GRPO
