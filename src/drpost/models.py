@@ -296,7 +296,8 @@ def resolve_model(name_or_path: str, gguf_file: str | None = None) -> str:
 
     - ``gguf_file`` set: that GGUF (a path, or a file name inside the local folder ``name_or_path``), converted
       once and cached by sha256; returns the converted folder.
-    - an alias (``ALIASES``): its converted folder; ``ModelSourceError`` saying what to run when it is missing.
+    - an alias (``ALIASES``, any case): its converted folder; ``ModelSourceError`` saying what to run when it is
+      missing. A local folder of the same name wins (as in transformers).
     - a path ending in ``.gguf``: as ``gguf_file``.
     - anything else (``world``, a hub name, a local folder): unchanged.
     """
@@ -306,7 +307,7 @@ def resolve_model(name_or_path: str, gguf_file: str | None = None) -> str:
             path = Path(name_or_path) / gguf_file
         return str(ensure_gguf(path, "model.gguf_file"))
     key = name_or_path.strip().lower()
-    if key in ALIASES:
+    if key in ALIASES and not Path(name_or_path).is_dir():  # a local folder wins, as in transformers
         out = alias_dir(key)
         if not is_complete(out):
             raise ModelSourceError(f"option 'model.name_or_path': {missing_alias_message(key)}")
