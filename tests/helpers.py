@@ -9,6 +9,13 @@ import torch
 
 VOCAB = 48
 
+# Capture vs the torch.func oracle. transformers computes the attention softmax and RMSNorm statistics in float32
+# even in a float64 model (transformers 5.x), and the oracle runs each sample alone while the capture runs the merged
+# batch: a float64 value that differs in its last bit between the two batch shapes can round to a neighbouring
+# float32 (6e-8 relative). Agreement is therefore checked at 1e-6 relative (observed: up to 7e-8; the bar for "exact"),
+# not at float64 rounding; comparisons inside one forward (one-pass vs two-pass, per-row vs autograd) stay tighter.
+ORACLE_RTOL = 1e-6
+
 
 def tiny_model(family: str = "llama", dtype=torch.float64, lora: bool = False, seed: int = 0):
     from transformers import (

@@ -173,6 +173,9 @@ class DataRegularizer:
             raise ValueError(f"option 'assembly' must be one of {ASSEMBLIES}, got {assembly!r}")
         if slack is not None and slack != "auto" and not (isinstance(slack, (int, float)) and slack >= 0):
             raise ValueError(f"option 'slack' must be None, a number >= 0 or 'auto', got {slack!r}")
+        if method == "full_training" and "scope" in set_options and slack is None:
+            raise ValueError("option 'scope' changes nothing for method 'full_training' (one point) unless 'slack' "
+                             "is set (then it scopes the slack ball); drop it")
         self.model = model
         self.method = method
         self.feasible = make_feasible(method, **set_options)
@@ -238,7 +241,7 @@ class DataRegularizer:
         report = StepReport(blocks=self.blocks)
         cap = self.capture
         with cap, timer("forward"):
-            cap.rows = R
+            cap.start(R, merged["input_ids"].shape[1])
             loss_sums, counts = loss_fn(self.model, merged)
         _check_loss_shapes(loss_sums, counts, R)
         counts = counts.detach().to(loss_sums.dtype)

@@ -129,6 +129,6 @@ def test_on_policy_gradient_and_kl_at_reference(U, setup):
     for a, c in zip(g1, g2):
         if a is None or c is None:
             continue
-        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)  # float32 internals of transformers 5 (tests/helpers.py)
     with pytest.raises(KeyError):
         grpo_loss_fn(kl_coef=0.1)(policy, {k: v for k, v in b.items() if k != "ref_logps"})

@@ -40,6 +40,9 @@ class TargetOnly(FeasibleSet):
     uses_target_rows = True
     uses_general_rows = False
 
+    def __init__(self):  # the whole space: a scope would change nothing, so it is refused
+        super().__init__("global")
+
     def coefficients(self, geo: StepGeometry) -> Coefficients:
         L, n = geo.num_blocks, geo.n
         z = torch.zeros((L, n), dtype=geo.scores.dtype, device=geo.scores.device)

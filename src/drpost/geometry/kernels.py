@@ -188,6 +188,8 @@ def block_stats(
     if method not in METHODS:
         raise ValueError(f"option 'scoring' must be one of {METHODS} or 'auto', got {method!r}")
     uses = _uses(block)
+    if not uses and not block.small:  # parameters no row touched (unused in this forward): zero geometry
+        return _zero_stats(tc, n_rows, need_gram, need_target_gram, need_target_sketch)
     ref = uses[0].b if uses else next(iter(block.small.values()))
     dtype = _work_dtype(ref.dtype)
     tc = tc.to(dtype=dtype, device=ref.device)
@@ -246,6 +248,13 @@ def block_stats(
         parts = [x[t] for x in (small, sk) if x is not None]
         sketch = torch.cat(parts, 1)
     return BlockStats(scores, target_sq, gram, tgram, sketch)
+
+
+def _zero_stats(tc: Tensor, n_rows: int, need_gram: bool, need_target_gram: bool, need_sketch: bool) -> BlockStats:
+    dtype, dev, R_t = _work_dtype(tc.dtype), tc.device, tc.shape[0] - n_rows
+    z = lambda *s: torch.zeros(*s, dtype=dtype, device=dev)  # noqa: E731
+    return BlockStats(z(n_rows), z(()), z(n_rows, n_rows) if need_gram else None,
+                      z(R_t, R_t) if need_target_gram else None, z(R_t, 1) if need_sketch else None)
 
 
 # --------------------------------------------------------------------------- assembly

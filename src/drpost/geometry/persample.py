@@ -20,7 +20,7 @@ def per_sample_gradients(model: nn.Module, batch: dict, loss_fn, capture: Captur
     cap = capture or Capture(model)
     R = batch["input_ids"].shape[0]
     with cap:
-        cap.rows = R
+        cap.start(R, batch["input_ids"].shape[1])
         loss, _ = loss_fn(model, batch)
     cap.backward(loss.sum())
     parts = []

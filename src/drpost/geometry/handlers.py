@@ -1,0 +1,500 @@
+"""Per-module capture handlers: how each kind of module yields per-row gradients of its own parameters.
+
+Owned here (``geometry/capture.py`` picks a handler per module through ``HANDLERS`` and checks the result):
+
+* ``LinearHandler`` / ``Conv1DHandler`` / ``EmbeddingHandler`` (*factored*): the weight's uses run through custom
+  autograd functions whose backward records ``(A, B)`` (input activations, output gradients) and returns the input
+  gradient only, so autograd's own weight gradient is never computed. A module whose class keeps the base forward
+  (``type(m).forward is nn.Linear.forward``) gets that forward replaced by an equivalent one; a subclass that
+  overrides ``forward`` (Gemma's scaled embeddings, OPT's positional embeddings, ...) keeps its own forward, run
+  under ``_Intercept``, a torch-function mode that reroutes only the ``F.linear`` / ``F.embedding`` calls on the
+  module's own weight. Either way the model computes exactly what it computed before.
+* ``NormHandler``: LayerNorm / RMSNorm weights and biases, ``sum_t xhat_rt * b_rt`` per row (tiny, materialized).
+* ``FallbackHandler``: any other module with trainable parameters; exact per-row gradients by ``torch.func``
+  vector-Jacobian products, one row at a time, on the recorded inputs. It owns its whole subtree: the parameters
+  of every descendant module are covered by the same replays (a state-space mixer that uses its ``conv1d`` or
+  ``dt_proj`` weight functionally is exact this way).
+
+Rows: the capture knows the merged batch's rows R and sequence length T. A module input is split into rows when its
+leading dimension is R (``(R, ..., d)``) or R*T (token-flattened ``(R*T, d)``, the layout ``x.view(-1, d)`` of an
+``(R, T, d)`` tensor gives, as mixture-of-experts blocks use); anything else raises ``UnsupportedModelError``.
+
+Mixed precision: a forward under ``torch.autocast`` computes in the autocast dtype exactly as ``F.linear`` would
+there, and the backward works inside or outside the autocast region (factors are recorded in the compute dtype;
+kernels accumulate in float32).
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from drpost.geometry.factors import Act, OneHot
+
+if TYPE_CHECKING:
+    from drpost.geometry.capture import Block, Capture
+
+try:  # Hugging Face GPT-2 style Conv1D: y = x @ W + b, W (d_in, d_out)
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+
+class UnsupportedModelError(ValueError):
+    """A model (or one of its parameters) that drpost cannot give exact per-sample gradients for; says what to do."""
+
+
+def rows_view(x: Tensor, capture: Capture, what: str) -> Tensor:
+    """View a module tensor as (R, T', d): leading R rows, or R*T token-flattened rows (row-major)."""
+    R, T = capture.rows, capture.tokens
+    if x.shape[0] == R:
+        return x.reshape(R, -1, x.shape[-1])
+    if x.dim() == 2 and T > 0 and x.shape[0] == R * T:
+        return x.reshape(R, T, x.shape[-1])
+    raise UnsupportedModelError(
+        f"drpost: {what} receives a tensor of shape {tuple(x.shape)} whose leading dimension is neither the "
+        f"{R} rows nor the {R * T} tokens of the batch (R={R}, T={T}): it mixes or reorders rows (e.g. token-routed "
+        "experts called on a subset of tokens), so its per-sample gradients cannot be recovered. Freeze its "
+        "parameters, leave it out of LoRA's target_modules, or use linear_only=True."
+    )
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _check_leaf(weight: Tensor, handler: Handler) -> None:
+    if weight.requires_grad and weight.grad_fn is not None:
+        raise UnsupportedModelError(
+            f"drpost: the weight of {handler.name!r} is computed from other parameters (a parametrization or an "
+            "adapter that rewrites the weight), so per-sample gradients of those parameters cannot be captured. "
+            "Use adapters that are separate modules (PEFT LoRA on Linear layers) or freeze them."
+        )
+
+
+# --------------------------------------------------------------------------- custom autograd functions
+class _LinearFn(torch.autograd.Function):
+    """y = x W^T + b; backward records (x, dy) and returns dx only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, handler):
+        cdt = _autocast_dtype(x)
+        if cdt is not None:  # what autocast does to F.linear: every operand in the autocast dtype
+            x, weight = x.to(cdt), weight.to(cdt)
+            bias = bias.to(cdt) if bias is not None else None
+        ctx.save_for_backward(x, weight)
+        ctx.handler = handler
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        ctx.handler.record(x, dy)
+        dx = dy @ weight if ctx.needs_input_grad[0] else None
+        return dx, None, None, None
+
+
+class _Conv1DFn(torch.autograd.Function):
+    """y = x W + b with W (d_in, d_out) (Hugging Face Conv1D); backward records (x, dy), returns dx only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, handler):
+        cdt = _autocast_dtype(x)
+        if cdt is not None:
+            x, weight = x.to(cdt), weight.to(cdt)
+            bias = bias.to(cdt) if bias is not None else None
+        ctx.save_for_backward(x, weight)
+        ctx.handler = handler
+        with torch.autocast(x.device.type, enabled=False):
+            y = x @ weight
+            return y + bias if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        ctx.handler.record(x, dy)
+        dx = dy @ weight.t() if ctx.needs_input_grad[0] else None
+        return dx, None, None, None
+
+
+class _EmbeddingFn(torch.autograd.Function):
+    """y = W[ids]; backward records (ids, dy); ids get no gradient and neither does W (autocast leaves lookups)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, handler):
+        ctx.save_for_backward(ids)
+        ctx.handler = handler
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (ids,) = ctx.saved_tensors
+        ctx.handler.record(ids, dy)
+        return None, None, None, None
+
+
+class _Intercept(TorchFunctionMode):
+    """Inside a module's own forward: reroute ``F.linear`` / ``F.embedding`` on that module's weight to the capture
+    functions, pass every other call through unchanged."""
+
+    def __init__(self, handler: _FactoredHandler):
+        super().__init__()
+        self.handler = handler
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        h = self.handler
+        w = h.module.weight
+        if func is F.linear and _arg(args, kwargs, 1, "weight") is w:
+            return h.apply(_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 2, "bias"))
+        if func is F.embedding and _arg(args, kwargs, 1, "weight") is w and _plain_embedding(args, kwargs):
+            return h.apply(_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 2, "padding_idx"))
+        return func(*args, **kwargs)
+
+
+def _arg(args, kwargs, i: int, name: str):
+    return args[i] if len(args) > i else kwargs.get(name)
+
+
+def _plain_embedding(args, kwargs) -> bool:
+    """No max_norm, gradient scaling by frequency or sparse gradients (those change the gradient)."""
+    max_norm = _arg(args, kwargs, 3, "max_norm")
+    by_freq, sparse = _arg(args, kwargs, 5, "scale_grad_by_freq"), _arg(args, kwargs, 6, "sparse")
+    return max_norm is None and not by_freq and not sparse
+
+
+# --------------------------------------------------------------------------- handlers
+class Handler:
+    """Installs capture on one module; ``finish()`` turns what was recorded into the block's per-row data."""
+
+    patches_forward = True
+
+    def __init__(self, module: nn.Module, name: str, capture: Capture):
+        self.module = module
+        self.name = name
+        self.capture = capture
+        self.trainable = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+    def factored_params(self) -> list[nn.Parameter]:
+        """Weights handled by factored uses (autograd never computes their gradient); the rest are "small"."""
+        return []
+
+    def install(self) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        if "forward" in self.module.__dict__:
+            del self.module.forward
+
+    def finish(self, block: Block) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+
+class _FactoredHandler(Handler):
+    transposed = False
+    base: type[nn.Module] = nn.Module
+
+    def __init__(self, module, name, capture):
+        super().__init__(module, name, capture)
+        self.records: list[tuple[Tensor, Tensor]] = []
+
+    def factored_params(self):
+        return [self.trainable["weight"]] if "weight" in self.trainable else []
+
+    def apply(self, x: Tensor, extra) -> Tensor:
+        raise NotImplementedError
+
+    def install(self):
+        m, h = self.module, self
+        self._prev = m.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's hooks) is kept
+        if self._prev is None and type(m).forward is self.base.forward:  # the base forward: replace it
+
+            def forward(self_, x):
+                return h.apply(x, m.bias)
+
+        else:  # a subclass with its own forward: run it, rerouting the calls on this weight
+            original = m.forward
+
+            def forward(self_, *args, **kwargs):
+                with _Intercept(h):
+                    return original(*args, **kwargs)
+
+        m.forward = types.MethodType(forward, m)
+
+    def remove(self):
+        super().remove()
+        if getattr(self, "_prev", None) is not None:
+            self.module.forward = self._prev
+        self._prev = None
+
+    def record(self, x: Tensor, dy: Tensor) -> None:
+        self.records.append((x.detach(), dy.detach()))
+
+    def reset(self) -> None:
+        self.records = []
+
+    def _act(self, x: Tensor) -> Act:
+        return rows_view(x, self.capture, f"module {self.name!r}")
+
+    def finish(self, block: Block) -> None:
+        from drpost.geometry.capture import Use
+
+        w = self.trainable.get("weight")
+        bias = self.trainable.get("bias")
+        bias_rows = None
+        for x, dy in self.records:
+            b = rows_view(dy, self.capture, f"module {self.name!r}")
+            if w is not None:
+                block.factored[w].append(Use(self._act(x), b, self.transposed))
+            if bias is not None:
+                br = b.sum(1)  # (R, d_out)
+                bias_rows = br if bias_rows is None else bias_rows + br
+        if bias is not None and bias_rows is not None:
+            block.small[bias] = bias_rows
+        self.records = []
+
+
+class LinearHandler(_FactoredHandler):
+    base = nn.Linear
+
+    def apply(self, x, bias):
+        _check_leaf(self.module.weight, self)
+        return _LinearFn.apply(x, self.module.weight, bias, self)
+
+
+class Conv1DHandler(_FactoredHandler):
+    base = Conv1D if Conv1D else nn.Module
+    transposed = True
+
+    def apply(self, x, bias):
+        _check_leaf(self.module.weight, self)
+        return _Conv1DFn.apply(x, self.module.weight, bias, self)
+
+
+class EmbeddingHandler(_FactoredHandler):
+    base = nn.Embedding
+    transposed = True
+
+    def install(self):
+        m, h = self.module, self
+        if "forward" not in m.__dict__ and type(m).forward is nn.Embedding.forward:
+            self._prev = None
+
+            def forward(self_, ids):
+                return h.apply(ids, m.padding_idx)
+
+            m.forward = types.MethodType(forward, m)
+        else:
+            super().install()
+
+    def apply(self, ids, padding_idx):
+        _check_leaf(self.module.weight, self)
+        R = self.capture.rows
+        if ids.dim() >= 1 and ids.shape[0] == 1 and R > 1:  # e.g. GPT-2's positions: a batch of one, broadcast
+            ids = ids.expand(R, *ids.shape[1:])
+        return _EmbeddingFn.apply(ids, self.module.weight, padding_idx, self)
+
+    def record(self, ids, dy):
+        if self.module.padding_idx is not None:  # the padding row never receives gradient
+            dy = dy * (ids != self.module.padding_idx).unsqueeze(-1).to(dy.dtype)
+        super().record(ids, dy)
+
+    def _act(self, ids):
+        R = self.capture.rows
+        if ids.shape[0] != R:
+            rows_view(ids.unsqueeze(-1), self.capture, f"module {self.name!r}")  # raises the clear error
+        return OneHot(ids.reshape(R, -1), self.module.num_embeddings)
+
+
+class _HookHandler(Handler):
+    """Records inputs in a forward hook and output gradients with a tensor hook; autograd's own gradient of these
+    parameters is computed too, and used only to check the per-row gradients (capture.py)."""
+
+    patches_forward = False
+
+    def __init__(self, module, name, capture):
+        super().__init__(module, name, capture)
+        self.calls: list[dict] = []
+        self._hook = None
+
+    def install(self):
+        def hook(mod, args, kwargs, out):
+            det = lambda v: v.detach() if isinstance(v, Tensor) else v  # noqa: E731
+            call = {"args": tuple(det(a) for a in args), "kwargs": {k: det(v) for k, v in kwargs.items()},
+                    "grads": {}}
+            outs = list(out) if isinstance(out, tuple) else [out]
+            for k, o in enumerate(outs):
+                if isinstance(o, Tensor) and o.requires_grad and o.is_floating_point():
+                    # a fresh view per output: its hook sees only the gradient from outside the module (an output
+                    # computed from another output, like a router's scores from its logits, is not counted twice)
+                    outs[k] = o.view_as(o)
+                    outs[k].register_hook(lambda g, k=k, call=call: call["grads"].__setitem__(k, g.detach()))
+            self.calls.append(call)
+            return tuple(outs) if isinstance(out, tuple) else outs[0]
+
+        self._hook = self.module.register_forward_hook(hook, with_kwargs=True)
+
+    def remove(self):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def reset(self) -> None:
+        self.calls = []
+
+    def finish(self, block: Block) -> None:
+        acc: dict[nn.Parameter, Tensor] = {}
+        for call in self.calls:
+            if not call["grads"]:
+                continue
+            for p, g in self.per_row(call).items():
+                acc[p] = g if p not in acc else acc[p] + g
+        for p, g in acc.items():
+            block.small[p] = g.reshape(g.shape[0], -1)
+        self.calls = []
+
+    def per_row(self, call: dict) -> dict[nn.Parameter, Tensor]:
+        raise NotImplementedError
+
+
+class NormHandler(_HookHandler):
+    """LayerNorm and RMSNorm: d out / d weight = xhat (elementwise), d out / d bias = 1."""
+
+    def xhat(self, x: Tensor) -> Tensor:
+        m = self.module
+        if isinstance(m, nn.LayerNorm):
+            return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+        eps = getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6))
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def per_row(self, call):
+        what = f"module {self.name!r}"
+        x = rows_view(call["args"][0], self.capture, what)
+        b = rows_view(call["grads"][0], self.capture, what)
+        out = {}
+        if "weight" in self.trainable:
+            out[self.trainable["weight"]] = (self.xhat(x).to(b.dtype) * b).sum(1)
+        if "bias" in self.trainable:
+            out[self.trainable["bias"]] = b.sum(1)
+        return out
+
+
+class FallbackHandler(_HookHandler):
+    """Exact per-row gradients of any row-separable module by a vector-Jacobian product per row.
+
+    ``absorbed`` are parameters of descendant modules (themselves without a kernel) covered by this module's vjp."""
+
+    _warned: set[str] = set()
+
+    def __init__(self, module, name, capture, absorbed: dict[str, nn.Parameter] | None = None):
+        super().__init__(module, name, capture)
+        self.trainable.update(absorbed or {})
+        kind = type(module).__name__
+        if kind not in FallbackHandler._warned:
+            FallbackHandler._warned.add(kind)
+            warnings.warn(
+                f"drpost: no kernel for {kind} (e.g. {name!r}); using exact per-sample gradients via torch.func "
+                "(slower; materializes per-row gradients of its parameters)",
+                stacklevel=4,
+            )
+
+    def _slicer(self, r: int) -> Callable:
+        R, T = self.capture.rows, self.capture.tokens
+        what = f"module {self.name!r}"
+
+        def cut(v):
+            if isinstance(v, Tensor) and v.dim() > 0:
+                if v.shape[0] == R:
+                    return v[r : r + 1]
+                if T > 0 and v.shape[0] == R * T:
+                    return v[r * T : (r + 1) * T]
+                if v.shape[0] == 1 or not v.is_floating_point():
+                    return v  # broadcast (e.g. positions of a batch of one) or index tables
+                raise UnsupportedModelError(
+                    f"drpost: {what} is called with a tensor of shape {tuple(v.shape)} that is neither per row "
+                    f"(R={R}) nor per token (R*T={R * T}); its per-sample gradients cannot be computed. Freeze its "
+                    "parameters or leave it out of LoRA's target_modules."
+                )
+            if v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device)):
+                return v
+            if isinstance(v, (tuple, list)):
+                return type(v)(cut(e) for e in v)
+            return _stateful(v, what)
+
+        return cut
+
+    def per_row(self, call):
+        R = self.capture.rows
+        names = list(self.trainable)
+        params = {n: p.detach() for n, p in self.trainable.items()}
+        keys = sorted(call["grads"])
+        grads_out = []
+        with self.capture.uninstalled():  # replays run the plain modules: nothing is recorded twice
+            for r in range(R):
+                cut = self._slicer(r)
+                args = tuple(cut(a) for a in call["args"])
+                kwargs = {k: cut(v) for k, v in call["kwargs"].items()}
+
+                def f(*ps, args=args, kwargs=kwargs):
+                    out = torch.func.functional_call(self.module, dict(zip(names, ps, strict=True)), args, kwargs,
+                                                     strict=False)
+                    outs = out if isinstance(out, tuple) else (out,)
+                    return tuple(outs[k] for k in keys)
+
+                prim, vjp = torch.func.vjp(f, *[params[n] for n in names])
+                cot = tuple(cut(call["grads"][k]).to(o.dtype) for k, o in zip(keys, prim, strict=True))
+                grads_out.append(vjp(cot))
+        return {self.trainable[n]: torch.stack([g[i] for g in grads_out]) for i, n in enumerate(names)}
+
+
+def _stateful(v, what: str):
+    """Arguments that hold per-batch state (a key/value or SSM cache): replays run without them."""
+    kind = type(v).__name__
+    if "cache" in kind.lower():
+        return None
+    raise UnsupportedModelError(
+        f"drpost: {what} is called with an argument of type {kind} that cannot be split per row; its per-sample "
+        "gradients cannot be computed. Freeze its parameters or leave it out of LoRA's target_modules."
+    )
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
+
+
+def _is_embedding(m: nn.Module) -> bool:
+    return isinstance(m, nn.Embedding) and m.max_norm is None and not m.sparse and not m.scale_grad_by_freq
+
+
+# Explicit table: (predicate, handler). First match wins; the fallback covers everything else. Norms are checked
+# by the capture against autograd's own gradient, so an unusual norm formula is refused, never wrong.
+HANDLERS: list[tuple[Callable[[nn.Module], bool], type[Handler]]] = [
+    (lambda m: isinstance(m, nn.Linear), LinearHandler),
+    (lambda m: bool(Conv1D) and type(m) is Conv1D, Conv1DHandler),
+    (_is_embedding, EmbeddingHandler),
+    (_is_norm, NormHandler),
+]
+
+
+def handler_for(module: nn.Module) -> type[Handler]:
+    for pred, cls in HANDLERS:
+        if pred(module):
+            return cls
+    return FallbackHandler

@@ -1,0 +1,68 @@
+"""Mixed precision: the step under bf16 autocast (backward outside the region, as Hugging Face / TRL trainers run
+it, or inside), with bf16 weights, and fp16 autocast with a scaled loss (what a grad scaler does), against float32.
+
+Stated tolerance: scores and the filled ``.grad`` within 2e-2 relative of the float32 step (measured 3e-3 to 1e-2 on
+these models); layer scope within 5e-2 (a block whose top-k has a near tie may keep another row in bf16). Factors are
+recorded in the compute dtype; scores, Grams and the assembly accumulate in float32.
+"""
+
+import pytest
+import torch
+from tests.helpers import batch, tiny_model
+
+import drpost
+from drpost.objectives import causal_lm_loss
+
+SCALE = 1024.0  # the loss scale of the fp16 case
+
+
+def _loss(mode: str):
+    def loss_fn(model, b):
+        if mode in ("autocast_forward", "fp16_scaled"):
+            dt = torch.float16 if mode == "fp16_scaled" else torch.bfloat16
+            with torch.autocast("cpu", dtype=dt):  # the backward runs after this region closes
+                loss, counts = causal_lm_loss(model, b)
+            return loss * (SCALE if mode == "fp16_scaled" else 1.0), counts
+        return causal_lm_loss(model, b)
+
+    return loss_fn
+
+
+def _step(family: str, method: str, mode: str, **opts):
+    model = tiny_model(family, dtype=torch.float32)
+    if mode == "bf16_weights":
+        model = model.to(torch.bfloat16)
+    gen, tgt = batch(6, seed=1, T=9), batch(2, seed=2, T=9)
+    reg = drpost.DataRegularizer(model, method, **opts)
+    if mode == "autocast_both":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rep = reg.step(gen, tgt, _loss(mode))
+    else:
+        rep = reg.step(gen, tgt, _loss(mode))
+    assert rep, rep.skip_reason
+    g = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).float().flatten()
+                   for p in model.parameters() if p.requires_grad])
+    assert all(p.grad is None or p.grad.dtype == p.dtype for p in model.parameters())
+    return g / (SCALE if mode == "fp16_scaled" else 1.0), rep
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+METHODS = [("full_training", {}), ("global_subset", {"frac": 0.5}), ("layerwise_subset", {"frac": 0.5}), ("hull", {})]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["autocast_forward", "autocast_both", "bf16_weights", "fp16_scaled"])
+def test_mixed_precision_step_matches_float32(family, mode):
+    for method, opts in METHODS:
+        ref, rep_ref = _step(family, method, "fp32", **opts)
+        got, rep = _step(family, method, mode, **opts)
+        tol = 5e-2 if method == "layerwise_subset" else 2e-2
+        assert _rel(got, ref) <= tol, (method, _rel(got, ref))
+        if rep_ref.scores is not None:
+            s = rep.scores / (SCALE**2 if mode == "fp16_scaled" else 1.0)  # scores are bilinear in the loss scale
+            assert _rel(s, rep_ref.scores) <= 2e-2, method
+        if method == "global_subset":
+            assert torch.equal(rep.weights != 0, rep_ref.weights != 0)
