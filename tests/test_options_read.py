@@ -26,11 +26,11 @@ import pytest
 
 from drpost import cli
 from drpost import config as C
-from drpost.config import CONFIGS, BenchSystemConfig, ConfigError, leaf_options
+from drpost.config import CONFIGS, ConfigError, leaf_options
 from tests.test_layers import _modules, import_graph
 
-COMMANDS = {**{c: cls for c, cls in CONFIGS.items() if c != "bench"}, "bench quality": C.BenchConfig,
-            "bench system": BenchSystemConfig}
+COMMANDS = {**{c: cls for c, cls in CONFIGS.items() if c != "bench"},
+            **{f"bench {kind}": cls for kind, cls in C.BENCH_CONFIGS.items()}}
 
 # (command, option) -> why it is not read and that is acceptable
 EXCEPTIONS: dict[tuple[str, str], str] = {}

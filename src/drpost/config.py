@@ -409,8 +409,22 @@ CONFIGS: dict[str, type] = {
     "bench": BenchConfig,
 }
 
+@dataclass
+class BenchMesoConfig:
+    """MeSO vs AdamW ('drpost bench meso'): 'drpost sft' on one world setting with AdamW and with MeSO at two
+    sketch sizes, same seeds and budget; target exact match and optimizer-state bytes."""
+
+    kind: ClassVar[str] = "meso"  # the first positional argument of 'drpost bench'
+
+    output_dir: str = _opt("results/meso", "Directory for summary.json and README.md.")
+    runs_dir: str = _opt("runs/bench-meso", "Where the individual 'drpost sft' runs (and their checkpoints) go.")
+    setting: str = _opt("distribution_shift", "World setting trained on (see drpost.world.settings).")
+    steps: int = _opt(300, "Optimizer steps per run.", min=1)
+    seeds: list[int] = _opt(factory=lambda: [0, 1], help="Seeds, comma-separated.", min=0)
+
+
 # 'drpost bench' takes its config class from its first positional argument; CONFIGS["bench"] is the quality one.
-BENCH_CONFIGS: dict[str, type] = {"quality": BenchConfig, "system": BenchSystemConfig}
+BENCH_CONFIGS: dict[str, type] = {"quality": BenchConfig, "system": BenchSystemConfig, "meso": BenchMesoConfig}
 
 GROUPS: tuple[type, ...] = (ModelConfig, RegularizerConfig, OptimConfig, DataConfig, LogConfig)
 
@@ -841,8 +855,8 @@ def to_dict(config: Any) -> dict:
 
 def command_of(config_or_cls: Any) -> str | None:
     cls = config_or_cls if isinstance(config_or_cls, type) else type(config_or_cls)
-    if cls is BenchSystemConfig:
-        return "bench system"
+    if cls in (BenchSystemConfig, BenchMesoConfig):
+        return f"bench {cls.kind}"
     return next((name for name, c in CONFIGS.items() if c is cls), None)
 
 
@@ -932,7 +946,7 @@ def config_reference_markdown() -> str:
         lines += _md_table([(f"{prefix}.{f.name}", tp, getattr(inst, f.name), f) for f, tp in _fields(group)])
         lines.append("")
     lines += ["## Commands", ""]
-    for command, cls in [*CONFIGS.items(), ("bench system", BenchSystemConfig)]:
+    for command, cls in [*CONFIGS.items(), ("bench system", BenchSystemConfig), ("bench meso", BenchMesoConfig)]:
         inst = cls()
         lines += [f"### `drpost {command}` ({cls.__name__})", "", " ".join((cls.__doc__ or "").split()), ""]
         allowed = getattr(cls, "allowed_formats", None)

@@ -68,3 +68,17 @@ def test_cli_bench_system_has_its_own_options(capsys):
     assert key == "bench system" and isinstance(config, BenchSystemConfig)
     assert config.seq_lengths == [8, 16] and config.scorings == ["auto"]
     assert cli.main(["bench", "system", "--paradigm", "sft"]) == 2  # a quality option is refused by name
+
+
+def test_cli_bench_meso_options_and_errors(capsys):
+    from drpost import cli
+    from drpost.config import BenchMesoConfig
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "meso", "--help"])
+    out = capsys.readouterr().out
+    assert "usage: drpost bench meso" in out and "  runs_dir:" in out and "  seq_lengths:" not in out
+    key, config, _ = cli.parse_args(["bench", "meso", "seeds=3,4", "steps=7"])
+    assert key == "bench meso" and isinstance(config, BenchMesoConfig) and config.seeds == [3, 4]
+    assert cli.main(["bench", "meso", "setting=format_shfit", "output_dir=/nonexistent/x"]) == 2
+    assert "did you mean 'format_shift'" in capsys.readouterr().err

@@ -90,7 +90,7 @@ def run(config) -> list[dict]:
         for m in methods:
             r = run_one(setting, m, DEMO_KNOBS.get(m), config.seed, budget, base_size=config.model.size, n_val=50,
                         _ctx=ctx)
-            print(f"  {METHODS[m][0]:<16} target EM {r['target_em']:.3f}  target loss {r['target_loss']:.3f}  "
+            print(f"  {METHODS[m][0]:<22} target EM {r['target_em']:.3f}  target loss {r['target_loss']:.3f}  "
                   f"retention EM {r['retention_em']:.3f}  ({r['wall_seconds']:.0f}s)", flush=True)
             records.append(r)
     (out / "metrics.json").write_text(json.dumps(records, indent=1))

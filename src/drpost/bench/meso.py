@@ -1,6 +1,6 @@
 """MeSO vs AdamW on the world: does SFT still learn with sketched optimizer moments, and what does it save?
 
-    python -m drpost.bench.meso --out results/meso          # ~5 min on one CPU core
+    drpost bench meso output_dir=results/meso          # ~5 min on one CPU core; --help lists the options
 
 Runs ``drpost sft`` (LayerWiseSubset, the world's tiny base model, one setting) with ``model.finetuning=full``
 (AdamW) and ``model.finetuning=meso`` at sketch 64x64 and 32x32, on the same seeds and budget, and measures each
@@ -9,7 +9,6 @@ optimizer's state bytes on the same model after one step. Writes ``summary.json`
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -36,17 +35,14 @@ def state_bytes_after_one_step(sketch: tuple[int, int] | None) -> int:
     return state_bytes(opt)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="results/meso")
-    ap.add_argument("--runs", default="runs/bench-meso", help="where the individual drpost sft runs go")
-    ap.add_argument("--setting", default="distribution_shift")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    args = ap.parse_args(argv)
+def run(config) -> list[dict]:
+    """``drpost bench meso``: ``config`` is a ``drpost.config.BenchMesoConfig``; returns the records."""
     from drpost.cli import main as cli
+    from drpost.world.settings import get_setting
 
-    out = Path(args.out)
+    get_setting(config.setting, option="setting")
+    args = config
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     records = []
@@ -54,7 +50,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sketch = None if name == "AdamW" else tuple(int(x) for x in extra[1].split("=")[1].split("x"))
         sbytes = state_bytes_after_one_step(sketch)
         for seed in args.seeds:
-            run_dir = Path(args.runs) / f"{name.replace(' ', '_')}_s{seed}"  # checkpoints stay out of results/
+            run_dir = Path(args.runs_dir) / f"{name.replace(' ', '_')}_s{seed}"  # checkpoints stay out of results/
             code = cli(["sft", f"output_dir={run_dir}", f"data.setting={args.setting}", f"steps={args.steps}",
                         f"seed={seed}", "eval_every=0", "regularizer.method=layerwise_subset", "optim.lr=1e-3",
                         *extra])
@@ -67,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             "target_test_loss": ev["eval_loss"], "target_batch_loss_first50": sum(tl[:50]) / 50,
                             "target_batch_loss_last50": sum(tl[-50:]) / 50, "train_seconds": m["train_seconds"]})
     (out / "summary.json").write_text(json.dumps(records, indent=1))
-    lines = [f"# MeSO vs AdamW (`python -m drpost.bench.meso --out {args.out}`)", "",
+    lines = [f"# MeSO vs AdamW (`drpost bench meso output_dir={args.output_dir}`)", "",
              f"Setting `{args.setting}`, LayerWiseSubset, {args.steps} steps, seeds {args.seeds}, lr 1e-3; "
              "mean ± s.e. over seeds. State bytes: optimizer state of the tiny world model after one step.", "",
              "| optimizer | state bytes | vs AdamW | target EM | target test loss | target-batch loss, first 50 -> last 50 steps |",
@@ -87,5 +83,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return records
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m drpost.bench.meso ARGS = drpost bench meso ARGS
+    import sys
+
+    from drpost.cli import main as cli_main
+
+    raise SystemExit(cli_main(["bench", "meso", *sys.argv[1:]]))
