@@ -5,12 +5,12 @@ Owns: ``greedy_generate`` (left-padded prompts, KV cache, stops when every row e
 Exact match is scored against each example's *true* ``answer`` with the family's verifier, so noisy examples are
 scored on the truth. Works with any causal LM and tokenizer with ``encode``/``decode``/``pad_token_id``/``eos_token_id``.
 
-Try it: ``python -m drpost.world.evaluate --size micro`` (evaluates the cached base model on each family).
+Try it: ``python -c "from drpost.world.evaluate import base_model_report; print(base_model_report('micro', 20))"``
+(the cached base model on each family).
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 from collections import defaultdict
 
@@ -139,15 +139,15 @@ def eval_loss(model, tokenizer, examples: list[dict], batch_size: int = 256, use
     return total / max(count, 1.0)
 
 
-if __name__ == "__main__":
+def base_model_report(size: str = "tiny", n: int = 100) -> dict[str, dict[str, float]]:
+    """Exact match and loss of the cached base model of ``size`` on ``n`` examples of each family, in the
+    pretraining formats: ``{family: {"exact_match": ..., "loss": ...}}``."""
     from drpost.world.model import load_base_model
     from drpost.world.tasks import FAMILY_NAMES, PRETRAIN_FORMATS, generate_examples
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="tiny")
-    ap.add_argument("--n", type=int, default=100, help="examples per family")
-    args = ap.parse_args()
-    model, tok = load_base_model(args.size)
+    model, tok = load_base_model(size)
+    out = {}
     for fam in FAMILY_NAMES:
-        ex = generate_examples(args.n, [fam], PRETRAIN_FORMATS, seed=f"eval-{fam}")
-        print(f"{fam:14s} exact match {exact_match(model, tok, ex):.3f}  loss {eval_loss(model, tok, ex):.3f}")
+        ex = generate_examples(n, [fam], PRETRAIN_FORMATS, seed=f"eval-{fam}")
+        out[fam] = {"exact_match": exact_match(model, tok, ex), "loss": eval_loss(model, tok, ex)}
+    return out
