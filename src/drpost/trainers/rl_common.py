@@ -2,10 +2,9 @@
 
 Owns
 - ``encode_prompt`` / ``sample_generate`` (a KV-cache sampling loop with temperature and top-p) and
-  ``hf_sample_generate`` (the same through ``model.generate``); ``time_rollouts()`` times both on
-  the tiny world model (``python -c "import torch; torch.set_num_threads(1); from drpost.trainers.rl_common import
-  time_rollouts; print(time_rollouts())"``). Measured (``ROLLOUT_TIMING``; 64 prompts x 12 new tokens, 1 thread, shared 2-core
-  machine, best of 3): hand loop 0.360 s, ``model.generate`` 0.338 s -- a tie within the machine's noise. The
+  ``hf_sample_generate`` (the same through ``model.generate``); ``time_rollouts(model, tokenizer, prompts)`` times
+  both. Measured (``ROLLOUT_TIMING``; the tiny world model, 64 world prompts x 12 new tokens, 1 thread, shared
+  2-core machine, best of 3): hand loop 0.360 s, ``model.generate`` 0.338 s -- a tie within the machine's noise. The
   trainers use the hand loop: it samples from an explicit seeded ``torch.Generator`` (rollouts reproducible per
   seed without touching the global RNG), returns ragged responses cut at EOS, and the same loop does greedy
   evaluation.
@@ -32,7 +31,7 @@ from drpost.objectives.logprobs import aligned_token_logps, model_output, output
 from drpost.objectives.ppo import ppo_token_losses
 
 IGNORE = -100
-# measured with time_rollouts() (tiny model, 1 thread, 64 prompts, 12 new tokens), seconds
+# measured with time_rollouts (tiny world model, 1 thread, 64 prompts, 12 new tokens), seconds
 ROLLOUT_TIMING = {"sample_generate": 0.360, "model.generate": 0.338}
 
 
@@ -142,17 +141,19 @@ def rollout_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: 
 
 @torch.no_grad()
 def forward_stats(model, batch: dict, chunk: int = 64) -> tuple[Tensor, Tensor | None]:
-    """Token-aligned log-probs (R, T) of the labelled tokens, and values (R, T) when the model has a value head."""
+    """Token-aligned log-probs (R, T) of the labelled tokens, and values (R, T) when the model has a value head; run
+    on the model's device, returned on the CPU (where rollout batches live)."""
     logps, values = [], []
     R = batch["input_ids"].shape[0]
+    dev = next(model.parameters()).device
     for s in range(0, R, chunk):
-        sub = {k: v[s:s + chunk] for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        sub = {k: v[s:s + chunk].to(dev) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
         out = model_output(model, sub)
         lp, _ = aligned_token_logps(output_logits(out), sub["labels"])
-        logps.append(lp)
+        logps.append(lp.cpu())
         v = getattr(out, "values", None)
         if isinstance(v, Tensor):
-            values.append(shift_values(v))
+            values.append(shift_values(v).cpu())
     return torch.cat(logps), (torch.cat(values) if values else None)
 
 
@@ -238,13 +239,10 @@ class MixedRLLoss:
         return rows, counts.detach()
 
 
-def time_rollouts(size: str = "tiny", n: int = 64, max_new_tokens: int = 12, repeats: int = 3) -> dict:
-    """Seconds per rollout batch of the hand loop vs ``model.generate`` (best of ``repeats``)."""
-    from drpost.world.model import load_base_model
-    from drpost.world.tasks import generate_examples
-
-    model, tok = load_base_model(size)
-    prompts = [encode_prompt(tok, e["prompt"]) for e in generate_examples(n, seed="timing")]
+def time_rollouts(model, tokenizer, prompts: list[str], max_new_tokens: int = 12, repeats: int = 3) -> dict:
+    """Seconds per rollout batch of ``prompts`` for the hand loop vs ``model.generate`` (best of ``repeats``)."""
+    tok = tokenizer
+    prompts = [encode_prompt(tok, p) for p in prompts]
     res = {}
     for name, fn in (("sample_generate", lambda: sample_generate(model, tok, prompts, max_new_tokens)),
                      ("model.generate", lambda: hf_sample_generate(model, tok, prompts, max_new_tokens))):

@@ -145,7 +145,7 @@ def ppo_rollouts(model: DetachedValuePolicy, ref, reward_fn, tokenizer, examples
     batch = rollout_batch(prompts, responses, tokenizer.pad_token_id)
     logps, values = forward_stats(model, batch)  # (R, T) each
     ref_logps, _ = forward_stats(ref, batch)
-    scores = reward_fn(prompts, responses, examples).to(logps.dtype)  # (R,)
+    scores = reward_fn(prompts, responses, examples).cpu().to(logps.dtype)  # (R,)
     mask = response_mask(batch["labels"])  # (R, T)
     rewards, kl = kl_penalized_rewards(scores, logps, ref_logps, mask, kl_coef)
     adv, returns = gae(rewards, values, mask, recipe.gamma, recipe.lam)

@@ -107,7 +107,7 @@ def grpo_rollouts(policy, ref, reward_fn, tokenizer, examples: list[dict], recip
     batch = rollout_batch(prompts, responses, tokenizer.pad_token_id)
     old, _ = forward_stats(policy, batch)  # (R, T)
     refl = forward_stats(ref, batch)[0] if recipe.kl_coef else torch.zeros_like(old)
-    rewards = reward_fn(prompts, responses, reps).to(old.dtype)  # (R,)
+    rewards = reward_fn(prompts, responses, reps).cpu().to(old.dtype)  # (R,)
     adv = group_advantages(rewards, k, normalize_std=recipe.scale_rewards)  # (R,)
     mask = response_mask(batch["labels"]).to(old.dtype)
     R = len(reps)

@@ -198,7 +198,7 @@ def _run(config, build, command: str) -> int:
     from drpost.trainers import setup
 
     out = Path(config.output_dir)
-    done = _finished_steps(out) if config.resume is not None else None
+    done = _finished_steps(out) if config.resume == "auto" else None
     if done is not None and done >= config.steps:
         msg = (f"the run in {out} is finished ({done} steps); nothing to train (give steps=N with N > {done} to "
                f"extend it)")
