@@ -164,27 +164,36 @@ def _downsample(xs: list[float], points: int = 50) -> list[float]:
 
 
 def _jobs_worker(args):
-    setting, jobs, budget, base_size, n_val, threads = args
+    setting, jobs, budget, base_size, n_val, threads, progress = args
     torch.set_num_threads(threads)
     ctx: dict = {}
-    return [run_one(setting, name, knob, seed, budget, base_size, n_val, ctx) for name, knob, seed in jobs]
+    out = []
+    for name, knob, seed in jobs:
+        r = run_one(setting, name, knob, seed, budget, base_size, n_val, ctx)
+        if progress:  # one plain line per finished run (workers share the terminal)
+            print(f"[bench quality] {r['setting']} {r['label']} knob={knob} seed={seed}: target EM "
+                  f"{r['target_em']:.3f}, val EM {r['val_em']:.3f} ({r['wall_seconds']:.0f}s)", flush=True)
+        out.append(r)
+    return out
 
 
-def _run_jobs(setting, jobs, budget, base_size, n_val, workers):
+def _run_jobs(setting, jobs, budget, base_size, n_val, workers, progress=False):
     if workers <= 1 or len(jobs) <= 1:
-        return _jobs_worker((setting, jobs, budget, base_size, n_val, torch.get_num_threads()))
+        return _jobs_worker((setting, jobs, budget, base_size, n_val, torch.get_num_threads(), progress))
     import multiprocessing as mp
 
     chunks = [jobs[i::workers] for i in range(workers)]
     with mp.get_context("spawn").Pool(workers) as pool:
-        parts = pool.map(_jobs_worker, [(setting, c, budget, base_size, n_val, 1) for c in chunks if c])
+        parts = pool.map(_jobs_worker, [(setting, c, budget, base_size, n_val, 1, progress) for c in chunks if c])
     return [r for p in parts for r in p]
 
 
 def run_quality(setting, methods: list[str] | None = None, seeds: list[int] | None = None,
                 budget: SFTRecipe | None = None, base_size: str = "tiny", n_val: int = 100,
-                workers: int = 1) -> list[dict]:
-    """Records of one setting: knobs tuned on validation (seed 0), then every method on every seed."""
+                workers: int = 1, progress: bool = False) -> list[dict]:
+    """Records of one setting: knobs tuned on validation (first seed), then every method on every seed.
+
+    ``progress`` prints one line per finished run."""
     setting = _setting(setting)
     methods = methods or DEFAULT_METHODS
     seeds = seeds or [0, 1, 2]
@@ -196,7 +205,7 @@ def run_quality(setting, methods: list[str] | None = None, seeds: list[int] | No
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {sorted(METHODS)}")
     tune_jobs = [(m, k, seeds[0]) for m in methods for k in (METHODS[m][2] or [None])]
-    tuned = _run_jobs(setting, tune_jobs, budget, base_size, n_val, workers)
+    tuned = _run_jobs(setting, tune_jobs, budget, base_size, n_val, workers, progress)
     best: dict[str, dict] = {}
     for r in tuned:
         cur = best.get(r["method"])
@@ -205,7 +214,7 @@ def run_quality(setting, methods: list[str] | None = None, seeds: list[int] | No
     for r in tuned:
         r["tuning_only"] = r is not best[r["method"]]
     rest = [(m, best[m]["knob"], s) for m in methods for s in seeds[1:]]
-    return tuned + _run_jobs(setting, rest, budget, base_size, n_val, workers)
+    return tuned + _run_jobs(setting, rest, budget, base_size, n_val, workers, progress)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -388,7 +397,8 @@ def run(config) -> dict:
     workers = int(os.environ.get("DRPOST_WORKERS", "2"))
     records = []
     for s in settings:
-        records += run_quality(s, methods, seeds, budget, base_size=config.model.size, workers=workers)
+        records += run_quality(s, methods, seeds, budget, base_size=config.model.size, workers=workers,
+                               progress=True)
         write_results(records, out_dir, _command())
     table = write_results(records, out_dir, _command())
     print(markdown_table(table, _command()))

@@ -177,15 +177,23 @@ def _downsample(xs: list[float], points: int = 40) -> list[float]:
 
 
 def _worker(args):
-    paradigm, setting, jobs, budget, base_size = args
+    paradigm, setting, jobs, budget, base_size, progress = args
     torch.set_num_threads(1)
     ctx: dict = {}
-    return [run_one(paradigm, setting, name, seed, budget, base_size, ctx) for name, seed in jobs]
+    out = []
+    for name, seed in jobs:
+        r = run_one(paradigm, setting, name, seed, budget, base_size, ctx)
+        if progress:  # one plain line per finished run (workers share the terminal)
+            print(f"[bench {paradigm}] {setting} {name} seed={seed}: target metric {r['target_metric']:.3f}", flush=True)
+        out.append(r)
+    return out
 
 
 def run_rl(paradigm: str, setting: str | None = None, methods: list[str] | None = None,
-           seeds: list[int] | None = None, budget=None, base_size: str = "tiny", workers: int = 1) -> list[dict]:
-    """Records of every (method, seed) on one setting of ``paradigm``, plus one ``base`` record."""
+           seeds: list[int] | None = None, budget=None, base_size: str = "tiny", workers: int = 1,
+           progress: bool = False) -> list[dict]:
+    """Records of every (method, seed) on one setting of ``paradigm``, plus one ``base`` record (``progress``
+    prints one line per finished run)."""
     if paradigm not in PARADIGMS:
         raise ValueError(f"unknown paradigm {paradigm!r}; choose from {PARADIGMS}")
     setting = setting or DEFAULT_SETTINGS[paradigm]
@@ -198,12 +206,12 @@ def run_rl(paradigm: str, setting: str | None = None, methods: list[str] | None 
     _context(paradigm, setting, base_size)  # build caches (base model, reward model) before workers start
     jobs = [("base", 0)] + [(m, s) for s in seeds for m in methods]
     if workers <= 1:
-        return _worker((paradigm, setting, jobs, budget, base_size))
+        return _worker((paradigm, setting, jobs, budget, base_size, progress))
     import multiprocessing as mp
 
     chunks = [jobs[i::workers] for i in range(workers)]
     with mp.get_context("spawn").Pool(workers) as pool:
-        parts = pool.map(_worker, [(paradigm, setting, c, budget, base_size) for c in chunks if c])
+        parts = pool.map(_worker, [(paradigm, setting, c, budget, base_size, progress) for c in chunks if c])
     order = {j: i for i, j in enumerate(jobs)}
     return sorted((r for p in parts for r in p), key=lambda r: order[(r["method"], r["seed"])])
 
@@ -378,7 +386,7 @@ def run(config) -> dict:
     out_dir = config.output_dir if config.output_dir != default.output_dir else f"results/{paradigm}"
     workers = int(os.environ.get("DRPOST_WORKERS", "2"))
     t0 = time.perf_counter()
-    records = run_rl(paradigm, setting, methods, list(config.seeds), budget, config.model.size, workers)
+    records = run_rl(paradigm, setting, methods, list(config.seeds), budget, config.model.size, workers, progress=True)
     command = "drpost " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("drpost") \
         else f"drpost bench quality --paradigm {paradigm}"
     notes = f"Total wall time: {time.perf_counter() - t0:.0f} s with {workers} worker process(es), 1 thread each."
