@@ -373,6 +373,8 @@ class BenchConfig(RunConfig):
                                help="World settings, comma-separated (quality).")
     seeds: list[int] = _opt(factory=lambda: [0, 1, 2], help="Seeds, comma-separated; each seed draws the data "
                                                              "(pool, targets, test set) and the training.", min=0)
+    rewrite: bool = _opt(False, "Rebuild summary.json, README.md and the plots of output_dir from its raw/ records "
+                                "without training (the README's command and notes are kept).")
     optim: OptimConfig = _opt(factory=lambda: OptimConfig(lr=1e-3), help="Optimizer and schedule.")
 
 

@@ -71,3 +71,26 @@ def test_run_refuses_options_it_does_not_read(tmp_path):
         quality.run(BenchConfig(settings=["format_shfit"], output_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"option 'methods': 'mixing' not available for --paradigm rlvr"):
         quality.run(BenchConfig(paradigm="rlvr", methods=["hull", "mixing"], output_dir=str(tmp_path)))
+
+
+def test_rewrite_rebuilds_a_results_directory_keeping_command_and_notes(tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    from drpost import cli
+
+    repo = Path(__file__).resolve().parents[2]
+    for paradigm in ("rlvr", "sft"):
+        src = repo / "results" / paradigm
+        dst = tmp_path / paradigm
+        shutil.copytree(src, dst)
+        old = (dst / "README.md").read_text()
+        for png in dst.glob("*.png"):
+            png.unlink()
+        code = cli.main(["bench", "quality", "--paradigm", paradigm, "rewrite=true", f"output_dir={dst}"])
+        assert code == 0
+        new = (dst / "README.md").read_text()
+        assert new.splitlines()[:4] == old.splitlines()[:4]  # title and command kept
+        assert old.rstrip().splitlines()[-1] == new.rstrip().splitlines()[-1]  # the notes (or verdict) kept
+        assert list(dst.glob("*.png"))
+    capsys.readouterr()

@@ -363,7 +363,7 @@ def rewrite(out_dir: str | Path, command: str) -> dict:
 # options of ``drpost bench quality --paradigm sft`` that change the run (the others are refused if set)
 READ = frozenset({"paradigm", "output_dir", "steps", "methods", "settings", "seeds", "general_batch_size",
                   "target_batch_size", "optim.lr", "optim.weight_decay", "optim.warmup_ratio", "optim.max_grad_norm",
-                  "model.size"})
+                  "model.size", "rewrite"})
 
 
 def run(config) -> dict:
@@ -380,6 +380,14 @@ def run(config) -> dict:
     from drpost.world.settings import get_setting
 
     refuse_unread(config, READ, "bench quality --paradigm sft")
+    if config.rewrite:
+        old = (Path(config.output_dir) / "README.md").read_text() if (Path(config.output_dir) / "README.md").exists() \
+            else ""
+        command = next((line.split("`")[1] for line in old.splitlines() if line.startswith("Command: `")),
+                       _command())
+        table = rewrite(config.output_dir, command)
+        print(markdown_table(table, command))
+        return table
     settings = list(config.settings)
     for s in settings:
         get_setting(s, option="settings")

@@ -332,8 +332,12 @@ def write_rl_results(paradigm: str, records: list[dict], out_dir: str | Path, co
     return summarize_rl(records)
 
 
-def rewrite(out_dir: str | Path, paradigm: str, notes: str = "") -> dict:
-    """Rebuild summary.json, README.md and plots of ``out_dir`` from its raw/*.json records (command kept)."""
+def rewrite(out_dir: str | Path, paradigm: str, notes: str | None = None) -> dict:
+    """Rebuild summary.json, README.md and plots of ``out_dir`` from its raw/*.json records (command kept).
+
+    ``notes``: markdown after the table; None keeps the old README's notes (what follows its "Best Dr method" line).
+    CLI: ``drpost bench quality --paradigm <paradigm> rewrite=true output_dir=<out_dir>``.
+    """
     out = Path(out_dir)
     records = [json.loads(p.read_text()) for p in sorted((out / "raw").glob("*.json"))]
     order = ["base"] + list(METHODS[paradigm])
@@ -345,10 +349,14 @@ def rewrite(out_dir: str | Path, paradigm: str, notes: str = "") -> dict:
     old = (out / "README.md").read_text() if (out / "README.md").exists() else ""
     command = next((line.split("`")[1] for line in old.splitlines() if line.startswith("Command: `")),
                    f"drpost bench quality --paradigm {paradigm}")
+    if notes is None:
+        lines = old.splitlines()
+        at = next((i for i, line in enumerate(lines) if line.startswith("Best Dr method:")), None)
+        notes = "\n".join(lines[at + 1:]).strip() if at is not None else ""
     return write_rl_results(paradigm, records, out, command, notes)
 
 
-READ = frozenset({"paradigm", "output_dir", "steps", "methods", "settings", "seeds", "model.size"})
+READ = frozenset({"paradigm", "output_dir", "steps", "methods", "settings", "seeds", "model.size", "rewrite"})
 
 
 def run(config) -> dict:
@@ -366,6 +374,10 @@ def run(config) -> dict:
 
     paradigm = config.paradigm
     refuse_unread(config, READ, f"bench quality --paradigm {paradigm}")
+    if config.rewrite:
+        table = rewrite(config.output_dir, paradigm)
+        print((Path(config.output_dir) / "README.md").read_text())
+        return table
     default = BenchConfig()
     methods = DEFAULT_METHODS[paradigm] if config.methods == default.methods else list(config.methods)
     wrong = [m for m in methods if m not in METHODS[paradigm]]
@@ -393,14 +405,3 @@ def run(config) -> dict:
     table = write_rl_results(paradigm, records, out_dir, command, notes)
     print((Path(out_dir) / "README.md").read_text())
     return table
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Rebuild a results directory's tables and plots from its raw records.")
-    ap.add_argument("out_dir")
-    ap.add_argument("--paradigm", required=True, choices=PARADIGMS)
-    ap.add_argument("--notes", default="", help="markdown appended to README.md (e.g. from a file: \"$(cat f)\")")
-    args = ap.parse_args()
-    rewrite(args.out_dir, args.paradigm, args.notes)
