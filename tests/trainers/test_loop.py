@@ -187,6 +187,23 @@ def test_rlhf_on_user_prompts_needs_a_reward_model(tmp_path, micro_dir, capsys):
     assert code == 2 and "option 'reward_model'" in err
 
 
+def test_rlvr_on_user_prompts_with_the_numeric_verifier(tmp_path, micro_dir, capsys):  # noqa: F811
+    data = tmp_path / "arith.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(6)))
+    out = tmp_path / "run"
+    code, err = run("rlvr", [f"output_dir={out}", f"model.name_or_path={micro_dir}", *RL, *ARGS["rlvr"],
+                             f"data.general={data}", f"data.target={data}", f"data.eval={data}",
+                             "grpo.verifier=numeric"], capsys)
+    assert code == 0, err
+    ev = metrics(out)["evals"][-1]
+    assert ev["step"] == 2 and 0.0 <= ev["reward"] <= 1.0 and "retention_em" not in ev  # no world data in sight
+    bad = tmp_path / "words.jsonl"
+    bad.write_text(json.dumps({"prompt": "say", "answer": "two"}) + "\n")
+    code, err = run("rlvr", [f"output_dir={tmp_path / 'bad'}", f"model.name_or_path={micro_dir}", *RL,
+                             f"data.general={bad}", f"data.target={bad}", "grpo.verifier=numeric"], capsys)
+    assert code == 2 and "numeric" in err and str(bad) in err
+
+
 def test_dpo_ipo_loss_and_max_prompt_length_run(tmp_path, micro_dir, capsys):  # noqa: F811
     pairs = tmp_path / "eval.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": "Q: " + "x" * 40 + "\nA: ", "chosen": "yes", "rejected": "no"})

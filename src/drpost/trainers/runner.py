@@ -113,10 +113,18 @@ def save(out: Path, task: Task, state: TrainState, config) -> Path:
 
 def save_final(task: Task, out: Path) -> Path:
     """``final/``: the model (safetensors; LoRA adapters only, as PEFT saves them), tokenizer, extra modules."""
+    from transformers.utils import logging as hf_logging
+
     final = out / "final"
     if final.exists():  # an extended run replaces the earlier final model
         shutil.rmtree(final)
-    task.model.save_pretrained(final, safe_serialization=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar between the log lines
+    try:
+        task.model.save_pretrained(final, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if task.tokenizer is not None:
         task.tokenizer.save_pretrained(final)
     task.save_extra(final)
