@@ -6,6 +6,7 @@ Modules (imported lazily, so ``import drpost.world`` stays cheap):
 - ``settings``: ``Setting``, ``SETTINGS``, ``build_setting(setting, seed) -> SettingData``;
 - ``tokenizer``: ``build_tokenizer()`` (byte-level Hugging Face fast tokenizer);
 - ``arch`` / ``model`` / ``pretrain``: the sizes and config, ``load_base_model(size)`` and ``python -m drpost.world.pretrain --size tiny``;
-- ``evaluate``: ``exact_match``, ``exact_match_by_family``, ``eval_loss``, ``greedy_generate``.
+- ``evaluate``: ``exact_match``, ``exact_match_by_family``, ``eval_loss``, ``greedy_generate``;
+- ``chat_render``: the world's tasks as chat turns for a real model's tokenizer.
 The ``drpost demo`` command that runs on this world lives in ``drpost.bench.demo``.
 """
