@@ -181,6 +181,18 @@ def test_load_model_reports_the_missing_alias(cache):
         load_model(ModelConfig(name_or_path="smollm2-135m-instruct"), torch.device("cpu"))
 
 
+def test_load_model_reads_model_gguf_file(tiny, cache):
+    from drpost.config import ModelConfig
+    from drpost.trainers.setup import load_model
+
+    path, model, _ = tiny
+    loaded, tok = load_model(ModelConfig(gguf_file=str(path), dtype="float32"), torch.device("cpu"))
+    ids = torch.arange(10)[None] + 3  # [1, T]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    assert tok.pad_token_id is not None
+
+
 def test_missing_gguf_file_names_the_option(cache, tmp_path):
     with pytest.raises(ConfigError, match="model.gguf_file"):
         models.resolve_model("world", gguf_file=str(tmp_path / "nope.gguf"))
