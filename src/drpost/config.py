@@ -168,7 +168,11 @@ class DataConfig:
     format: DataFormat = _opt("auto", "Record format; auto = detect from the keys of the first record "
                                       "(prompt/completion, messages, text, prompt/chosen/rejected, prompt/answer).")
     max_seq_length: int = _opt(1024, "Tokens per sequence after truncation (prompt kept first); a record left "
-                                     "with no loss tokens is an error naming its file and line.", min=1)
+                                     "with no loss tokens is handled by data.overlong.", min=1)
+    overlong: Literal["error", "skip", "truncate_prompt"] = _opt(
+        "error", "drpost sft: a record whose prompt leaves no completion token within data.max_seq_length is an "
+                 "error naming its file and line (error), dropped with a logged count (skip), or kept with its "
+                 "prompt cut from the left (truncate_prompt).")
     max_general_samples: int | None = _opt(None, "Use only the first N general records; none = all.", min=1)
     max_target_samples: int | None = _opt(None, "Use only the first N target records (the paper uses 16); "
                                                 "none = all.", min=1)

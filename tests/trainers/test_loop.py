@@ -171,12 +171,31 @@ def test_prune_keeps_the_newest(tmp_path):
     ("rlvr", ["general_batch_size=4"], "option 'general_batch_size' is not used"),
     ("rlhf", ["general_batch_size=4"], "option 'general_batch_size' is not used"),
     ("rlvr", ["data.max_seq_length=4", "grpo.max_new_tokens=8"], "option 'data.max_seq_length'"),
+    ("rlhf", ["data.overlong=skip"], "option 'data.overlong' is not used"),
+    ("dpo", ["data.overlong=skip"], "option 'data.overlong' is not used"),
 ])
 def test_options_that_cannot_apply_are_refused(command, argv, fragment, tmp_path, capsys):
     out = tmp_path / "run"
     code, err = run(command, [f"output_dir={out}", "device=cpu", *argv], capsys)
     assert code == 2 and fragment in err
     assert sorted(p.name for p in out.iterdir()) == ["train.log"]  # nothing but the log
+
+
+@pytest.mark.parametrize("policy", ["error", "skip", "truncate_prompt"])
+def test_sft_overlong_records(policy, tmp_path, micro_dir, capsys):  # noqa: F811
+    rows = [{"prompt": "Q: ab\nA: ", "completion": "ba"} for _ in range(5)]
+    rows.insert(2, {"prompt": "Q: " + "long " * 30 + "\nA: ", "completion": "x"})  # line 3: no room for "x"
+    data = tmp_path / "general.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    code, err = run("sft", [f"output_dir={out}", f"model.name_or_path={micro_dir}", *SFT, "steps=1",
+                            "data.max_seq_length=32", f"data.general={data}", f"data.target={data}",
+                            f"data.overlong={policy}"], capsys)
+    if policy == "error":
+        assert code == 2 and f"{data}:3" in err
+    else:
+        assert code == 0, err
+        assert metrics(out)["n_general"] == (5 if policy == "skip" else 6)
 
 
 def test_rlhf_on_user_prompts_needs_a_reward_model(tmp_path, micro_dir, capsys):  # noqa: F811

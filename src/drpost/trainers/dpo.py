@@ -228,9 +228,11 @@ def build(config, device):
     from drpost.config import ConfigError
     from drpost.trainers import setup
     from drpost.trainers.loop import make_scheduler
-    from drpost.trainers.rl_common import load_rl_data
+    from drpost.trainers.rl_common import load_rl_data, refuse_unused
 
     c = config.dpo
+    refuse_unused(config, {"data.overlong": "a pair that does not fit data.max_seq_length is an error naming it; "
+                                            "dpo.max_prompt_length cuts prompts from the left"})
     if c.label_smoothing and c.loss_type != "sigmoid":
         raise ConfigError(f"option 'dpo.label_smoothing' applies to dpo.loss_type=sigmoid only, not {c.loss_type}")
     policy, tok = setup.load_model(config.model, device)

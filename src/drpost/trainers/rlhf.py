@@ -320,7 +320,8 @@ def build(config, device):
     refuse_unused(config, {"general_batch_size": "the general batch of a step is ppo.mini_batch_size rollout "
                                                  "records, from ppo.rollout_batch_size prompts per round",
                            "data.format": "drpost rlhf reads each record's prompt whatever its shape: prompt, "
-                                          "messages, prompt/completion or prompt/answer"})
+                                          "messages, prompt/completion or prompt/answer",
+                           "data.overlong": "prompts are cut to data.max_seq_length - ppo.max_new_tokens tokens"})
     max_prompt = prompt_budget(config, p.max_new_tokens, "ppo.max_new_tokens")
     policy, tok = setup.load_model(config.model, device)
     data = load_rl_data(config, "rlhf", tok)

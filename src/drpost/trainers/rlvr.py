@@ -219,7 +219,8 @@ def build(config, device):
 
     g = config.grpo
     refuse_unused(config, {"general_batch_size": "the general batch is grpo.prompts_per_step prompts x "
-                                                 "grpo.group_size completions"})
+                                                 "grpo.group_size completions",
+                           "data.overlong": "prompts are cut to data.max_seq_length - grpo.max_new_tokens tokens"})
     max_prompt = prompt_budget(config, g.max_new_tokens, "grpo.max_new_tokens")
     policy, tok = setup.load_model(config.model, device)
     data = load_rl_data(config, "rlvr", tok)

@@ -129,12 +129,22 @@ class SFTData:
     source: str = ""
 
 
-def _sft_rows(records, tokenizer, max_len: int) -> list[dict]:
+def _sft_rows(records, tokenizer, max_len: int, overlong: str = "error", role: str = "general") -> list[dict]:
+    """Token rows; with ``overlong=skip`` the records dropped are removed from ``records`` too (in place), so that
+    per-record metadata (families) stays aligned with the rows."""
     for r in records:
         if r.fmt not in SFT_FORMATS:
             raise DataError(f"{r.where}: records of format {r.fmt} cannot be used by drpost sft; expected one of "
                             f"{', '.join(SFT_FORMATS)}")
-    return to_rows(records, tokenizer, None, max_len)
+    skipped: list[str] = []
+    rows = to_rows(records, tokenizer, None, max_len, overlong=overlong, skipped=skipped)
+    if skipped:
+        drop = set(skipped)
+        records[:] = [r for r in records if r.where not in drop]
+    if records and not rows:
+        raise DataError(f"every {role} record was skipped (data.overlong=skip): none fits data.max_seq_length="
+                        f"{max_len}")
+    return rows
 
 
 def _world_setting(name: str):
@@ -160,11 +170,12 @@ def load_sft_data(config, tokenizer) -> SFTData:
                          limit=d.max_general_samples)
         t = load_records(d.target, d.format, role="target", split=d.target_split, config_name=d.target_config,
                          limit=d.max_target_samples)
-        out = SFTData(_sft_rows(g, tokenizer, d.max_seq_length), _sft_rows(t, tokenizer, d.max_seq_length),
+        g_rows = _sft_rows(g, tokenizer, d.max_seq_length, d.overlong, "general")
+        out = SFTData(g_rows, _sft_rows(t, tokenizer, d.max_seq_length, d.overlong, "target"),
                       [r.meta.get("family") for r in g], source=f"{d.general} -> {d.target}")
         if d.eval is not None:
             e = load_records(d.eval, d.format, role="eval", split=d.eval_split, limit=None)
-            out.eval_rows = _sft_rows(e, tokenizer, d.max_seq_length)
+            out.eval_rows = _sft_rows(e, tokenizer, d.max_seq_length, d.overlong, "eval")
         return out
     from dataclasses import replace
 
@@ -185,9 +196,14 @@ def load_sft_data(config, tokenizer) -> SFTData:
                               for i, x in enumerate(xs, start=1)]
     g, t = recs(general, "general"), recs(target, "target")
     test = world.target_test[:WORLD_EVAL_EXAMPLES]
-    return SFTData(_sft_rows(g, tokenizer, d.max_seq_length), _sft_rows(t, tokenizer, d.max_seq_length),
-                   [x["family"] for x in general], _sft_rows(recs(test, "test"), tokenizer, d.max_seq_length),
-                   test, source=f"world:{name}")
+    family = {r.where: x["family"] for r, x in zip(g, general)}
+    g_rows = _sft_rows(g, tokenizer, d.max_seq_length, d.overlong, "general")
+    t_rows = _sft_rows(t, tokenizer, d.max_seq_length, d.overlong, "target")
+    e = recs(test, "test")
+    e_rows = _sft_rows(e, tokenizer, d.max_seq_length, d.overlong, "eval")
+    kept = {r.where for r in e}
+    test = [x for r, x in zip(recs(test, "test"), test) if r.where in kept]
+    return SFTData(g_rows, t_rows, [family[r.where] for r in g], e_rows, test, source=f"world:{name}")
 
 
 # ------------------------------------------------------------------------------------------- optimizer, regularizer
