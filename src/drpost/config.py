@@ -233,7 +233,8 @@ class PPOParams:
     top_p: float = _opt(1.0, "Nucleus sampling threshold of rollouts.", gt=0, max=1)
     target_objective: Literal["reward", "token_pg", "train_loss"] = _opt(
         "reward", "Objective whose gradient on the target prompts' rollouts is the target direction.")
-    target_rollouts: int = _opt(2, "Target-prompt rollouts per PPO mini-batch (the target batch).", min=1)
+    target_rollouts: int = _opt(2, "Target prompts rolled out per PPO round; each step's target batch is "
+                                   "target_batch_size of their records.", min=1)
     baseline: Literal["none", "iif"] = _opt(
         "none", "iif = the IIF baseline: once per rollout round drop the records whose gradient opposes the "
                 "target gradient, then train the PPO epochs with regularizer.method on the kept records.")
