@@ -240,17 +240,16 @@ def _run(config, build, command: str) -> int:
     try:
         train(task, state, config.steps, eval_fn=eval_fn, eval_every=config.eval_every, progress=command,
               hooks=[_log_hook(task, config, trackers), _save_hook(task, config, out)])
-    except KeyboardInterrupt:
-        trackers.close()
+        # 3. final evaluation, model, metrics
+        run_eval(task, eval_fn, state, config.steps)
+        if state.metrics["evals"] and state.metrics["evals"][-1].get(task.unit) == config.steps:
+            trackers.scalars(state.metrics["evals"][-1], config.steps, "eval")
+        task.finish(state.metrics)
+        final = save_final(task, out)
+    except KeyboardInterrupt:  # during a step, the final evaluation or the final save
         return _interrupted(command, config, out, state)
-
-    # 3. final evaluation, model, metrics
-    run_eval(task, eval_fn, state, config.steps)
-    if state.metrics["evals"] and state.metrics["evals"][-1].get(task.unit) == config.steps:
-        trackers.scalars(state.metrics["evals"][-1], config.steps, "eval")
-    trackers.close()
-    task.finish(state.metrics)
-    final = save_final(task, out)
+    finally:
+        trackers.close()
     metrics = state.metrics
     metrics.setdefault("steps", state.step)
     metrics.update(completed_steps=state.step, finished=True, config=to_dict(config))
