@@ -227,7 +227,7 @@ def build(config, device):
     """The DPO task of a ``drpost dpo`` config (everything checked before anything is written) and its evaluation."""
     from drpost.config import ConfigError
     from drpost.trainers import setup
-    from drpost.trainers.loop import make_scheduler
+    from drpost.trainers.loop import make_scheduler, recipe_from
     from drpost.trainers.rl_common import load_rl_data, refuse_unused
 
     c = config.dpo
@@ -242,12 +242,8 @@ def build(config, device):
     else:
         ref = copy.deepcopy(policy)  # the initial model, before adapters
     policy = setup.apply_finetuning(policy, config.model)
-    recipe = DPORecipe(steps=config.steps, general_batch_size=config.general_batch_size,
-                       target_batch_size=config.target_batch_size, lr=config.optim.lr, beta=c.beta,
-                       label_smoothing=c.label_smoothing, loss_type=c.loss_type,
-                       warmup_ratio=config.optim.warmup_ratio, max_grad_norm=config.optim.max_grad_norm,
-                       max_length=config.data.max_seq_length, max_prompt_length=c.max_prompt_length,
-                       eval_every=config.eval_every, seed=config.seed)
+    recipe = recipe_from(DPORecipe, config, c, lr=config.optim.lr, warmup_ratio=config.optim.warmup_ratio,
+                         max_grad_norm=config.optim.max_grad_norm, max_length=config.data.max_seq_length)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = setup.make_optimizer(params, config)
     sched = make_scheduler(opt, config.optim.schedule, config.steps, config.optim.warmup_ratio)

@@ -20,6 +20,7 @@ starts at ``lr / W`` on the first step instead of 0.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -166,6 +167,16 @@ def warmup_linear(opt: torch.optim.Optimizer, steps: int, warmup_ratio: float):
 def constant_schedule(opt: torch.optim.Optimizer):
     """Constant learning rate (the RL library recipes): the LR is exactly the optimizer's."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
+
+
+def recipe_from(cls, *groups, **explicit):
+    """A recipe dataclass ``cls`` from config groups: every field of ``cls`` named like a field of a group takes
+    its value (later groups win), then ``explicit`` values (the fields named differently, e.g. ``lr``)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for g in groups:
+        values.update({f.name: getattr(g, f.name) for f in dataclasses.fields(g) if f.name in names})
+    return cls(**{**values, **explicit})
 
 
 # ------------------------------------------------------------------------------------------------ shared step pieces

@@ -312,7 +312,7 @@ def build(config, device):
     """The PPO task of a ``drpost rlhf`` config (everything checked before anything is written), its evaluation."""
     from drpost.config import ConfigError
     from drpost.trainers import setup
-    from drpost.trainers.loop import make_scheduler
+    from drpost.trainers.loop import make_scheduler, recipe_from
     from drpost.trainers.reward_model import RewardModel, load_classifier, world_reward_model
     from drpost.trainers.rl_common import evaluate_policy, load_rl_data, prompt_budget, refuse_unused
 
@@ -343,15 +343,10 @@ def build(config, device):
         rm.model.to(device)
     ref = copy.deepcopy(policy)  # the initial model, before adapters
     policy = setup.apply_finetuning(policy, config.model)
-    recipe = RLHFRecipe(rounds=config.steps, rollout_batch_size=p.rollout_batch_size, mini_batch_size=p.mini_batch_size,
-                        target_batch_size=config.target_batch_size, target_rollouts=p.target_rollouts,
-                        ppo_epochs=p.ppo_epochs, lr=config.optim.lr, value_lr=p.value_lr or config.optim.lr,
-                        max_grad_norm=config.optim.max_grad_norm, clip_eps=p.clip_eps, value_clip=p.value_clip,
-                        vf_coef=p.vf_coef, kl_coef=p.kl_coef, adaptive_kl=p.adaptive_kl, kl_target=p.kl_target,
-                        kl_horizon=p.kl_horizon, gamma=p.gamma, lam=p.lam, whiten_advantages=p.whiten_advantages,
-                        max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
-                        target_objective=p.target_objective, max_prompt_length=max_prompt,
-                        eval_every=config.eval_every, seed=config.seed)
+    recipe = recipe_from(RLHFRecipe, p, rounds=config.steps, target_batch_size=config.target_batch_size,
+                         lr=config.optim.lr, value_lr=p.value_lr or config.optim.lr,
+                         max_grad_norm=config.optim.max_grad_norm, max_prompt_length=max_prompt,
+                         eval_every=config.eval_every, seed=config.seed)
     spec = RLMethod(config.regularizer.method, config.regularizer.method,
                     baseline=None if p.baseline == "none" else p.baseline)
     reward_fn = rm_reward_fn(rm)

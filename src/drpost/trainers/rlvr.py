@@ -207,7 +207,7 @@ def build(config, device):
     from drpost.data.formats import DataError
     from drpost.data.verifiers import check_numeric_answers
     from drpost.trainers import setup
-    from drpost.trainers.loop import make_scheduler
+    from drpost.trainers.loop import make_scheduler, recipe_from
     from drpost.trainers.rl_common import (
         answer_reward_fn,
         evaluate_policy,
@@ -240,13 +240,9 @@ def build(config, device):
         reward_fn = answer_reward_fn(tok, kind)
     ref = copy.deepcopy(policy)  # the initial model, before adapters
     policy = setup.apply_finetuning(policy, config.model)
-    recipe = RLVRRecipe(steps=config.steps, prompts_per_step=g.prompts_per_step,
-                        target_prompts=config.target_batch_size, group_size=g.group_size,
-                        num_iterations=g.num_iterations, lr=config.optim.lr, max_grad_norm=config.optim.max_grad_norm,
-                        clip_eps=g.clip_eps, kl_coef=g.kl_coef, scale_rewards=g.scale_rewards,
-                        sample_unit=g.sample_unit, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                        target_objective=g.target_objective, max_prompt_length=max_prompt,
-                        eval_every=config.eval_every, seed=config.seed)
+    recipe = recipe_from(RLVRRecipe, g, steps=config.steps, target_prompts=config.target_batch_size,
+                         lr=config.optim.lr, max_grad_norm=config.optim.max_grad_norm, max_prompt_length=max_prompt,
+                         eval_every=config.eval_every, seed=config.seed)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = setup.make_optimizer(params, config)
     sched = make_scheduler(opt, config.optim.schedule, config.steps, config.optim.warmup_ratio)
