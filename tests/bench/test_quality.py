@@ -94,3 +94,12 @@ def test_rewrite_rebuilds_a_results_directory_keeping_command_and_notes(tmp_path
         assert old.rstrip().splitlines()[-1] == new.rstrip().splitlines()[-1]  # the notes (or verdict) kept
         assert list(dst.glob("*.png"))
     capsys.readouterr()
+
+
+def test_every_bench_method_name_trains():
+    """The methods offered by the config's BenchMethod list that are not in the default comparison still run."""
+    ctx: dict = {}
+    budget = SFTRecipe(steps=1, eval_every=0)
+    for name in ("cone", "span", "halfspace"):
+        r = quality.run_one(tiny_setting(), name, None, 0, budget, n_val=2, _ctx=ctx)
+        assert r["method"] == name and r["skipped_steps"] == 0
