@@ -154,6 +154,37 @@ def test_ctrl_c_exits_130_with_partial_metrics_and_resumes(tmp_path, micro_dir, 
     assert metrics(out)["completed_steps"] == 4 and (out / "final" / "model.safetensors").exists()
 
 
+def test_log_every_and_wandb(tmp_path, micro_dir, capsys, monkeypatch):  # noqa: F811
+    """log.wandb reaches W&B (a stand-in module here: init with the project and run name, scalars per step, finish);
+    log.log_every sets the train.log lines."""
+    import sys
+    import types
+
+    calls: dict = {"log": []}
+
+    class Run:
+        def log(self, values, step):
+            calls["log"].append((step, sorted(values)))
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kw):
+        calls["init"] = kw
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    out = tmp_path / "run"
+    code, err = run("sft", [f"output_dir={out}", f"model.name_or_path={micro_dir}", *SFT, "steps=3", "log.wandb=true",
+                            "log.wandb_project=proj", "log.wandb_run_name=r1", "log.log_every=2"], capsys)
+    assert code == 0, err
+    assert calls["init"]["project"] == "proj" and calls["init"]["name"] == "r1" and calls.get("finished")
+    assert [s for s, keys in calls["log"] if "train/loss" in keys] == [1, 2, 3]
+    assert [s for s, keys in calls["log"] if "eval/exact_match" in keys] == [3]  # the end-of-run evaluation
+    text = (out / "train.log").read_text()
+    assert "step 2/3 " in text and "step 3/3 " in text and "step 1/3 " not in text
+
+
 def test_prune_keeps_the_newest(tmp_path):
     root = tmp_path / "checkpoints"
     for s in (3, 10, 7, 1):
