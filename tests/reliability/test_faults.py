@@ -10,8 +10,8 @@ import random
 import pytest
 import torch
 
-import drpost.step
 from drpost.feasible.base import solver_failure
+from drpost.geometry import step_geometry
 from drpost.objectives.sft import causal_lm_loss
 from drpost.step import DataRegularizer
 from drpost.trainers.sft import GeneralSampler, LoopParts, LoopState, MethodSpec, new_metrics, sft_steps
@@ -83,7 +83,7 @@ def test_non_finite_loss_skips_one_step(bad):
 
 def test_non_finite_gram_skips_one_step(monkeypatch):
     parts = _parts()
-    real, calls = drpost.step.block_stats, {"step": -1}
+    real, calls = step_geometry.block_stats, {"step": -1}
     n_blocks = len(parts.reg.blocks)
 
     def faulty(*args, **kw):
@@ -93,7 +93,7 @@ def test_non_finite_gram_skips_one_step(monkeypatch):
             st.row_gram = st.row_gram * float("nan")
         return st
 
-    monkeypatch.setattr(drpost.step, "block_stats", faulty)
+    monkeypatch.setattr(step_geometry, "block_stats", faulty)
     metrics, snaps = _train_with_fault(parts)
     _check_skipped_once(metrics, snaps, "non-finite scores or Gram")
 

@@ -1,7 +1,8 @@
 """Data-parallel drpost: every rank computes the *global* step (same coefficients, same final ``.grad``).
 
-Owns the collectives that turn one rank's share of a step into the global step (DESIGN.md section 2, REFERENCE.md C,
-last bullet). ``DataRegularizer(model, ..., process_group="auto")`` (the default) switches them on when
+Owns the collectives that turn one rank's share of a step into the global step (docs/design.md), and with them the
+data-parallel implementation of the step's geometry interface (``LocalGeometry`` in step_geometry.py is the other).
+``DataRegularizer(model, ..., process_group="auto")`` (the default) switches them on when
 ``torch.distributed`` is initialized with world size > 1; ``process_group=None`` keeps every rank local (each rank
 its own independent step); a ``ProcessGroup`` uses that group. See docs/distributed.md for how to launch.
 
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 
 from drpost.feasible.base import Coefficients, StepGeometry
 from drpost.geometry.kernels import _small, _uses, _work_dtype, direct_rows, reduced_scores, target_grad
+from drpost.geometry.step_geometry import MergedBatch, finish_geometry, indicator
 
 __all__ = [
     "DistributedStep",
@@ -144,10 +146,6 @@ def max_parameter_divergence(model: nn.Module, group=None) -> float:
 
 
 # --------------------------------------------------------------------------- one distributed step
-def _indicator(ids: Tensor, n: int, dtype) -> Tensor:
-    return torch.nn.functional.one_hot(ids, n).t().to(dtype)  # (n, R)
-
-
 @dataclass
 class DistributedStep:
     """The global view of one step, built by :meth:`begin` and used by ``DataRegularizer.step``'s hooks."""
@@ -198,10 +196,10 @@ class DistributedStep:
         return cls(group, rank, world, n_sizes, m_sizes, counts, tcounts, bool(stats[2] == 0))
 
     # ------------------------------------------------------------------ hook 2: global geometry
-    def geometry(self, reg, blocks, g_ids: Tensor, t_ids: Tensor, R_g: int, merged: dict, lr, timer,
-                 report) -> StepGeometry | None:
+    def geometry(self, reg, blocks, mb: MergedBatch, lr, timer, report) -> StepGeometry | None:
         """The global StepGeometry (identical on every rank); None when it is not finite (every rank skips)."""
-        need_gram, need_tgram, trivial = reg._needs()
+        need_gram, need_tgram, trivial = reg.needs()
+        g_ids, t_ids, R_g, merged = mb.g_ids, mb.t_ids, mb.R_g, mb.batch
         L = len(blocks)
         counts, tcounts = self.counts, self.target_counts
         dev, fdt = counts.device, counts.dtype
@@ -216,14 +214,17 @@ class DistributedStep:
         tc = torch.zeros(R, dtype=fdt, device=dev)
         tc[R_g:] = 1.0 / self.target_tokens
         g, t = slice(0, R_g), slice(R_g, R)
-        S_g, S_t = _indicator(g_ids, n, fdt), _indicator(t_ids, m, fdt)
+        S_g, S_t = indicator(g_ids, n, fdt), indicator(t_ids, m, fdt)
         scores, tsq, grams, tgrams, sketches = [], [], [], [], []
         with timer("scoring"):
             for l, b in enumerate(blocks):
                 meth = self._method(reg, l, b, R_g, R - R_g, T, need_gram or need_tgram)
                 report.scoring[b.name] = meth
                 uses = _uses(b)
-                ref = uses[0].b if uses else next(iter(b.small.values()))
+                if not uses and not b.small:  # no row touched this block's parameters: zero geometry
+                    ref = tc
+                else:
+                    ref = uses[0].b if uses else next(iter(b.small.values()))
                 dtype = _work_dtype(ref.dtype)
                 tcl = tc.to(dtype=dtype, device=ref.device)
                 tct = tcl[t]
@@ -231,7 +232,8 @@ class DistributedStep:
                 Sg, St = S_g.to(dtype=dtype, device=ref.device), S_t.to(dtype=dtype, device=ref.device)
                 if meth in ("direct", "compress"):
                     rows = direct_rows(b, dtype) if meth == "direct" else reg.sketcher.sketch_rows(l, b, dtype)
-                    F = torch.cat([x for x in (small, rows) if x is not None], 1)  # (R, D)
+                    parts = [x for x in (small, rows) if x is not None]
+                    F = torch.cat(parts, 1) if parts else tc.new_zeros(R, 1, dtype=dtype)  # (R, D)
                     gT = tct @ F[t]  # (D,) this rank's part of g_T
                     dist.all_reduce(gT, group=self.group)
                     scores.append(Sg @ (F[g] @ gT))  # (n,)
@@ -263,8 +265,6 @@ class DistributedStep:
                                                     self.m_sizes))
             local = torch.stack(scores)  # (L, n)
             all_scores = all_gather_rows(local.t().contiguous(), self.group, self.n_sizes).t()  # (L, n_global)
-        from drpost.step import finish_geometry
-
         return finish_geometry(reg.blocks, all_scores, tsq, grams, tgrams, sketches, counts, tcounts,
                                need_gram, need_tgram, lr, report)
 
@@ -277,7 +277,7 @@ class DistributedStep:
             return "compress"
         if need_gram:
             return "direct"
-        meth = reg._method_for(l, b, n_rows, m_rows, T, need_gram)
+        meth = reg.scoring_method(l, b, n_rows, m_rows, T, need_gram)[0]
         return "direct" if meth == "direct" else "reduced_ghost"
 
     # ------------------------------------------------------------------ hook 3: agree on coefficients, slice

@@ -33,7 +33,7 @@ def floor(case: Case, me: Method, t_std: dict[str, float], rates) -> dict | None
     shapes = block_shapes(reg)
     n, m, T = case.n, case.m, case.T
     R = n + m
-    need_gram, need_tgram, trivial = reg._needs()
+    need_gram, need_tgram, trivial = reg.needs()
     std = sum(t_std.values())
     score = 0.0
     for l, b in enumerate(reg.capture.blocks):
