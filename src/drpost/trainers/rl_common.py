@@ -66,6 +66,15 @@ def _sample_token(logits: Tensor, temperature: float, top_p: float, generator) -
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def kv_cache_keyword(model) -> str:
+    """The KV cache's forward keyword and output attribute: ``cache`` in newer transformers, ``past_key_values``
+    before (the old name only warns in newer versions, on every call)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def sample_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                     top_p: float = 1.0, generator: torch.Generator | None = None,
@@ -78,7 +87,8 @@ def sample_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     ids, attn = _left_pad(prompts, pad, dev)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions count real tokens only
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    past, next_pos = out.past_key_values, pos[:, -1:] + 1  # (B, 1)
+    kw = kv_cache_keyword(model)
+    past, next_pos = getattr(out, kw), pos[:, -1:] + 1  # (B, 1)
     B = len(prompts)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     responses: list[list[int]] = [[] for _ in range(B)]
@@ -93,9 +103,9 @@ def sample_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
             break
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=past,
-                    use_cache=True)
-        past, next_pos = out.past_key_values, next_pos + 1
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True,
+                    **{kw: past})
+        past, next_pos = getattr(out, kw), next_pos + 1
     model.train(was_training)
     return responses
 
