@@ -238,7 +238,10 @@ def build(config, device):
     policy, tok = setup.load_model(config.model, device)
     data = load_rl_data(config, "dpo", tok)
     if c.reference:
-        ref, _ = setup.load_model(type(config.model)(name_or_path=c.reference, dtype=config.model.dtype), device)
+        try:
+            ref, _ = setup.load_model(type(config.model)(name_or_path=c.reference, dtype=config.model.dtype), device)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("option 'model.name_or_path'", "option 'dpo.reference'")) from None
     else:
         ref = copy.deepcopy(policy)  # the initial model, before adapters
     policy = setup.apply_finetuning(policy, config.model)
