@@ -1,0 +1,105 @@
+"""The exactness matrix (issue 15): every causal-LM architecture transformers ships, as a tiny fp64 model, is either
+exact against the per-row autograd oracle or refused with ``UnsupportedModelError`` — never silently wrong.
+
+Cells: model type x {full fine-tuning + full_training, full + global_subset, LoRA all-linear r=4 + global_subset},
+plus the flipped ``tie_word_embeddings`` for full + global_subset where the config has it. A cell passes when
+``.grad``, scores, weights and losses agree to 1e-6 relative (tests/geometry/zoo.py), or when the step raises
+``UnsupportedModelError`` and the cell is listed in ``REFUSED`` with the reason. An expected refusal that became
+exact fails, so the list stays true. Types that cannot be built tiny and text-only offline are skipped with the
+reason. ``scripts/arch_matrix.py`` prints the same matrix as a table.
+"""
+
+from __future__ import annotations
+
+import pytest
+from tests.geometry import zoo
+
+FULL_FT, FULL_GS, LORA_GS = (v[0] for v in zoo.VARIANTS)
+ALL = (FULL_FT, FULL_GS, LORA_GS)
+
+
+def _both_full(types: str, reason: str) -> dict[tuple[str, str], str]:
+    return {(t, v): reason for t in types.split() for v in (FULL_FT, FULL_GS)}
+
+
+def _lora(types: str, reason: str) -> dict[tuple[str, str], str]:
+    return {(t, LORA_GS): reason for t in types.split()}
+
+
+# (model_type, variant) -> why drpost refuses it (the error is UnsupportedModelError; the reason is for readers).
+# An entry covers the flipped tie_word_embeddings too, unless (model_type, variant, tie) says otherwise.
+REFUSED: dict[tuple, str] = {
+    **_lora("afmoe cohere2_moe deepseek_v2 ernie4_5_moe exaone_moe flex_olmo glm4_moe glm4_moe_lite hunyuan_v1_moe "
+            "mellum minimax minimax_m2 mixtral olmoe qwen3_moe qwen3_next solar_open",
+            "PEFT all-linear wraps MoE router/expert parameters the MoE block uses outside their module's forward"),
+    **_both_full("bigbird_pegasus blenderbot blenderbot-small",
+                 "learned positional embedding called with a (T, d) tensor: neither per row nor per token"),
+    **_both_full("bailing_hybrid kimi_linear lfm3", "short convolution weight: fallback per-row sums do not add up"),
+    **_both_full("jetmoe", "mixture-of-attention experts: fallback per-row sums do not add up"),
+    **_both_full("qwen4_exp_text", "hyper-connection norm: fallback per-row sums do not add up"),
+    **_both_full("xlm", "embedding layer norm: fallback per-row sums do not add up"),
+    **_both_full("deepseek_v4", "attention called with a dict argument that cannot be split per row"),
+    **_both_full("gpt_neox_japanese", "attention called with a per-feature (d,) tensor argument"),
+    **_both_full("hy_v3 minimax_m2", "MoE gate called with a per-expert tensor argument"),
+    **_both_full("llama4_text", "token-routed experts called on a gathered (tokens x k, d) tensor"),
+    **_both_full("dory", "lm_head.logit_scale used outside its module's forward"),
+    **_both_full("falcon", "FalconLinear (an nn.Linear subclass with its own forward) uses its weight directly"),
+    **_both_full("whisper", "positional embedding weight indexed outside its module's forward"),
+    **_both_full("xlnet", "lm_loss weight used outside its module's forward"),
+    **_lora("xlnet", "LoRA on a layer called with a (T, R, d) time-major tensor"),
+}
+
+_RG = ("error: the torch.func fallback meets a custom autograd.Function without setup_context (functorch "
+       "refuses), not an UnsupportedModelError")
+
+# (model_type, variant) for the config's default tying, (model_type, variant, tie) for the flipped one -> what goes
+# wrong today (strict xfail: an entry that starts passing must be removed, and
+# an entry that becomes a clear refusal moves to REFUSED)
+XFAIL: dict[tuple, str] = {
+    **_both_full("bert bert-generation big_bird camembert data2vec-text ernie megatron-bert roberta "
+                 "roberta-prelayernorm roformer xlm-roberta xlm-roberta-xl",
+                 "error: the torch.func fallback on the LM-head transform gets tied 'bias'/'decoder.bias' "
+                 "(functional_call: multiple values for tied keys), not an UnsupportedModelError"),
+    **_both_full("recurrent_gemma", _RG),
+    ("recurrent_gemma", FULL_GS, False): _RG,
+}
+
+
+def _cells():
+    out = []
+    for t in zoo.model_types():
+        flip = [tie for tie in zoo.tie_variants(t) if tie is not None]
+        for v in ALL:
+            ties = [None] + (flip if v == FULL_GS else [])
+            for tie in ties:
+                marks = []
+                why = XFAIL.get((t, v) if tie is None else (t, v, tie))
+                if why is not None:
+                    marks.append(pytest.mark.xfail(strict=True, reason=why))
+                tid = f"{t}-{v}" + ("" if tie is None else ("-tied" if tie else "-untied"))
+                out.append(pytest.param(t, v, tie, id=tid, marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("model_type, variant, tie", _cells())
+def test_exact_or_refused(model_type, variant, tie):
+    _, lora, method, opts = next(v for v in zoo.VARIANTS if v[0] == variant)
+    built = zoo.build(model_type, tie=tie, lora=lora)
+    if built.model is None:
+        pytest.skip(built.skip)
+    refused = REFUSED.get((model_type, variant, tie), REFUSED.get((model_type, variant)))
+    if refused is not None:
+        err = zoo.refusal_error() or ValueError
+        with pytest.raises(err) as info:
+            zoo.check(built.model, method, **opts)
+        assert zoo.is_refusal(info.value), info.value
+        return
+    res = zoo.check(built.model, method, **opts)
+    assert res.exact, f"silently wrong ({built.mode} mode): {res.summary()}"
+
+
+def test_refused_and_xfail_entries_name_real_cells():
+    types = set(zoo.model_types())
+    for key in list(REFUSED) + list(XFAIL):
+        assert key[0] in types and key[1] in ALL, key
+    assert not set(REFUSED) & set(XFAIL)
