@@ -35,8 +35,7 @@ from drpost.feasible.base import (
     fallback_full_training,
     solver_failure,
 )
-from drpost.feasible.convex import apply_slack
-from drpost.feasible.strength import AutoStrength
+from drpost.feasible.slack import WithSlack
 from drpost.geometry import cost
 from drpost.geometry.capture import Capture
 from drpost.geometry.kernels import METHODS, Sketcher, assemble
@@ -128,6 +127,8 @@ class DataRegularizer:
         self.model = model
         self.method = method
         self.feasible = make_feasible(method, **set_options)
+        if slack is not None:  # C + ball(slack): one wrapper for every set (feasible/slack.py)
+            self.feasible = WithSlack(self.feasible, slack)
         self.scoring = scoring
         self.assembly = assembly
         self.slack = slack
@@ -141,7 +142,6 @@ class DataRegularizer:
         self.rates = cost.Rates()
         self.local_geometry = LocalGeometry()
         self._choice: dict[tuple, str] = {}  # scoring method per (block, rows, target rows, T, Gram needed)
-        self._slack_strength = AutoStrength() if slack == "auto" else None
 
     # ------------------------------------------------------------------ public
     @property
@@ -166,7 +166,7 @@ class DataRegularizer:
     def needs(self) -> Needs:
         fs = self.feasible
         trivial = fs.name in ("full_training", "target_only") and not self.report_scores and self.slack is None
-        return Needs(fs.needs_gram or self.slack is not None, fs.needs_target_gram or self.slack == "auto", trivial)
+        return Needs(fs.needs_gram, fs.needs_target_gram, trivial)
 
     def scoring_method(self, block_idx: int, block, n_rows: int, m_rows: int, T: int, need_gram: bool,
                        tc: Tensor | None = None):
@@ -190,8 +190,6 @@ class DataRegularizer:
     def state_dict(self) -> dict:
         """Running state for checkpoints: scoring choices and automatic-strength estimates."""
         state: dict = {"choice": [[list(k), v] for k, v in self._choice.items()]}
-        if self._slack_strength is not None:
-            state["slack_strength"] = self._slack_strength.state_dict()
         auto = getattr(self.feasible, "auto", None)
         if auto is not None:
             state["feasible_auto"] = auto.state_dict()
@@ -199,11 +197,10 @@ class DataRegularizer:
 
     def load_state_dict(self, state: dict) -> None:
         self._choice = {tuple(k): v for k, v in state.get("choice", [])}
-        if "slack_strength" in state and self._slack_strength is not None:
-            self._slack_strength.load_state_dict(state["slack_strength"])
         auto = getattr(self.feasible, "auto", None)
-        if "feasible_auto" in state and auto is not None:
-            auto.load_state_dict(state["feasible_auto"])
+        saved = state.get("feasible_auto", state.get("slack_strength"))  # slack_strength: checkpoints before 0.2
+        if saved is not None and auto is not None:
+            auto.load_state_dict(saved)
 
     # ------------------------------------------------------------------ the stages
     def _run(self, general: dict, target: dict, loss_fn, lr, write_grads: bool) -> StepReport:
@@ -273,20 +270,13 @@ class DataRegularizer:
         return DistributedStep.begin(group, loss_sums, mb.R_g, mb.counts, mb.target_counts, report)
 
     def _solve(self, geo: StepGeometry, ds, report: StepReport) -> Coefficients:
-        """Stage 4: coefficients from the feasible set (+ slack); an unconverged solve falls back to standard
-        training for this step, without slack."""
+        """Stage 4: coefficients from the feasible set (slack included: ``WithSlack``); an unconverged solve falls
+        back to standard training for this step, without slack."""
         coefs = self.feasible(geo)
-        failure = solver_failure(coefs.info, getattr(self.feasible, "max_iter", None))
+        inner = getattr(self.feasible, "inner", self.feasible)
+        failure = solver_failure(coefs.info, getattr(inner, "max_iter", None))
         if failure is not None:
             coefs = fallback_full_training(geo, failure)
-        elif self.slack is not None:
-            scoped = geo.summed() if self.feasible.scope == "global" else geo
-            if self.slack == "auto":
-                radius, info = self._slack_strength(scoped)
-                coefs = apply_slack(scoped, coefs, radius)
-                coefs.info.update({"slack_" + k: v for k, v in info.items()})
-            else:
-                coefs = apply_slack(scoped, coefs, float(self.slack))
         if ds is not None:
             ds.agree(coefs)
         report.weights, report.target_weight = coefs.coef, coefs.target_coef

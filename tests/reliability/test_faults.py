@@ -126,6 +126,7 @@ def test_solver_failure_rule():
 
 def _unconverged(fs):
     """Make a convex set report an exhausted iteration budget with a large KKT residual (its solution kept)."""
+    fs = getattr(fs, "inner", fs)  # the set itself when slack wraps it
     real = fs.coefficients
 
     def coefficients(geo):

@@ -99,18 +99,6 @@ class FeasibleSet:
         return f"{type(self).__name__}(scope={self.scope!r})"
 
 
-def atom_scale(geo: StepGeometry) -> Tensor:
-    """Scalar c with atoms a_i = c * u_i = n u_i / N (each sample's share of the standard gradient, times n)."""
-    return geo.n / geo.counts.to(geo.scores.dtype).sum()
-
-
-def to_atom_space(geo: StepGeometry) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(s_a (L,n), K_a (L,n,n) or None, ||g_T||^2 (L,)) for atoms a_i = n u_i / N."""
-    c = atom_scale(geo)
-    gram = None if geo.gram is None else geo.gram * c * c
-    return geo.scores * c, gram, geo.target_sq
-
-
 def check_frac(frac: float, option: str = "frac") -> float:
     if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not (0.0 < float(frac) <= 1.0):
         raise ValueError(f"option {option!r} must be a number in (0, 1], got {frac!r}")

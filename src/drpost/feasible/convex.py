@@ -4,7 +4,7 @@ This module owns the ``FeasibleSet`` subclasses ``Hull``, ``CappedSimplex``, ``C
 ``Halfspace`` and ``Gem`` and the name map ``CONVEX_SETS``. The numerics live in ``solvers.py``, slack in
 ``slack.py``, the automatic radius in ``strength.py``.
 
-Everything is solved in atom space: a_i = c u_i with c = n / N (``base.to_atom_space``), so the mean of the atoms,
+Everything is solved in atom space: a_i = c u_i with c = n / N, so the mean of the atoms,
 sum_i u_i / N, is exactly the full_training gradient; with A the matrix of atoms, K_a = c^2 K and s_a = c s.
 A set returns weights w on the atoms (and mu on g_T) and reports ``Coefficients(coef = c w, target_coef = mu)``,
 i.e. update = sum_i coef_i u_i + target_coef g_T per block.
@@ -29,8 +29,8 @@ from drpost.feasible.strength import AutoStrength
 
 
 def _scale(geo: StepGeometry) -> Tensor:
-    """c = n / N in the geometry's dtype (``base.atom_scale`` divides by integer counts in the default dtype,
-    which rounds c to float32 even for a float64 geometry)."""
+    """c = n / N in the geometry's dtype (integer counts divided in the default dtype would round c to float32
+    even for a float64 geometry)."""
     return geo.n / geo.counts.to(device=geo.scores.device, dtype=geo.scores.dtype).sum()
 
 
@@ -38,7 +38,7 @@ def _atoms(geo: StepGeometry) -> tuple[Tensor, Tensor, Tensor]:
     """(c, s_a (L,n), K_a (L,n,n)) with s_a = c s, K_a = c^2 K, computed in the geometry's dtype."""
     if geo.gram is None:
         raise ValueError("the convex feasible sets need the Gram (geo.gram)")
-    c = _scale(geo)  # the transform of base.to_atom_space, with c kept in the geometry's dtype
+    c = _scale(geo)  # atoms a_i = c u_i, with c kept in the geometry's dtype
     return c, geo.scores * c, geo.gram * (c * c)
 
 

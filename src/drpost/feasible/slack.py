@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from drpost.feasible.base import Coefficients, FeasibleSet, StepGeometry
+from drpost.feasible.base import Coefficients, FeasibleSet, StepGeometry, solver_failure
 from drpost.feasible.strength import AutoStrength
 
 
@@ -96,13 +96,17 @@ class WithSlack(FeasibleSet):
 
     def coefficients(self, geo: StepGeometry) -> Coefficients:
         coefs = self.inner.coefficients(geo)
+        if solver_failure(coefs.info, getattr(self.inner, "max_iter", None)) is not None:
+            return coefs  # the caller falls back to standard training for this step, without slack
+        scoped = geo.summed() if self.scope == "global" else geo  # the ball lives where the set's scope does
         info = {}
         if self.auto is not None:
-            r, info = self.auto(geo)
+            r, info = self.auto(scoped)
         else:
             r = self.radius
-        out = apply_slack(geo, coefs, r)
-        if info:
+        out = apply_slack(scoped, coefs, r)
+        out.info.update({"slack_" + k: v for k, v in info.items()})
+        if "estimate" in info:
             out.info["estimate"] = info["estimate"]
         return out
 

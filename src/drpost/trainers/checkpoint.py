@@ -259,24 +259,8 @@ def _tuples(x):
 
 def regularizer_state(reg) -> dict:
     """The DataRegularizer's running state: automatic-strength estimates and cached scoring choices."""
-    if callable(getattr(reg, "state_dict", None)):
-        return reg.state_dict()
-    state: dict = {"choice": [[list(k), v] for k, v in reg._choice.items()]}
-    if getattr(reg, "_slack_strength", None) is not None:
-        state["slack_strength"] = reg._slack_strength.state_dict()
-    auto = getattr(reg.feasible, "auto", None)
-    if auto is not None:
-        state["feasible_auto"] = auto.state_dict()
-    return state
+    return reg.state_dict()
 
 
 def load_regularizer_state(reg, state: dict) -> None:
-    if callable(getattr(reg, "load_state_dict", None)):
-        reg.load_state_dict(state)
-        return
-    reg._choice = {tuple(k): v for k, v in state.get("choice", [])}
-    if "slack_strength" in state and getattr(reg, "_slack_strength", None) is not None:
-        reg._slack_strength.load_state_dict(state["slack_strength"])
-    auto = getattr(reg.feasible, "auto", None)
-    if "feasible_auto" in state and auto is not None:
-        auto.load_state_dict(state["feasible_auto"])
+    reg.load_state_dict(state)
