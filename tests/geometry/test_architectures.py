@@ -47,22 +47,14 @@ REFUSED: dict[tuple, str] = {
     **_both_full("whisper", "positional embedding weight indexed outside its module's forward"),
     **_both_full("xlnet", "lm_loss weight used outside its module's forward"),
     **_lora("xlnet", "LoRA on a layer called with a (T, R, d) time-major tensor"),
+    **_both_full("recurrent_gemma", "the RG-LRU keeps its recurrent state on the module: no per-row replay"),
+    ("recurrent_gemma", FULL_GS, False): "the RG-LRU keeps its recurrent state on the module: no per-row replay",
 }
-
-_RG = ("error: the torch.func fallback meets a custom autograd.Function without setup_context (functorch "
-       "refuses), not an UnsupportedModelError")
 
 # (model_type, variant) for the config's default tying, (model_type, variant, tie) for the flipped one -> what goes
 # wrong today (strict xfail: an entry that starts passing must be removed, and
 # an entry that becomes a clear refusal moves to REFUSED)
-XFAIL: dict[tuple, str] = {
-    **_both_full("bert bert-generation big_bird camembert data2vec-text ernie megatron-bert roberta "
-                 "roberta-prelayernorm roformer xlm-roberta xlm-roberta-xl",
-                 "error: the torch.func fallback on the LM-head transform gets tied 'bias'/'decoder.bias' "
-                 "(functional_call: multiple values for tied keys), not an UnsupportedModelError"),
-    **_both_full("recurrent_gemma", _RG),
-    ("recurrent_gemma", FULL_GS, False): _RG,
-}
+XFAIL: dict[tuple, str] = {}
 
 
 def _cells():
@@ -103,3 +95,37 @@ def test_refused_and_xfail_entries_name_real_cells():
     for key in list(REFUSED) + list(XFAIL):
         assert key[0] in types and key[1] in ALL, key
     assert not set(REFUSED) & set(XFAIL)
+
+
+def test_oracle_rows_add_up_to_plain_backward():
+    model = zoo.tiny_model("llama")
+    b = zoo.batch(model)
+    u, counts, _ = zoo.per_sample_grads(model, b)
+    from drpost.objectives import causal_lm_loss
+
+    model.zero_grad(set_to_none=True)
+    loss, _ = causal_lm_loss(model, b)
+    loss.sum().backward()
+    for n, p in zoo.trainable(model).items():
+        assert zoo.rel(u[n].sum(0), p.grad) < 1e-12, n
+    model.zero_grad(set_to_none=True)
+    assert counts.tolist() == (b["labels"][:, 1:] != -100).sum(1).tolist()
+
+
+def test_check_catches_a_silently_wrong_gradient(monkeypatch):
+    """The harness itself: a 1% error on one parameter's .grad, or a swapped subset, is not 'exact'."""
+    import drpost
+
+    model = zoo.tiny_model("gpt2")
+    assert zoo.check(model, "global_subset", frac=0.5).exact
+    step = drpost.DataRegularizer.step
+
+    def skewed(self, *a, **k):
+        rep = step(self, *a, **k)
+        p = next(p for n, p in self.model.named_parameters() if n.endswith("ln_f.bias"))
+        p.grad.mul_(1.01)
+        return rep
+
+    monkeypatch.setattr(drpost.DataRegularizer, "step", skewed)
+    res = zoo.check(model, "global_subset", frac=0.5)
+    assert not res.exact and res.worst_param.endswith("ln_f.bias"), res.summary()

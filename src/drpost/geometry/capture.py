@@ -1,7 +1,7 @@
 """Capture, in one forward/backward, everything needed for per-row gradients of every trainable parameter.
 
 ``Capture(model)`` finds each module that owns trainable parameters and installs a handler chosen by module type
-(``geometry/handlers.py``: factored Linear / Conv1D / Embedding, LayerNorm / RMSNorm, and an exact ``torch.func``
+(``geometry/handlers.py``: factored Linear / Conv1D / Embedding, LayerNorm / RMSNorm, and an exact per-row
 fallback for everything else). Parameters are grouped into *blocks* (a module's weight and bias; modules sharing a
 tied weight merge into one block). Layer scope = one selection per block.
 
@@ -82,8 +82,14 @@ class Capture:
         self.frozen: list[nn.Parameter] = []
         self.installed = False
         fallbacks: dict[str, FallbackHandler] = {}
+        holders: dict[int, list[str]] = {}  # a parameter -> the modules that hold it directly (ties: several)
         for name, mod in model.named_modules():
-            own = {n: p for n, p in mod.named_parameters(recurse=False) if p.requires_grad}
+            for p in mod.parameters(recurse=False):
+                holders.setdefault(id(p), []).append(name)
+        for name, mod in model.named_modules():
+            # an alias of a descendant's parameter (BERT's head.bias is head.decoder.bias) belongs to the descendant
+            own = {n: p for n, p in mod.named_parameters(recurse=False)
+                   if p.requires_grad and not any(_below(h, name) for h in holders[id(p)])}
             if not own:
                 continue
             cls = handler_for(mod)
@@ -242,6 +248,10 @@ class Capture:
             h.reset()
         for b in self.blocks:
             b.clear()
+
+
+def _below(name: str, ancestor: str) -> bool:
+    return name != ancestor and (ancestor == "" or name.startswith(ancestor + "."))
 
 
 def _nearest(fallbacks: dict[str, FallbackHandler], name: str) -> FallbackHandler | None:

@@ -10,8 +10,8 @@ Owned here (``geometry/capture.py`` picks a handler per module through ``HANDLER
   under ``_Intercept``, a torch-function mode that reroutes only the ``F.linear`` / ``F.embedding`` calls on the
   module's own weight. Either way the model computes exactly what it computed before.
 * ``NormHandler``: LayerNorm / RMSNorm weights and biases, ``sum_t xhat_rt * b_rt`` per row (tiny, materialized).
-* ``FallbackHandler``: any other module with trainable parameters; exact per-row gradients by ``torch.func``
-  vector-Jacobian products, one row at a time, on the recorded inputs. It owns its whole subtree: the parameters
+* ``FallbackHandler``: any other module with trainable parameters; exact per-row gradients by vector-Jacobian
+  products (a replay of the module's forward on one row's recorded inputs, then ``torch.autograd.grad``). It owns its whole subtree: the parameters
   of every descendant module are covered by the same replays (a state-space mixer that uses its ``conv1d`` or
   ``dt_proj`` weight functionally is exact this way).
 
@@ -410,7 +410,7 @@ class FallbackHandler(_HookHandler):
         if kind not in FallbackHandler._warned:
             FallbackHandler._warned.add(kind)
             warnings.warn(
-                f"drpost: no kernel for {kind} (e.g. {name!r}); using exact per-sample gradients via torch.func "
+                f"drpost: no kernel for {kind} (e.g. {name!r}); using exact per-sample gradients by per-row replays "
                 "(slower; materializes per-row gradients of its parameters)",
                 stacklevel=4,
             )
@@ -442,26 +442,28 @@ class FallbackHandler(_HookHandler):
 
     def per_row(self, call):
         R = self.capture.rows
-        names = list(self.trainable)
-        params = {n: p.detach() for n, p in self.trainable.items()}
+        params = list({id(p): p for p in self.trainable.values()}.values())  # tied names -> one parameter
         keys = sorted(call["grads"])
         grads_out = []
-        with self.capture.uninstalled():  # replays run the plain modules: nothing is recorded twice
+        # replays run the plain modules (nothing is recorded twice) with ordinary autograd: custom autograd
+        # functions inside the module work, and gradients go to these parameters only (autograd.grad, no .grad)
+        with self.capture.uninstalled(), torch.enable_grad():
             for r in range(R):
                 cut = self._slicer(r)
-                args = tuple(cut(a) for a in call["args"])
-                kwargs = {k: cut(v) for k, v in call["kwargs"].items()}
-
-                def f(*ps, args=args, kwargs=kwargs):
-                    out = torch.func.functional_call(self.module, dict(zip(names, ps, strict=True)), args, kwargs,
-                                                     strict=False)
-                    outs = out if isinstance(out, tuple) else (out,)
-                    return tuple(outs[k] for k in keys)
-
-                prim, vjp = torch.func.vjp(f, *[params[n] for n in names])
-                cot = tuple(cut(call["grads"][k]).to(o.dtype) for k, o in zip(keys, prim, strict=True))
-                grads_out.append(vjp(cot))
-        return {self.trainable[n]: torch.stack([g[i] for g in grads_out]) for i, n in enumerate(names)}
+                try:
+                    out = self.module(*(cut(a) for a in call["args"]),
+                                      **{k: cut(v) for k, v in call["kwargs"].items()})
+                except RuntimeError as e:  # e.g. state kept from the batched forward in the module itself
+                    raise UnsupportedModelError(
+                        f"drpost: module {self.name!r} cannot be replayed on one row to get its per-sample "
+                        f"gradients ({type(e).__name__}: {str(e).splitlines()[0]}); it likely keeps per-batch "
+                        "state. Freeze its parameters or leave it out of LoRA's target_modules.") from e
+                outs = out if isinstance(out, tuple) else (out,)
+                prim = [outs[k] for k in keys]
+                cot = [cut(call["grads"][k]).to(o.dtype) for k, o in zip(keys, prim, strict=True)]
+                gs = torch.autograd.grad(prim, params, cot, allow_unused=True)
+                grads_out.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, gs, strict=True)])
+        return {p: torch.stack([g[i] for g in grads_out]) for i, p in enumerate(params)}
 
 
 def _stateful(v, what: str):
