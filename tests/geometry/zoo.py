@@ -237,12 +237,11 @@ def build(model_type: str, *, tie: bool | None = None, seed: int = 0, lora: bool
         model.train()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            a = _logits(model, b)
-            c = _logits(model, b)
             from drpost.objectives import causal_lm_loss
 
-            loss, _ = causal_lm_loss(model, b)
-        if not torch.isfinite(loss).all():
+            a, _ = causal_lm_loss(model, b)
+            c, _ = causal_lm_loss(model, b)
+        if not torch.isfinite(a).all():
             return Built(model_type, skip="non-finite loss at tiny size")
         if not torch.equal(a, c):
             mode = "eval"
@@ -554,13 +553,14 @@ def tie_variants(model_type: str) -> list[bool | None]:
         cls = CONFIG_MAPPING[model_type]
     except KeyError:
         return [None]
-    if "tie_word_embeddings" not in _fields(cls):
-        return [None]
-    try:
-        default = bool(cls().tie_word_embeddings)
-    except Exception:  # noqa: BLE001
-        default = bool(config_kwargs(model_type).get("tie_word_embeddings", False))
-    return [None, not default]
+    for klass in cls.__mro__:  # the constructor's default (instantiating every config is slow at collection)
+        try:
+            p = inspect.signature(klass.__init__).parameters.get("tie_word_embeddings")
+        except (TypeError, ValueError):
+            p = None
+        if p is not None and p.default is not inspect.Parameter.empty:
+            return [None, not bool(p.default)]
+    return [None]
 
 
 def _ar(s: slice) -> torch.Tensor:
