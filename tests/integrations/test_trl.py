@@ -30,13 +30,13 @@ def tok():
     return build_tokenizer()
 
 
-def tiny(tok, seed=0):
+def tiny(tok, seed=0, tie=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=tie, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       bos_token_id=tok.bos_token_id, attn_implementation="eager")
     return LlamaForCausalLM(cfg).to(torch.float64)
 
@@ -351,3 +351,33 @@ def test_global_one_pass_equals_two_pass(tok, tmp_path, kind, method):
     assert g1 == pytest.approx(g2, rel=1e-6)
     assert l1 == pytest.approx(l2, rel=1e-9)
     assert_same_update(before, p1, p2, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- LM head on label positions only
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("method", ["global_subset", "layerwise_subset"])
+def test_lm_head_on_label_positions_only_is_exact(tok, tmp_path, tie, method):
+    """The adapter runs the LM head (logits_to_keep) only from the earliest label position on: the same update as the
+    full head, tied or untied embeddings (two uses of one block with different lengths)."""
+    from trl import SFTConfig
+
+    base = tiny(tok, tie=tie)
+    before = params(base)
+    out = {}
+    for trim in (True, False):
+        m = copy.deepcopy(base)
+        args = SFTConfig(output_dir=str(tmp_path / str(trim)), per_device_train_batch_size=4, max_steps=1,
+                         learning_rate=0.5, **COMMON)
+        tr = DrSFTTrainer(model=m, args=args, train_dataset=sft_data(8), processing_class=tok,
+                          target_dataset=sft_data(3, off=20), dr_method=method, dr_options={"frac": 0.5})
+        tr._dr_keep_ok = trim
+        seen = []
+        m.lm_head.register_forward_hook(lambda mod, inp, o, seen=seen: seen.append(inp[0].shape[1]))
+        m.model.embed_tokens.register_forward_hook(lambda mod, inp, o, seen=seen: seen.append(-inp[0].shape[1]))
+        tr.train()
+        T = -seen[0]
+        assert (seen[1] < T) if trim else (seen[1] == T)  # the head saw fewer positions than the embedding
+        out[trim] = (params(m), _logged(tr, "mean_token_accuracy"), _logged(tr, "entropy"))
+    assert_same_update(before, out[True][0], out[False][0], rtol=1e-9)
+    assert out[True][1] == pytest.approx(out[False][1], abs=1e-12)
+    assert out[True][2] == pytest.approx(out[False][2], rel=1e-9)

@@ -54,6 +54,8 @@ Test: ``.venv/bin/pytest -q tests/integrations/test_trl.py tests/integrations/te
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import trl
 from accelerate.utils import is_peft_model
@@ -134,6 +136,12 @@ class _DrMixin:
         target = self._dr_rows(self._dr_next_target(), model, target=True)
         return self._dr_backward(model, general, target)
 
+    def _dr_head(self, loss_fn, reg):
+        """``loss_fn`` with the LM head on label positions only, where the model takes ``logits_to_keep``."""
+        if getattr(self, "_dr_keep_ok", None) is None:
+            self._dr_keep_ok = _accepts_logits_to_keep(reg.model)
+        return _label_positions_only(loss_fn) if self._dr_keep_ok else loss_fn
+
     def _dr_two_pass(self, reg) -> bool:
         """True when a global-scope step must run pass 2 through the accelerator (DeepSpeed, FSDP, or asked for)."""
         from accelerate.utils import DistributedType
@@ -155,6 +163,7 @@ class _DrMixin:
         loss_fn = self._dr_loss_fn()
         if self._dr_wants_stats():  # TRL's own metrics, from the general rows of pass 1's forward
             loss_fn = _tapped(loss_fn, general["input_ids"].shape[0], stats)
+        loss_fn = self._dr_head(loss_fn, reg)
         ga = self.current_gradient_accumulation_steps
         lr = float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else None
         if self._dr_two_pass(reg):
@@ -210,7 +219,7 @@ class _DrMixin:
         if keep.numel() == 0:  # still one (zero-weight) backward: DDP ranks must all reduce
             keep = torch.zeros(1, dtype=torch.long, device=c.device)
         with self.compute_loss_context_manager():
-            loss_sums, _ = self._dr_loss_fn()(model, take_rows(merged, keep))
+            loss_sums, _ = self._dr_head(self._dr_loss_fn(), reg)(model, take_rows(merged, keep))
         # coefficients are globally normalized; DDP averages over ranks, so undo that average
         world = rep.info.get("world_size", 1)
         acc_div = 1 if dtype == DistributedType.DEEPSPEED else self.accelerator.gradient_accumulation_steps
@@ -249,6 +258,50 @@ class _DrMixin:
         return float(self.accelerator.gather_for_metrics(x.detach().sum()).sum())
 
 
+# --------------------------------------------------------------------------- LM head on label positions only
+class _LastLogits(torch.nn.Module):
+    """Calls ``model(..., logits_to_keep=k)`` (Hugging Face causal LMs: the LM head projects only the last ``k``
+    positions) and returns the logits (R, k, V) left-padded with zeros to (R, T, V). The loss reads only label
+    positions, all inside the last ``k`` columns, so its value and gradient are those of the full head."""
+
+    def __init__(self, model, keep: int, T: int):
+        super().__init__()
+        self.inner = model
+        self.keep = keep
+        self.T = T
+
+    def forward(self, **kw):
+        out = self.inner(**kw, logits_to_keep=self.keep)
+        logits = out.logits if hasattr(out, "logits") else out[0]  # (R, k, V)
+        pad = logits.new_zeros(logits.shape[0], self.T - logits.shape[1], logits.shape[2])
+        return (torch.cat([pad, logits], 1),)  # (R, T, V)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if is_peft_model(model) else model
+    try:
+        return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic forward
+        return False
+
+
+def _label_positions_only(loss_fn):
+    """``loss_fn`` with the LM head run only from the position before the batch's earliest label token onward (the
+    prompt columns that precede every row's completion get no logits): same loss, less LM-head work. TRL's plain
+    trainers do the same with their fused LM head."""
+
+    def fn(model, batch):
+        labels = batch["labels"]  # (R, T)
+        T = labels.shape[1]
+        cols = torch.nonzero((labels[:, 1:] != -100).any(0)).flatten()  # columns t+1 with a label in some row
+        keep = T - int(cols[0]) if cols.numel() else T  # logits of positions first_label - 1 .. T - 1
+        if keep >= T:
+            return loss_fn(model, batch)
+        return loss_fn(_LastLogits(model, keep, T), batch)
+
+    return fn
+
+
 # --------------------------------------------------------------------------- logit tap for TRL's metrics
 class _Tap(torch.nn.Module):
     """Calls ``model`` and hands its logits (R, T, V), detached, to ``fn`` before returning the output unchanged."""
@@ -269,6 +322,9 @@ def _token_stats(logits: Tensor, labels: Tensor, max_elems: int = 1 << 22) -> di
     """Per-row sums over each row's loss tokens (shifted ``labels != -100``), in fp32, a few rows at a time so no
     second full (R, T, V) tensor is held: ``valid`` tokens, ``entropy``, ``correct`` (top-1 == label), ``logits``
     (mean logit over the vocabulary), ``logp`` (log-prob of the label). logits (R, T, V), labels (R, T) -> each (R,)."""
+    cols = torch.nonzero((labels[:, 1:] != -100).any(0)).flatten()
+    if cols.numel():  # leading columns without a label in any row carry nothing
+        logits, labels = logits[:, int(cols[0]):], labels[:, int(cols[0]):]
     R, T, V = logits.shape
     step = max(1, max_elems // max(1, (T - 1) * V))
     parts: dict[str, list[Tensor]] = {k: [] for k in ("valid", "entropy", "correct", "logits", "logp")}
