@@ -30,11 +30,13 @@ def _lora(types: str, reason: str) -> dict[tuple[str, str], str]:
 # An entry covers the flipped tie_word_embeddings too, unless (model_type, variant, tie) says otherwise.
 REFUSED: dict[tuple, str] = {
     **_lora("afmoe cohere2_moe deepseek_v2 ernie4_5_moe exaone_moe flex_olmo glm4_moe glm4_moe_lite hunyuan_v1_moe "
-            "mellum minimax minimax_m2 mixtral olmoe qwen3_moe qwen3_next solar_open",
+            "longcat_flash mellum minimax minimax_m2 mixtral olmoe qwen3_moe qwen3_next solar_open",
             "PEFT all-linear wraps MoE router/expert parameters the MoE block uses outside their module's forward"),
     **_both_full("bigbird_pegasus blenderbot blenderbot-small",
                  "learned positional embedding called with a (T, d) tensor: neither per row nor per token"),
-    **_both_full("bailing_hybrid kimi_linear lfm3", "short convolution weight: fallback per-row sums do not add up"),
+    **_both_full("bailing_hybrid inkling_text kimi_linear lfm3",
+                 "short convolution weight: fallback per-row sums do not add up"),
+    **_both_full("longcat_flash", "MoE router classifier weight used outside its module's forward"),
     **_both_full("jetmoe", "mixture-of-attention experts: fallback per-row sums do not add up"),
     **_both_full("qwen4_exp_text", "hyper-connection norm: fallback per-row sums do not add up"),
     **_both_full("xlm", "embedding layer norm: fallback per-row sums do not add up"),
@@ -54,7 +56,11 @@ REFUSED: dict[tuple, str] = {
 # (model_type, variant) for the config's default tying, (model_type, variant, tie) for the flipped one -> what goes
 # wrong today (strict xfail: an entry that starts passing must be removed, and
 # an entry that becomes a clear refusal moves to REFUSED)
-XFAIL: dict[tuple, str] = {}
+_RB = "error: the captured Linear's output is a view that the model then modifies in place (autograd refuses)"
+XFAIL: dict[tuple, str] = {
+    **_both_full("roc_bert", _RB),
+    ("roc_bert", FULL_GS, False): _RB,
+}
 
 
 def _cells():

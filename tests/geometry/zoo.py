@@ -56,6 +56,10 @@ SIZES = {
     "linear_head_dim": 8, "linear_num_heads": 4,
     "index_head_dim": 8, "index_n_heads": 2, "index_topk": 4,
     "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8, "ple_embed_dim": 8,
+    "pronunciation_embed_dim": 8, "pronunciation_vocab_size": 32, "shape_embed_dim": 8, "shape_vocab_size": 32,
+    "dim_head": 8, "dim_ff": 64, "position_bias_num_buckets": 8, "position_bias_max_distance": 16, "dff": 64,
+    "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2, "swa_head_dim": 8, "d_rel": 4, "rel_extent": 16,
+    "unpadded_vocab_size": VOCAB, "zero_expert_num": 2,
     "rotary_dim": 4, "partial_rotary_factor": None,  # None = not passed (placeholder for the override table)
 }
 DROPOUT_WORDS = ("dropout", "pdrop", "drop_path", "layerdrop", "jitter")
