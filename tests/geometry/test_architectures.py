@@ -29,12 +29,12 @@ def _lora(types: str, reason: str) -> dict[tuple[str, str], str]:
 # (model_type, variant) -> why drpost refuses it (the error is UnsupportedModelError; the reason is for readers).
 # An entry covers the flipped tie_word_embeddings too, unless (model_type, variant, tie) says otherwise.
 REFUSED: dict[tuple, str] = {
-    **_lora("afmoe cohere2_moe deepseek_v2 ernie4_5_moe exaone_moe flex_olmo glm4_moe glm4_moe_lite hunyuan_v1_moe "
+    **_lora("afmoe cohere2_moe deepseek_v2 dots1 ernie4_5_moe exaone_moe flex_olmo glm4_moe glm4_moe_lite hunyuan_v1_moe "
             "longcat_flash mellum minimax minimax_m2 mixtral olmoe qwen3_moe qwen3_next solar_open",
             "PEFT all-linear wraps MoE router/expert parameters the MoE block uses outside their module's forward"),
     **_both_full("bigbird_pegasus blenderbot blenderbot-small",
                  "learned positional embedding called with a (T, d) tensor: neither per row nor per token"),
-    **_both_full("bailing_hybrid inkling_text kimi_linear lfm3",
+    **_both_full("bailing_hybrid inkling_text kimi_linear lfm2_moe lfm3",
                  "short convolution weight: fallback per-row sums do not add up"),
     **_both_full("longcat_flash", "MoE router classifier weight used outside its module's forward"),
     **_both_full("jetmoe", "mixture-of-attention experts: fallback per-row sums do not add up"),
@@ -43,7 +43,9 @@ REFUSED: dict[tuple, str] = {
     **_both_full("deepseek_v4", "attention called with a dict argument that cannot be split per row"),
     **_both_full("gpt_neox_japanese", "attention called with a per-feature (d,) tensor argument"),
     **_both_full("hy_v3 minimax_m2", "MoE gate called with a per-expert tensor argument"),
-    **_both_full("llama4_text", "token-routed experts called on a gathered (tokens x k, d) tensor"),
+    **_both_full("llama4_text dbrx", "token-routed experts called on a gathered (tokens x k, d) tensor"),
+    **_both_full("zaya", "lm_head weight used outside its module's forward (untied: a hidden-state scale whose "
+                         "fallback per-row sums do not add up)"),
     **_both_full("dory", "lm_head.logit_scale used outside its module's forward"),
     **_both_full("falcon", "FalconLinear (an nn.Linear subclass with its own forward) uses its weight directly"),
     **_both_full("whisper", "positional embedding weight indexed outside its module's forward"),

@@ -80,8 +80,16 @@ OVERRIDES: dict[str, dict] = {
     "prophetnet": {"ngram": 2},
     "bigbird_pegasus": {"attention_type": "original_full"},
     "big_bird": {"attention_type": "original_full"},
-    "zamba2": {"mamba_headdim": 16, "n_mamba_heads": 4, "adapter_rank": 4, "num_query_groups": 2},
-    "zamba": {"attention_head_dim": 16, "mamba_expand": 2},
+    "zamba2": {"mamba_headdim": 16, "n_mamba_heads": 4, "adapter_rank": 4, "num_query_groups": 2,
+               "layers_block_type": ["mamba", "hybrid"]},
+    "zamba": {"attention_head_dim": 16, "mamba_expand": 2, "layers_block_type": ["mamba", "hybrid"]},
+    "dots1": {"n_shared_experts": 1},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "zaya": {"num_experts_per_tok": 1},
+    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+    "falcon_h1": {"mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_expand": 2},
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}},
 }
 
 # Types skipped up front, with the reason.
