@@ -180,8 +180,13 @@ def model_types() -> list[str]:
     """Every causal-LM model type transformers ships, one per model class (aliases of a class dropped)."""
     seen, out = {}, []
     types = _causal_lm_types()
-    # prefer the *_text type of a pair (its config is the text config)
-    for t in sorted(types, key=lambda t: (not t.endswith("_text"), t)):
+
+    def own(t):  # the type named after its class (llama for LlamaForCausalLM, not exaone)
+        c = types[t].lower().replace("forcausallm", "").replace("lmheadmodel", "")
+        return c == t.replace("_", "").replace("-", "")
+
+    # prefer the *_text type of a pair (its config is the text config), then the class's own type
+    for t in sorted(types, key=lambda t: (not t.endswith("_text"), not own(t), t)):
         cls = types[t]
         if cls in seen:
             continue
