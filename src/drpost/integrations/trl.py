@@ -265,22 +265,19 @@ class _DrMixin:
 
 
 # --------------------------------------------------------------------------- LM head on label positions only
-class _LastLogits(torch.nn.Module):
-    """Calls ``model(..., logits_to_keep=k)`` (Hugging Face causal LMs: the LM head projects only the last ``k``
-    positions) and returns the logits (R, k, V) left-padded with zeros to (R, T, V). The loss reads only label
-    positions, all inside the last ``k`` columns, so its value and gradient are those of the full head."""
+class _FullInputs(torch.nn.Module):
+    """Runs ``model`` on the full ``input_ids`` / ``attention_mask`` (R, T) with ``logits_to_keep=k`` (Hugging Face
+    causal LMs: the LM head projects only the last ``k`` positions, logits (R, k, V)), whatever trimmed inputs the
+    loss passes in."""
 
-    def __init__(self, model, keep: int, T: int):
+    def __init__(self, model, input_ids: Tensor, attention_mask: Tensor | None, keep: int):
         super().__init__()
         self.inner = model
-        self.keep = keep
-        self.T = T
+        self.ids, self.mask, self.keep = input_ids, attention_mask, keep
 
     def forward(self, **kw):
-        out = self.inner(**kw, logits_to_keep=self.keep)
-        logits = out.logits if hasattr(out, "logits") else out[0]  # (R, k, V)
-        pad = logits.new_zeros(logits.shape[0], self.T - logits.shape[1], logits.shape[2])
-        return (torch.cat([pad, logits], 1),)  # (R, T, V)
+        kw = {k: v for k, v in kw.items() if k not in ("input_ids", "attention_mask")}
+        return self.inner(input_ids=self.ids, attention_mask=self.mask, logits_to_keep=self.keep, **kw)
 
 
 def _accepts_logits_to_keep(model) -> bool:
@@ -293,17 +290,21 @@ def _accepts_logits_to_keep(model) -> bool:
 
 def _label_positions_only(loss_fn):
     """``loss_fn`` with the LM head run only from the position before the batch's earliest label token onward (the
-    prompt columns that precede every row's completion get no logits): same loss, less LM-head work. TRL's plain
-    trainers do the same with their fused LM head."""
+    prompt columns that precede every row's completion get no logits): the model still sees the full rows, the loss
+    sees the last ``k`` columns of every per-token (R, T) tensor of the batch (labels, token-aligned log-probs, ...),
+    whose first column carries no label. Same loss and gradient; less LM-head work and no (R, T, V) logits. TRL's
+    plain trainers do the same with their fused LM head."""
 
     def fn(model, batch):
         labels = batch["labels"]  # (R, T)
-        T = labels.shape[1]
+        R, T = labels.shape
         cols = torch.nonzero((labels[:, 1:] != -100).any(0)).flatten()  # columns t+1 with a label in some row
         keep = T - int(cols[0]) if cols.numel() else T  # logits of positions first_label - 1 .. T - 1
         if keep >= T:
             return loss_fn(model, batch)
-        return loss_fn(_LastLogits(model, keep, T), batch)
+        trimmed = {k: (v[:, T - keep:] if isinstance(v, Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (R, T)
+                       else v) for k, v in batch.items()}
+        return loss_fn(_FullInputs(model, batch["input_ids"], batch.get("attention_mask"), keep), trimmed)
 
     return fn
 
