@@ -40,6 +40,7 @@ REFUSED: dict[tuple, str] = {
     **_both_full("jetmoe", "mixture-of-attention experts: fallback per-row sums do not add up"),
     **_both_full("qwen4_exp_text", "hyper-connection norm: fallback per-row sums do not add up"),
     **_both_full("xlm", "embedding layer norm: fallback per-row sums do not add up"),
+    **_both_full("reformer", "axial position embedding: fallback per-row sums do not add up"),
     **_both_full("deepseek_v4", "attention called with a dict argument that cannot be split per row"),
     **_both_full("gpt_neox_japanese", "attention called with a per-feature (d,) tensor argument"),
     **_both_full("hy_v3 minimax_m2", "MoE gate called with a per-expert tensor argument"),

@@ -73,9 +73,10 @@ OVERRIDES: dict[str, dict] = {
     "gptj": {"rotary_dim": 4},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "num_layers": 2, "window_size": 8},
     "mamba2": {"num_heads": 4, "head_dim": 16, "expand": 2, "n_groups": 1, "hidden_size": 32},
-    "reformer": {"attn_layers": ["local", "local"], "axial_pos_shape": [8, 8], "axial_pos_embds_dim": [16, 16],
-                 "max_position_embeddings": 64, "local_attn_chunk_length": 4, "lsh_attn_chunk_length": 4,
-                 "is_decoder": True},
+    "reformer": {"attn_layers": ["local", "local"], "axial_pos_shape": [2, 5], "axial_pos_embds_dim": [16, 16],
+                 "max_position_embeddings": 10, "local_attn_chunk_length": 5, "lsh_attn_chunk_length": 5,
+                 "is_decoder": True},  # training needs T = 10 = prod(axial_pos_shape), a multiple of the chunks
+    "xmod": {"default_language": "en_XX"},
     "xlnet": {"d_head": 8, "mem_len": None},
     "prophetnet": {"ngram": 2},
     "bigbird_pegasus": {"attention_type": "original_full"},
@@ -282,11 +283,16 @@ def build(model_type: str, *, tie: bool | None = None, seed: int = 0, lora: bool
                     p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
         model.train(mode == "train")
         try:
-            with torch.no_grad(), warnings.catch_warnings():
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _logits(model, b)
+                from drpost.objectives import causal_lm_loss
+
+                loss, _ = causal_lm_loss(model, b)
         except Exception as e:  # noqa: BLE001
             return Built(model_type, skip=f"the peft LoRA model's forward fails: {type(e).__name__}: {_first(e)}")
+        if not loss.requires_grad:  # e.g. reversible layers that run their forward under no_grad
+            return Built(model_type, skip="the peft LoRA model's loss does not depend on the LoRA parameters "
+                                          "through autograd")
     return Built(model_type, model=model, mode=mode, tied=tied)
 
 
