@@ -21,7 +21,17 @@ import torch
 from torch import Tensor, nn
 
 from drpost.geometry.capture import Block, Use
-from drpost.geometry.factors import contract, outer_sum, per_row, project, rows, to_dtype, token_dots
+from drpost.geometry.factors import (
+    OneHot,
+    act_dim,
+    contract,
+    outer_sum,
+    per_row,
+    project,
+    rows,
+    to_dtype,
+    token_dots,
+)
 
 METHODS = ("full_ghost", "reduced_ghost", "direct", "compress")
 GHOST_CHUNK_ELEMS = 1 << 24  # bound on the (rows x rows x T x T) intermediate of full ghost
@@ -274,39 +284,59 @@ def _row_plan(host: Tensor) -> tuple[slice | Tensor | None, float | None]:
     return keep, uniform
 
 
-def _weighted_outer(b: Tensor, a, coef: Tensor, keep, uniform: float | None, dtype: torch.dtype) -> Tensor:
-    """sum_r c_r B_r^T A_r over the kept rows only (canonical layout), scaling the smaller operand.
-
-    b: (R, T, d_out), a: (R, T, d_in) or one-hot, coef: (R,). A uniform coefficient scales the (d_out, d_in)
-    result instead of an activation-sized operand."""
+def _scaled_rows(b: Tensor, a, coef: Tensor, keep, uniform: float | None, dtype: torch.dtype):
+    """The kept rows of (b, a) in ``dtype`` with the coefficients folded into the smaller operand, so that
+    sum_r c_r B_r^T A_r = B'^T A'. A uniform coefficient scales whichever is smallest: b, a, or (returned as the
+    third value) the (d_out, d_in) result. b: (R, T, d_out), a: (R, T, d_in) or one-hot, coef: (R,)."""
     if keep is not None:
         b, a, coef = b[keep], rows(a, keep), coef[keep]
     b, a = b.to(dtype), to_dtype(a, dtype)
+    dense_a = isinstance(a, Tensor)
     if uniform is not None:
-        return outer_sum(b, a) * uniform
+        sizes = {"b": b.numel(), "a": a.numel() if dense_a else None, "out": b.shape[-1] * act_dim(a)}
+        best = min((k for k, v in sizes.items() if v is not None), key=sizes.get)
+        if best == "out":
+            return b, a, uniform
+        return (b * uniform, a, None) if best == "b" else (b, a * uniform, None)
     c = coef.to(dtype)[:, None, None]
-    if isinstance(a, Tensor) and a.shape[-1] < b.shape[-1]:
-        return outer_sum(b, a * c)
-    return outer_sum(b * c, a)
+    if dense_a and a.shape[-1] < b.shape[-1]:
+        return b, a * c, None
+    return b * c, a, None
+
+
+def _weighted_outer(b: Tensor, a, coef: Tensor, keep, uniform: float | None, dtype: torch.dtype) -> Tensor:
+    """sum_r c_r B_r^T A_r over the kept rows only (canonical layout), scaling the smallest operand."""
+    b, a, scale = _scaled_rows(b, a, coef, keep, uniform, dtype)
+    g = outer_sum(b, a)
+    return g.mul_(scale) if scale is not None else g
 
 
 def assemble(block: Block, coef: Tensor, host_coef: Tensor | None = None) -> dict[nn.Parameter, Tensor]:
     """sum_r c_r g_r for every parameter of the block: one GEMM per use.  coef: (R,)
 
     Rows with a zero coefficient are skipped (a subset's GEMM runs over the subset only). ``host_coef`` is an
-    optional CPU copy of ``coef`` used to plan that without a device sync; on CPU ``coef`` itself is used."""
+    optional CPU copy of ``coef`` used to plan that without a device sync; on CPU ``coef`` itself is used.
+    A one-hot use stored transposed (an embedding lookup) is scattered straight into the gradient another use of the
+    same weight already produced (a tied LM head's GEMM): no vocabulary-sized zeros, no extra sum."""
     if host_coef is None and coef.device.type == "cpu":
         host_coef = coef.detach()
     keep, uniform = _row_plan(host_coef) if host_coef is not None else (None, None)
+    if keep is not None and isinstance(keep, Tensor) and keep.numel() == 0:
+        keep = "none"
     out: dict[nn.Parameter, Tensor] = {}
     for p, us in block.factored.items():
-        g = None
-        for u in us:
-            if keep is not None and isinstance(keep, Tensor) and keep.numel() == 0:
-                continue
+        g = None  # parameter layout, owned here
+        for u in sorted(us, key=lambda u: isinstance(u.a, OneHot)):  # dense uses first
+            if keep == "none":
+                break
             dtype = _work_dtype(u.b.dtype)
+            if g is not None and isinstance(u.a, OneHot) and u.transposed and g.dtype == dtype:
+                b, a, scale = _scaled_rows(u.b, u.a, coef, keep, uniform, dtype)
+                b = b.reshape(-1, b.shape[-1])
+                g.index_add_(0, a.ids.reshape(-1), b if scale is None else b * scale)
+                continue
             gu = _param_layout(_weighted_outer(u.b, u.a, coef, keep, uniform, dtype), u)
-            g = gu if g is None else g + gu
+            g = gu if g is None else g.add_(gu)
         if g is None and us:
             g = torch.zeros(p.shape, dtype=_work_dtype(us[0].b.dtype), device=us[0].b.device)
         if g is not None:
