@@ -19,12 +19,11 @@ A refusal is an ``UnsupportedModelError`` naming the parameter and what to do; `
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from drpost.geometry.factors import Act
+from drpost.geometry.factors import Block, Use
 from drpost.geometry.handlers import (
     HANDLERS,
     Conv1DHandler,
@@ -40,30 +39,6 @@ __all__ = ["HANDLERS", "Block", "Capture", "Handler", "UnsupportedModelError", "
 # per-row gradients must sum to autograd's gradient within this share of sum_r ||g_r|| (by parameter dtype)
 CHECK_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3}
 CHECK_RTOL_16BIT = 3e-2
-
-
-@dataclass
-class Use:
-    """One call of a weight: per-row gradient G_r = B_r^T A_r (canonical), parameter layout G or G^T."""
-
-    a: Act  # (R, T, d_in) dense or one-hot ids
-    b: Tensor  # (R, T, d_out)
-    transposed: bool  # parameter stores G^T (Conv1D, Embedding)
-
-
-@dataclass
-class Block:
-    """A unit of layer scope: its factored weights (with their uses) and its small materialized parameters."""
-
-    name: str
-    factored: dict[nn.Parameter, list[Use]] = field(default_factory=dict)
-    # small parameters: per-row gradients (R, numel) filled after the backward
-    small: dict[nn.Parameter, Tensor] = field(default_factory=dict)
-    params: list[nn.Parameter] = field(default_factory=list)
-
-    def clear(self) -> None:
-        self.factored = {p: [] for p in self.factored}
-        self.small = {}
 
 
 class Capture:

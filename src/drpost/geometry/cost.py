@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drpost.geometry.capture import Block
+from drpost.geometry.factors import Block
 
 
 @dataclass

@@ -6,17 +6,18 @@ lookup. Its per-row gradient is a sum of token outer products, ``G_r = sum_t b_r
 The parameter stores either ``G`` (Linear) or ``G^T`` (Conv1D, Embedding): ``transposed`` says which. Embedding
 inputs are one-hot vectors, kept as token ids (``OneHot``) and never expanded.
 
-Everything a scoring method needs is built from five operations on these factors:
+``Use`` holds one use's factors; a ``Block`` (a unit of layer scope) holds its weights' uses and the per-row
+gradients of its small parameters. Everything a scoring method needs is built from five operations on these factors:
 ``token_dots`` (pairwise token inner products), ``outer_sum`` (sum_r c_r B_r^T A_r), ``contract``
 (<G_r, M> for a dense M), ``project`` (sketch ``A P^T``) and ``per_row`` (materialize G_r).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -101,3 +102,27 @@ def act_dim(a: Act) -> int:
 
 def to_dtype(a: Act, dtype: torch.dtype) -> Act:
     return a if isinstance(a, OneHot) else a.to(dtype)
+
+
+@dataclass
+class Use:
+    """One call of a weight: per-row gradient G_r = B_r^T A_r (canonical), parameter layout G or G^T."""
+
+    a: Act  # (R, T, d_in) dense or one-hot ids
+    b: Tensor  # (R, T, d_out)
+    transposed: bool  # parameter stores G^T (Conv1D, Embedding)
+
+
+@dataclass
+class Block:
+    """A unit of layer scope: its factored weights (with their uses) and its small materialized parameters."""
+
+    name: str
+    factored: dict[nn.Parameter, list[Use]] = field(default_factory=dict)
+    # small parameters: per-row gradients (R, numel) filled after the backward
+    small: dict[nn.Parameter, Tensor] = field(default_factory=dict)
+    params: list[nn.Parameter] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.factored = {p: [] for p in self.factored}
+        self.small = {}

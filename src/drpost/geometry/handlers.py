@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from drpost.geometry.factors import Act, OneHot
+from drpost.geometry.factors import Act, Block, OneHot, Use
 
 if TYPE_CHECKING:
-    from drpost.geometry.capture import Block, Capture
+    from drpost.geometry.capture import Capture
 
 try:  # Hugging Face GPT-2 style Conv1D: y = x @ W + b, W (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -253,8 +253,6 @@ class _FactoredHandler(Handler):
         return rows_view(x, self.capture, f"module {self.name!r}")
 
     def finish(self, block: Block) -> None:
-        from drpost.geometry.capture import Use
-
         w = self.trainable.get("weight")
         bias = self.trainable.get("bias")
         bias_rows = None

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from drpost.geometry.capture import Block, Use
 from drpost.geometry.factors import (
+    Block,
     OneHot,
+    Use,
     act_dim,
     contract,
     outer_sum,
