@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("types", nargs="*", help="model types (default: all)")
-    ap.add_argument("--variants", default=None, help="comma-separated subset of the variants")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated variants (default: full-full_training, full-global_subset, "
+                         "lora-global_subset; also full-layerwise_subset, lora-layerwise_subset, full-two_pass)")
     ap.add_argument("--tie", action="store_true", help="also run the flipped tie_word_embeddings")
     ap.add_argument("--timeout", type=int, default=120, help="seconds per cell")
     ap.add_argument("--json", default=None, help="write the cells as JSON here")

@@ -22,6 +22,10 @@ EXACT = 1e-6  # relative error at or below which a result counts as exact (fp64)
 VOCAB = 128
 TINY = 1e-30
 MAX_PARAMS = 1_000_000
+# Per-parameter errors are relative to max(||d_p||, PARAM_FLOOR * ||d||): a parameter whose true gradient is
+# analytically ~0 (a key-projection bias: softmax is shift invariant) carries only rounding noise, which a
+# re-ordered but exact computation changes; anything at least 1e-4 of the whole gradient is held to EXACT.
+PARAM_FLOOR = 1e-4
 
 # --------------------------------------------------------------------------- config sizing
 # Canonical tiny sizes, by config field name (only fields the config class knows are passed).
@@ -391,7 +395,7 @@ class Result:
     """Relative errors of one DataRegularizer step against the oracle (nan = not applicable)."""
 
     grad: float = math.nan  # all trainable parameters' .grad, concatenated
-    grad_param: float = math.nan  # worst single parameter (denominator floored at 1e-6 of the whole norm)
+    grad_param: float = math.nan  # worst single parameter (denominator floored at PARAM_FLOOR of the whole norm)
     worst_param: str = ""
     scores: float = math.nan  # report.scores (layerwise: report.block_scores)
     weights: float = math.nan  # report.weights
@@ -506,7 +510,7 @@ def check(model, method: str, *, rows: int = 8, n_general: int = 6, seed: int = 
     res.weights = rel(rep.weights, w) if rep.weights is not None else math.inf
     G = torch.cat([got[n].reshape(-1) for n in names])
     res.grad = rel(G, d)
-    floor = 1e-6 * float(d.norm())
+    floor = PARAM_FLOOR * float(d.norm())
     worst, worst_n = 0.0, ""
     for n in names:
         e = float((G[cols[n]] - d[cols[n]]).norm() / max(float(d[cols[n]].norm()), floor, TINY))
@@ -522,6 +526,14 @@ VARIANTS = [
     ("full-full_training", False, "full_training", {}),
     ("full-global_subset", False, "global_subset", {"frac": 0.5}),
     ("lora-global_subset", True, "global_subset", {"frac": 0.5}),
+]
+
+
+# run by scripts/arch_matrix.py on request (--variants), not by the test (time budget)
+EXTRA_VARIANTS = [
+    ("full-layerwise_subset", False, "layerwise_subset", {"frac": 0.5}),
+    ("lora-layerwise_subset", True, "layerwise_subset", {"frac": 0.5}),
+    ("full-two_pass", False, "global_subset", {"frac": 0.5, "assembly": "two_pass"}),
 ]
 
 
@@ -553,7 +565,7 @@ class Outcome:
 
 
 def run_case(model_type: str, variant: str, tie: bool | None = None, seed: int = 0) -> Outcome:
-    name, lora, method, opts = next(v for v in VARIANTS if v[0] == variant)
+    name, lora, method, opts = next(v for v in VARIANTS + EXTRA_VARIANTS if v[0] == variant)
     built = build(model_type, tie=tie, seed=seed, lora=lora)
     if built.model is None:
         return Outcome(model_type, variant, tie, "skip", built.skip)
