@@ -48,7 +48,6 @@ REFUSED: dict[tuple, str] = {
     **_both_full("zaya", "lm_head weight used outside its module's forward (untied: a hidden-state scale whose "
                          "fallback per-row sums do not add up)"),
     **_both_full("dory", "lm_head.logit_scale used outside its module's forward"),
-    **_both_full("falcon", "FalconLinear (an nn.Linear subclass with its own forward) uses its weight directly"),
     **_both_full("whisper", "positional embedding weight indexed outside its module's forward"),
     **_both_full("xlnet", "lm_loss weight used outside its module's forward"),
     **_lora("xlnet", "LoRA on a layer called with a (T, R, d) time-major tensor"),
@@ -59,11 +58,7 @@ REFUSED: dict[tuple, str] = {
 # (model_type, variant) for the config's default tying, (model_type, variant, tie) for the flipped one -> what goes
 # wrong today (strict xfail: an entry that starts passing must be removed, and
 # an entry that becomes a clear refusal moves to REFUSED)
-_RB = "error: the captured Linear's output is a view that the model then modifies in place (autograd refuses)"
-XFAIL: dict[tuple, str] = {
-    **_both_full("roc_bert", _RB),
-    ("roc_bert", FULL_GS, False): _RB,
-}
+XFAIL: dict[tuple, str] = {}
 
 
 def _cells():

@@ -84,8 +84,9 @@ class Capture:
             raise ValueError("the model has no trainable parameters (every requires_grad is False)")
         self.blocks = self._make_blocks()
         self.param_names = {p: (f"{h.name}.{n}" if h.name else n) for h in self.handlers for n, p in h.trainable.items()}
-        self.owned = [p for h in self.handlers if h.patches_forward for p in h.trainable.values()]
-        self.checked = [p for h in self.handlers if not h.patches_forward for p in h.trainable.values()]
+        self.checked = list({id(p): p for h in self.handlers for p in h.checked_params()}.values())
+        checked = {id(p) for p in self.checked}
+        self.owned = [p for h in self.handlers for p in h.trainable.values() if id(p) not in checked]
         self._stash: dict[nn.Parameter, Tensor | None] = {}
         self._autograd: dict[nn.Parameter, Tensor] = {}
 

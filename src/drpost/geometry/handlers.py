@@ -83,6 +83,18 @@ def _check_leaf(weight: Tensor, handler: Handler) -> None:
 
 
 # --------------------------------------------------------------------------- custom autograd functions
+def _gemm_out(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ w (+ bias) for x (..., d_in), w (d_in, d_out), written into a fresh tensor that is no view: models may
+    modify a layer's output in place, which autograd forbids on a view made inside a custom function."""
+    y = x.new_empty(*x.shape[:-1], w.shape[1])  # (..., d_out)
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, w.shape[1])
+    if bias is None:
+        torch.mm(x2, w, out=y2)
+    else:
+        torch.addmm(bias, x2, w, out=y2)
+    return y
+
+
 class _LinearFn(torch.autograd.Function):
     """y = x W^T + b; backward records (x, dy) and returns dx only."""
 
@@ -95,7 +107,7 @@ class _LinearFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.handler = handler
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x, weight, bias)
+            return _gemm_out(x, weight.t(), bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -118,8 +130,7 @@ class _Conv1DFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.handler = handler
         with torch.autocast(x.device.type, enabled=False):
-            y = x @ weight
-            return y + bias if bias is not None else y
+            return _gemm_out(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -146,23 +157,39 @@ class _EmbeddingFn(torch.autograd.Function):
         return None, None, None, None
 
 
+_TRANSPOSES = (Tensor.T.__get__, Tensor.mT.__get__, Tensor.t, torch.t)
+_MATMULS = (Tensor.__matmul__, Tensor.matmul, torch.matmul)
+
+
 class _Intercept(TorchFunctionMode):
-    """Inside a module's own forward: reroute ``F.linear`` / ``F.embedding`` on that module's weight to the capture
-    functions, pass every other call through unchanged."""
+    """Inside a module's own forward: reroute ``F.linear`` / ``F.embedding`` on that module's weight, and
+    ``x @ weight.T`` (Falcon's Linear), to the capture functions; pass every other call through unchanged. A bias is
+    added outside the capture function here (its gradient is then checked against autograd's, see capture.py)."""
 
     def __init__(self, handler: _FactoredHandler):
         super().__init__()
         self.handler = handler
+        self.transposed: list[Tensor] = []  # views weight.T made in this forward
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         h = self.handler
         w = h.module.weight
         if func is F.linear and _arg(args, kwargs, 1, "weight") is w:
-            return h.apply(_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 2, "bias"))
+            return _plus(h.apply(_arg(args, kwargs, 0, "input"), None), _arg(args, kwargs, 2, "bias"))
         if func is F.embedding and _arg(args, kwargs, 1, "weight") is w and _plain_embedding(args, kwargs):
             return h.apply(_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 2, "padding_idx"))
-        return func(*args, **kwargs)
+        if isinstance(h, LinearHandler) and func in _MATMULS and len(args) == 2 and w.dim() == 2 and \
+                any(args[1] is t for t in self.transposed):
+            return h.apply(args[0], None)
+        out = func(*args, **kwargs)
+        if func in _TRANSPOSES and args and args[0] is w and w.dim() == 2:
+            self.transposed.append(out)
+        return out
+
+
+def _plus(y: Tensor, bias: Tensor | None) -> Tensor:
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 def _arg(args, kwargs, i: int, name: str):
@@ -192,6 +219,10 @@ class Handler:
         """Weights handled by factored uses (autograd never computes their gradient); the rest are "small"."""
         return []
 
+    def checked_params(self) -> list[nn.Parameter]:
+        """Parameters autograd still computes a gradient for, to check the per-row gradients against."""
+        return [] if self.patches_forward else list(self.trainable.values())
+
     def install(self) -> None:
         raise NotImplementedError
 
@@ -216,6 +247,17 @@ class _FactoredHandler(Handler):
 
     def factored_params(self):
         return [self.trainable["weight"]] if "weight" in self.trainable else []
+
+    @property
+    def intercepts(self) -> bool:
+        """The module keeps its own forward (a subclass's, or an instance-level one) run under ``_Intercept``."""
+        m = self.module
+        return "forward" in m.__dict__ or type(m).forward is not self.base.forward
+
+    def checked_params(self) -> list[nn.Parameter]:
+        """Under ``_Intercept`` a bias is added by plain autograd: checked, not owned."""
+        b = self.trainable.get("bias")
+        return [b] if b is not None and self.intercepts else []
 
     def apply(self, x: Tensor, extra) -> Tensor:
         raise NotImplementedError
