@@ -32,8 +32,6 @@ REFUSED: dict[tuple, str] = {
     **_lora("afmoe cohere2_moe deepseek_v2 dots1 ernie4_5_moe exaone_moe flex_olmo glm4_moe glm4_moe_lite hunyuan_v1_moe "
             "longcat_flash mellum minimax minimax_m2 mixtral olmoe qwen3_moe qwen3_next solar_open",
             "PEFT all-linear wraps MoE router/expert parameters the MoE block uses outside their module's forward"),
-    **_both_full("bigbird_pegasus blenderbot blenderbot-small",
-                 "learned positional embedding called with a (T, d) tensor: neither per row nor per token"),
     **_both_full("bailing_hybrid inkling_text kimi_linear lfm2_moe lfm3",
                  "short convolution weight: fallback per-row sums do not add up"),
     **_both_full("longcat_flash", "MoE router classifier weight used outside its module's forward"),

@@ -345,9 +345,14 @@ class EmbeddingHandler(_FactoredHandler):
 
     def apply(self, ids, padding_idx):
         _check_leaf(self.module.weight, self)
-        R = self.capture.rows
-        if ids.dim() >= 1 and ids.shape[0] == 1 and R > 1:  # e.g. GPT-2's positions: a batch of one, broadcast
+        R, T = self.capture.rows, self.capture.tokens
+        # positions shared by every row are looked up per row, so each row's gradient stays its own (the output
+        # then has the rows' leading dimension, which broadcasting gave it anyway): a batch of one (GPT-2), or a
+        # 1-D (T,) tensor (BART-style learned positions; read as positions even when R == T, never as per-row ids)
+        if ids.dim() >= 1 and ids.shape[0] == 1 and R > 1:
             ids = ids.expand(R, *ids.shape[1:])
+        elif ids.dim() == 1 and T > 0 and ids.shape[0] == T:
+            ids = ids.unsqueeze(0).expand(R, T)
         return _EmbeddingFn.apply(ids, self.module.weight, padding_idx, self)
 
     def record(self, ids, dy):
