@@ -32,11 +32,13 @@ Cost: one pass = a forward + activation-only backward of the merged batch, plus 
 for the assembly; two passes add an ordinary forward/backward of the kept rows (about 1.7-2x a plain step). Like
 TRL's fused LM head, the LM head runs only from the batch's earliest label position on (``logits_to_keep``, where
 the model takes it: same loss and update, tested). ``scripts/bench_trl_adapters.py`` (random Llama, hidden 256,
-4 layers, vocab 8192, T=64, 8 general rows + 1 target, single process, one thread; CPU time per step, median of 2
-rounds x 3 steps, on a shared 2-core CPU without AVX512), adapter / plain TRL trainer, global_subset | layerwise_subset:
-fp32: SFT 0.86x | 0.90x, DPO 0.97x | 0.86x, GRPO 1.72x | 1.53x; TRL's default bf16 (emulated on that CPU, 1 round):
-SFT 1.32x | 1.35x, DPO 1.36x | 1.36x. GRPO's excess is mostly the target prompt's own generation call (0.39 s of
-1.6 s per step there) and its 4 completions joining the step (12 rows for the plain step's 8), not a second pass.
+4 layers, vocab 8192, T=64, 8 general rows + 1 target, single process, one thread, CPU time per step, median of
+3 steps; a 2-core CPU without AVX512), adapter / plain TRL trainer, global_subset | layerwise_subset:
+fp32 (2 rounds): SFT 0.75x | 0.78x, DPO 0.78x | 0.81x, GRPO 1.56x | 1.58x; TRL's default bf16 (emulated on that CPU,
+1 round): SFT 1.32x | 1.34x, DPO 1.33x | 1.35x. A subset step assembles weight gradients for the kept rows only, so
+it can be cheaper than a plain step. GRPO's excess is mostly the target prompt's own generation call (about 0.4 s of
+1.6 s per step in an earlier run) and its 4 completions joining the step (12 rows for the plain step's 8), not a
+second pass. In emulated bf16 every extra bf16 GEMM (scoring, assembly) costs ~20x its fp32 price.
 
 Supported features and limits (checked at construction, with a clear error):
   * SFT: padded batches of ``input_ids``/``attention_mask``/``labels``; not ``padding_free`` / packing.
