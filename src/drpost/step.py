@@ -1,4 +1,4 @@
-"""``DataRegularizer``: one data-regularized step (DESIGN.md sections 1-3, 8).
+"""``DataRegularizer``: one data-regularized step (docs/design.md, sections 2-7).
 
     reg = drpost.DataRegularizer(model, method="layerwise_subset", frac=0.5, scoring="auto")
     report = reg.step(general=batch_g, target=batch_t, loss_fn=drpost.objectives.causal_lm_loss)  # fills .grad

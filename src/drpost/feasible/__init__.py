@@ -15,7 +15,7 @@ SETS: dict[str, type[FeasibleSet]] = {
     "layerwise_subset": LayerWiseSubset,
 }
 
-try:  # the convex family (DESIGN.md section 3.3)
+try:  # the convex family (docs/design.md, section 3)
     from drpost.feasible.convex import CONVEX_SETS
 
     SETS.update(CONVEX_SETS)

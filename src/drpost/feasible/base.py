@@ -6,7 +6,7 @@ the coefficients of the update
     d_l = sum_i coef[l, i] * u_i^l  +  target_coef[l] * g_T^l          (one row of coef per block l)
 
 where ``u_i`` is the gradient of general sample i's *summed* token loss and ``g_T`` the token-mean gradient of the
-target rows (DESIGN.md section 2). ``step.py`` turns these into per-row weights and assembles ``.grad``.
+target rows (docs/design.md, section 2). ``step.py`` turns these into per-row weights and assembles ``.grad``.
 Scope ``global`` returns a single row (L = 1) that is broadcast to every block.
 """
 

@@ -1,4 +1,4 @@
-"""The convex feasible-set family (DESIGN.md section 3.3): Euclidean projections of g_T solved from K and s.
+"""The convex feasible-set family (docs/design.md, section 3): Euclidean projections of g_T solved from K and s.
 
 This module owns the ``FeasibleSet`` subclasses ``Hull``, ``CappedSimplex``, ``Cone``, ``Span``, ``Ball``,
 ``Halfspace`` and ``Gem`` and the name map ``CONVEX_SETS``. The numerics live in ``solvers.py``, slack in
@@ -263,7 +263,7 @@ class Gem(ConvexSet):
         v* = argmin_{v >= 0} 1/2 v^T K_a v + s_a^T v      (the dual; FISTA with restart from v = 0).
 
     Special cases: every s_i >= 0 (g_T already in C) gives v = 0, d = g_T exactly. Without the original's margin
-    and ridge (REFERENCE.md B).
+    and ridge.
     """
 
     name = "gem"

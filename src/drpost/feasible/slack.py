@@ -1,4 +1,4 @@
-"""Slack: turn any feasible set C into C + ball(r) (DESIGN.md section 3.3).
+"""Slack: turn any feasible set C into C + ball(r) (docs/design.md, section 3).
 
 This module owns ``apply_slack`` (pure: coefficients of proj_C(g_T) in, coefficients of proj_{C + ball(r)}(g_T)
 out), the radius-option validation shared with ``Ball``, and ``WithSlack``, a wrapper that adds slack to any

@@ -1,4 +1,4 @@
-"""Torch-native solvers for the convex feasible sets (DESIGN.md section 3.3).
+"""Torch-native solvers for the convex feasible sets (docs/design.md, section 3).
 
 This module owns the numerics behind ``convex.py``: exact Euclidean projections onto the simplex and the capped
 simplex, and an accelerated projected-gradient (FISTA with adaptive restart) solver for the small quadratic programs

@@ -1,4 +1,4 @@
-"""Automatic regularization strength (DESIGN.md section 3.4): a radius equal to the standard error of g_T.
+"""Automatic regularization strength (docs/design.md, section 4): a radius equal to the standard error of g_T.
 
 This module owns ``AutoStrength``, used by ``Ball(radius="auto")`` and ``slack="auto"``. The idea: trust the
 target direction exactly as far as its noise allows. With m target samples per step,

@@ -1,7 +1,7 @@
 """The paper's subset family: full_training, target_only, GlobalSubset and LayerWiseSubset.
 
 A subset S of the general batch yields ``sum_{i in S} u_i / N_S`` (N_S = loss tokens of S): exactly the gradient
-of standard training on S alone (DESIGN.md section 2). Selection modes:
+of standard training on S alone (docs/design.md, section 3). Selection modes:
 
 * ``topk``: keep the ``k = round(frac * n)`` samples with the highest scores ``s_i = <u_i, g_T>``;
 * ``filter``: drop ``ceil(frac * n_neg)`` of the ``n_neg`` negative-score samples, most negative first

@@ -1,7 +1,7 @@
 """Per-block scoring methods: scores <u_r, g_T>, Grams <u_r, u_q>, and the weighted-gradient assembly.
 
 Rows are the merged batch's sequences: general rows ``0..R_g-1`` first, then target rows. ``g_T = sum_r tc_r u_r``
-with ``tc`` the target row coefficients (1/N_T on target rows). Four methods (DESIGN.md section 2):
+with ``tc`` the target row coefficients (1/N_T on target rows). Four methods (docs/design.md, section 2):
 
 * ``full_ghost``: ``<G_r, G_q> = sum_{s,t} (a_rs . a_qt)(b_rs . b_qt)`` from token-pair products (no weight-sized
   tensors); uses of a tied weight stored transposed pair up as ``sum_{s,t} (b_rs . a_qt)(a_rs . b_qt)``.

@@ -1,6 +1,6 @@
 """RL target objectives: the losses whose gradient on the *target* prompts' rollouts defines ``g_T`` in RLHF/RLVR.
 
-The paper (DESIGN.md section 4, REFERENCE.md section A) uses three, all in the per-row loss form
+The paper uses three (see docs/design.md for the step they feed), all in the per-row loss form
 ``loss_fn(model, batch) -> (row_loss_sums (R,), row_counts (R,))`` on token-aligned rollout rows:
 
 - ``reward``: ``-E_y[log pi(y|x) normalize(R(x, y))]`` -- REINFORCE on the normalized sequence reward:
