@@ -70,3 +70,12 @@ def test_mentioned_names_resolve(name, where):
 
 def test_the_extractor_finds_the_readme_step():
     assert any("DataRegularizer" in code for _, code in python_blocks())
+
+
+def test_docstrings_point_to_docs_in_the_repository():
+    missing = ("DESIGN" + ".md", "REFERENCE" + ".md")  # design notes that are not part of the package
+    bad = [f"{p.relative_to(REPO)}:{i}" for p in sorted((REPO / "src").rglob("*.py"))
+           for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1)
+           if any(m in line for m in missing)]
+    assert not bad, f"point these to docs/design.md instead: {bad}"
+    assert (REPO / "docs" / "design.md").is_file()
