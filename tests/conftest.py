@@ -15,3 +15,13 @@ def _isolated_cache(tmp_path_factory):
     if "DRPOST_CACHE" not in os.environ:
         os.environ["DRPOST_CACHE"] = str(tmp_path_factory.mktemp("drpost-cache"))
     yield
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread, whatever an earlier run set (a resume test compares with a one-thread
+    subprocess)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

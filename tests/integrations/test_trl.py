@@ -19,6 +19,7 @@ datasets = pytest.importorskip("datasets")
 
 from drpost.integrations.trl import TRL_RANGE, DrDPOTrainer, DrGRPOTrainer, DrSFTTrainer  # noqa: E402
 from drpost.world.tokenizer import build_tokenizer  # noqa: E402
+from tests.integrations.trl_data import dpo_data, params, prompts, sft_data  # noqa: E402
 
 COMMON = dict(report_to=[], save_strategy="no", use_cpu=True, seed=0, logging_steps=1, optim="sgd",
               max_grad_norm=0.0, lr_scheduler_type="constant", warmup_steps=0, disable_tqdm=True,
@@ -41,9 +42,6 @@ def tiny(tok, seed=0, tie=False):
     return LlamaForCausalLM(cfg).to(torch.float64)
 
 
-def params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
 
 def assert_same_update(before, a, b, rtol=1e-6):  # TRL's fused LM head runs in float32 internally
     for n in before:
@@ -52,19 +50,7 @@ def assert_same_update(before, a, b, rtol=1e-6):  # TRL's fused LM head runs in 
         assert float((da - db).abs().max() / scale) <= rtol, n
 
 
-def _words(i):
-    return ["ab", "cd", "ef", "gh", "ij", "kl"][i % 6]
 
-
-def sft_data(n, off=0):
-    return datasets.Dataset.from_dict({"prompt": [f"{_words(i)}=" for i in range(off, off + n)],
-                                       "completion": [f"{_words(i + 1)}{i % 7}" for i in range(off, off + n)]})
-
-
-def dpo_data(n, off=0):
-    return datasets.Dataset.from_dict({"prompt": [f"{_words(i)}?" for i in range(off, off + n)],
-                                       "chosen": [f"{_words(i)}{i % 5}" for i in range(off, off + n)],
-                                       "rejected": [f"{_words(i + 2)}x" for i in range(off, off + n)]})
 
 
 def test_supported_trl_version():
@@ -172,9 +158,6 @@ def grpo_args(tmp_path, **kw):
     base.update(kw)
     return GRPOConfig(**base, **COMMON)
 
-
-def prompts(n, off=0):
-    return datasets.Dataset.from_dict({"prompt": [f"{_words(i)}:" for i in range(off, off + n)]})
 
 
 @pytest.mark.parametrize("loss_type,beta,temperature", [("bnpo", 0.0, 1.0), ("grpo", 0.04, 0.7)])

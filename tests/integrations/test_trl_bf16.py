@@ -26,6 +26,7 @@ datasets = pytest.importorskip("datasets")
 
 from drpost.integrations.trl import DrDPOTrainer, DrGRPOTrainer, DrSFTTrainer  # noqa: E402
 from drpost.world.tokenizer import build_tokenizer  # noqa: E402
+from tests.integrations.trl_data import dpo_data, params, prompts, sft_data  # noqa: E402
 
 BF16_RTOL = 3e-2
 # no ``bf16`` key: TRL's default (True) is what is under test
@@ -50,27 +51,9 @@ def tiny(tok, seed=0):
     return LlamaForCausalLM(cfg)  # fp32 weights, as a user trains them under autocast
 
 
-def params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _words(i):
-    return ["ab", "cd", "ef", "gh", "ij", "kl"][i % 6]
 
-
-def sft_data(n, off=0):
-    return datasets.Dataset.from_dict({"prompt": [f"{_words(i)}=" for i in range(off, off + n)],
-                                       "completion": [f"{_words(i + 1)}{i % 7}" for i in range(off, off + n)]})
-
-
-def dpo_data(n, off=0):
-    return datasets.Dataset.from_dict({"prompt": [f"{_words(i)}?" for i in range(off, off + n)],
-                                       "chosen": [f"{_words(i)}{i % 5}" for i in range(off, off + n)],
-                                       "rejected": [f"{_words(i + 2)}x" for i in range(off, off + n)]})
-
-
-def prompts(n, off=0):
-    return datasets.Dataset.from_dict({"prompt": [f"{_words(i)}:" for i in range(off, off + n)]})
 
 
 def reward_len(completions, **kw):

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from drpost import cli
 
@@ -27,14 +26,6 @@ def micro_dir(tmp_path_factory) -> Path:
     build_tokenizer().save_pretrained(path)
     return path
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and the resume test compares with a one-thread subprocess)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run_sft(argv: list[str], capsys=None) -> tuple[int, str]:

@@ -39,13 +39,6 @@ ARGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def classifier_dir(micro_dir, tmp_path_factory) -> Path:  # noqa: F811
