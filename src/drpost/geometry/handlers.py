@@ -7,13 +7,13 @@ Owned here (``geometry/capture.py`` picks a handler per module through ``HANDLER
   gradient only, so autograd's own weight gradient is never computed. A module whose class keeps the base forward
   (``type(m).forward is nn.Linear.forward``) gets that forward replaced by an equivalent one; a subclass that
   overrides ``forward`` (Gemma's scaled embeddings, OPT's positional embeddings, ...) keeps its own forward, run
-  under ``_Intercept``, a torch-function mode that reroutes only the ``F.linear`` / ``F.embedding`` calls on the
-  module's own weight. Either way the model computes exactly what it computed before.
+  under ``_Intercept`` (``geometry/functions.py``, with the autograd functions), a torch-function mode that reroutes
+  only the calls on the module's own weight. Either way the model computes exactly what it computed before.
 * ``NormHandler``: LayerNorm / RMSNorm weights and biases, ``sum_t xhat_rt * b_rt`` per row (tiny, materialized).
 * ``FallbackHandler``: any other module with trainable parameters; exact per-row gradients by vector-Jacobian
-  products (a replay of the module's forward on one row's recorded inputs, then ``torch.autograd.grad``). It owns its whole subtree: the parameters
-  of every descendant module are covered by the same replays (a state-space mixer that uses its ``conv1d`` or
-  ``dt_proj`` weight functionally is exact this way).
+  products (a replay of the module's forward on one row's recorded inputs, then ``torch.autograd.grad``). It owns
+  its whole subtree: the parameters of every descendant module are covered by the same replays (a state-space mixer
+  that uses its ``conv1d`` or ``dt_proj`` weight functionally is exact this way).
 
 Rows: the capture knows the merged batch's rows R and sequence length T. A module input is split into rows when its
 leading dimension is R (``(R, ..., d)``) or R*T (token-flattened ``(R*T, d)``, the layout ``x.view(-1, d)`` of an
@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from drpost.geometry.factors import Act, Block, OneHot, Use
+from drpost.geometry.functions import _Conv1DFn, _EmbeddingFn, _Intercept, _LinearFn
 
 if TYPE_CHECKING:
     from drpost.geometry.capture import Capture
@@ -66,13 +66,6 @@ def rows_view(x: Tensor, capture: Capture, what: str) -> Tensor:
     )
 
 
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    dev = x.device.type
-    if x.is_floating_point() and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return None
-
-
 def _check_leaf(weight: Tensor, handler: Handler) -> None:
     if weight.requires_grad and weight.grad_fn is not None:
         raise UnsupportedModelError(
@@ -80,127 +73,6 @@ def _check_leaf(weight: Tensor, handler: Handler) -> None:
             "adapter that rewrites the weight), so per-sample gradients of those parameters cannot be captured. "
             "Use adapters that are separate modules (PEFT LoRA on Linear layers) or freeze them."
         )
-
-
-# --------------------------------------------------------------------------- custom autograd functions
-def _gemm_out(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    """x @ w (+ bias) for x (..., d_in), w (d_in, d_out), written into a fresh tensor that is no view: models may
-    modify a layer's output in place, which autograd forbids on a view made inside a custom function."""
-    y = x.new_empty(*x.shape[:-1], w.shape[1])  # (..., d_out)
-    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, w.shape[1])
-    if bias is None:
-        torch.mm(x2, w, out=y2)
-    else:
-        torch.addmm(bias, x2, w, out=y2)
-    return y
-
-
-class _LinearFn(torch.autograd.Function):
-    """y = x W^T + b; backward records (x, dy) and returns dx only."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, handler):
-        cdt = _autocast_dtype(x)
-        if cdt is not None:  # what autocast does to F.linear: every operand in the autocast dtype
-            x, weight = x.to(cdt), weight.to(cdt)
-            bias = bias.to(cdt) if bias is not None else None
-        ctx.save_for_backward(x, weight)
-        ctx.handler = handler
-        with torch.autocast(x.device.type, enabled=False):
-            return _gemm_out(x, weight.t(), bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dy = dy.to(x.dtype)
-        ctx.handler.record(x, dy)
-        dx = dy @ weight if ctx.needs_input_grad[0] else None
-        return dx, None, None, None
-
-
-class _Conv1DFn(torch.autograd.Function):
-    """y = x W + b with W (d_in, d_out) (Hugging Face Conv1D); backward records (x, dy), returns dx only."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, handler):
-        cdt = _autocast_dtype(x)
-        if cdt is not None:
-            x, weight = x.to(cdt), weight.to(cdt)
-            bias = bias.to(cdt) if bias is not None else None
-        ctx.save_for_backward(x, weight)
-        ctx.handler = handler
-        with torch.autocast(x.device.type, enabled=False):
-            return _gemm_out(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dy = dy.to(x.dtype)
-        ctx.handler.record(x, dy)
-        dx = dy @ weight.t() if ctx.needs_input_grad[0] else None
-        return dx, None, None, None
-
-
-class _EmbeddingFn(torch.autograd.Function):
-    """y = W[ids]; backward records (ids, dy); ids get no gradient and neither does W (autocast leaves lookups)."""
-
-    @staticmethod
-    def forward(ctx, ids, weight, padding_idx, handler):
-        ctx.save_for_backward(ids)
-        ctx.handler = handler
-        return F.embedding(ids, weight, padding_idx)
-
-    @staticmethod
-    def backward(ctx, dy):
-        (ids,) = ctx.saved_tensors
-        ctx.handler.record(ids, dy)
-        return None, None, None, None
-
-
-_TRANSPOSES = (Tensor.T.__get__, Tensor.mT.__get__, Tensor.t, torch.t)
-_MATMULS = (Tensor.__matmul__, Tensor.matmul, torch.matmul)
-
-
-class _Intercept(TorchFunctionMode):
-    """Inside a module's own forward: reroute ``F.linear`` / ``F.embedding`` on that module's weight, and
-    ``x @ weight.T`` (Falcon's Linear), to the capture functions; pass every other call through unchanged. A bias is
-    added outside the capture function here (its gradient is then checked against autograd's, see capture.py)."""
-
-    def __init__(self, handler: _FactoredHandler):
-        super().__init__()
-        self.handler = handler
-        self.transposed: list[Tensor] = []  # views weight.T made in this forward
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        h = self.handler
-        w = h.module.weight
-        if func is F.linear and _arg(args, kwargs, 1, "weight") is w:
-            return _plus(h.apply(_arg(args, kwargs, 0, "input"), None), _arg(args, kwargs, 2, "bias"))
-        if func is F.embedding and _arg(args, kwargs, 1, "weight") is w and _plain_embedding(args, kwargs):
-            return h.apply(_arg(args, kwargs, 0, "input"), _arg(args, kwargs, 2, "padding_idx"))
-        if isinstance(h, LinearHandler) and func in _MATMULS and len(args) == 2 and w.dim() == 2 and \
-                any(args[1] is t for t in self.transposed):
-            return h.apply(args[0], None)
-        out = func(*args, **kwargs)
-        if func in _TRANSPOSES and args and args[0] is w and w.dim() == 2:
-            self.transposed.append(out)
-        return out
-
-
-def _plus(y: Tensor, bias: Tensor | None) -> Tensor:
-    return y if bias is None else y + bias.to(y.dtype)
-
-
-def _arg(args, kwargs, i: int, name: str):
-    return args[i] if len(args) > i else kwargs.get(name)
-
-
-def _plain_embedding(args, kwargs) -> bool:
-    """No max_norm, gradient scaling by frequency or sparse gradients (those change the gradient)."""
-    max_norm = _arg(args, kwargs, 3, "max_norm")
-    by_freq, sparse = _arg(args, kwargs, 5, "scale_grad_by_freq"), _arg(args, kwargs, 6, "sparse")
-    return max_norm is None and not by_freq and not sparse
 
 
 # --------------------------------------------------------------------------- handlers
@@ -312,6 +184,7 @@ class _FactoredHandler(Handler):
 
 class LinearHandler(_FactoredHandler):
     base = nn.Linear
+    reroutes_matmul = True  # x @ weight.T in a subclass's forward (Falcon) goes through the capture too
 
     def apply(self, x, bias):
         _check_leaf(self.module.weight, self)
