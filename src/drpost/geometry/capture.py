@@ -87,7 +87,6 @@ class Capture:
         self.checked = list({id(p): p for h in self.handlers for p in h.checked_params()}.values())
         checked = {id(p) for p in self.checked}
         self.owned = [p for h in self.handlers for p in h.trainable.values() if id(p) not in checked]
-        self._stash: dict[nn.Parameter, Tensor | None] = {}
         self._autograd: dict[nn.Parameter, Tensor] = {}
 
     def _make_blocks(self) -> list[Block]:
@@ -164,18 +163,16 @@ class Capture:
 
         The handlers stay installed during the backward because activation checkpointing re-runs forwards there:
         the recomputation must go through the same capture functions as the original forward."""
-        params = self.owned + self.checked
-        self._stash = {p: p.grad for p in params}
-        for p in params:
+        stash = {p: p.grad for p in self.owned + self.checked}  # the caller's gradients, put back below
+        for p in stash:
             p.grad = None
         try:
             with self:
                 loss.backward()
         finally:
-            self._autograd = {p: p.grad for p in params if p.grad is not None}
-            for p, g in self._stash.items():
+            self._autograd = {p: p.grad for p in stash if p.grad is not None}
+            for p, g in stash.items():
                 p.grad = g
-            self._stash = {}
 
     def collect(self) -> list[Block]:
         """After the backward: fill every block with its uses and small per-row gradients, then check that every

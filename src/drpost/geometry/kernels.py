@@ -322,14 +322,11 @@ def assemble(block: Block, coef: Tensor, host_coef: Tensor | None = None) -> dic
     if host_coef is None and coef.device.type == "cpu":
         host_coef = coef.detach()
     keep, uniform = _row_plan(host_coef) if host_coef is not None else (None, None)
-    if keep is not None and isinstance(keep, Tensor) and keep.numel() == 0:
-        keep = "none"
+    no_rows = isinstance(keep, Tensor) and keep.numel() == 0  # every coefficient zero: zero updates
     out: dict[nn.Parameter, Tensor] = {}
     for p, us in block.factored.items():
         g = None  # parameter layout, owned here
-        for u in sorted(us, key=lambda u: isinstance(u.a, OneHot)):  # dense uses first
-            if keep == "none":
-                break
+        for u in [] if no_rows else sorted(us, key=lambda u: isinstance(u.a, OneHot)):  # dense uses first
             dtype = _work_dtype(u.b.dtype)
             if g is not None and isinstance(u.a, OneHot) and u.transposed and g.dtype == dtype:
                 b, a, scale = _scaled_rows(u.b, u.a, coef, keep, uniform, dtype)
