@@ -215,13 +215,8 @@ class DataRegularizer:
             if not (ds.finite if ds is not None else bool(torch.isfinite(loss_sums.detach()).all())):
                 return _skip(report, "non-finite loss")
             _check_tokens(mb)
-            weights_without_backward = not write_grads and self.needs().trivial
             with timer("backward"):
-                if weights_without_backward:  # full_training / target_only row weights need no gradients
-                    blocks = self.capture.blocks
-                else:
-                    self.capture.backward(loss_sums.sum())
-                    blocks = self.capture.collect()
+                blocks = self._backward(loss_sums, write_grads)
             geo = (ds or self.local_geometry).geometry(self, blocks, mb, lr, timer, report)
             if geo is None:
                 return _skip(report, "non-finite scores or Gram")
@@ -257,6 +252,14 @@ class DataRegularizer:
         report.loss = float(loss_sums[: mb.R_g].detach().sum() / mb.counts.sum().clamp_min(1))
         report.target_loss = float(loss_sums[mb.R_g:].detach().sum() / mb.target_counts.sum().clamp_min(1))
         return loss_sums
+
+    def _backward(self, loss_sums: Tensor, write_grads: bool) -> list:
+        """Stage 2: one captured backward of the rows' summed losses, then the per-block factors (checked by the
+        capture's accounting). Row weights of full_training / target_only need no gradients at all."""
+        if not write_grads and self.needs().trivial:
+            return self.capture.blocks
+        self.capture.backward(loss_sums.sum())
+        return self.capture.collect()
 
     def _parallel(self, loss_sums: Tensor, mb: MergedBatch, report: StepReport):
         """Data parallelism (geometry/distributed.py): the global counts and losses, or None for a local step."""
