@@ -52,6 +52,7 @@ class SFTRecipe:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     eval_every: int = 0  # 0 = only at the end
+    bf16: bool = False  # run each step's forward and backward under bf16 autocast (weights and optimizer stay fp32)
     seed: int = 0
     progress: bool = False
 
@@ -72,7 +73,7 @@ class MethodSpec:
 def encode_examples(tokenizer, examples: list[dict], max_length: int) -> list[dict]:
     rows = []
     for e in examples:
-        r = tokenize_prompt_completion(tokenizer, e["prompt"], e["completion"], max_length)
+        r = tokenize_prompt_completion(tokenizer, e["prompt"], e["completion"], max_length, e.get("add_eos", True))
         if not any(t != -100 for t in r["labels"]):
             raise ValueError(f"example with prompt {e['prompt'][:40]!r} has no loss tokens after truncation "
                              f"to max_length={max_length}")
@@ -156,6 +157,7 @@ class LoopParts:
     pad: int
     target_batch_size: int
     max_grad_norm: float | None
+    autocast: torch.dtype | None = None  # forward + backward of the step under this autocast dtype (None: off)
 
 
 def new_metrics(**extra) -> dict:
@@ -184,7 +186,9 @@ class SFTTask(Task):
         draw = p.sampler.draw()
         rows = [p.g_rows[j] if src == "g" else p.t_rows[j] for src, j in draw]
         tgt = [p.t_rows[self.rng.randrange(len(p.t_rows))] for _ in range(p.target_batch_size)]
-        report = p.reg.step(general=collate(rows, p.pad), target=collate(tgt, p.pad), loss_fn=p.loss_fn)
+        dev = p.params[0].device.type
+        with torch.autocast(dev, dtype=p.autocast or torch.bfloat16, enabled=p.autocast is not None):
+            report = p.reg.step(general=collate(rows, p.pad), target=collate(tgt, p.pad), loss_fn=p.loss_fn)
         if apply_update(self, report, p.params, p.max_grad_norm, metrics):
             metrics["train_loss"].append(report.loss)
             metrics["target_loss"].append(report.target_loss)
@@ -243,7 +247,8 @@ def train_sft(model, tokenizer, general: list[dict], target: list[dict], spec: M
         g_rows=g_rows, t_rows=t_rows, families=[e.get("family") for e in general],
         loss_fn=sample_mean_loss if spec.loss == "sample_mean" else causal_lm_loss,
         pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        target_batch_size=spec.target_batch_size or recipe.target_batch_size, max_grad_norm=recipe.max_grad_norm)
+        target_batch_size=spec.target_batch_size or recipe.target_batch_size, max_grad_norm=recipe.max_grad_norm,
+        autocast=torch.bfloat16 if recipe.bf16 else None)
     state = LoopState(0, rng, new_metrics(recipe=asdict(recipe), method=asdict(spec)))
     task = SFTTask(parts, rng, state.family_acc)
     train(task, state, recipe.steps, eval_fn=eval_fn, eval_every=recipe.eval_every,
