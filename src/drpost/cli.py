@@ -29,18 +29,18 @@ from drpost.config import BENCH_CONFIGS, CONFIGS, ConfigError, help_text, parse_
 
 RUNNERS: dict[str, str] = {
     "demo": "drpost.bench.demo:run",
-    "sft": "drpost.trainers.sft:run",
-    "dpo": "drpost.trainers.dpo:run",
-    "rlhf": "drpost.trainers.rlhf:run",
-    "rlvr": "drpost.trainers.rlvr:run",
+    "sft": "drpost.world.runs:sft",  # the trainers' run(config, sources) with the world's sources
+    "dpo": "drpost.world.runs:dpo",
+    "rlhf": "drpost.world.runs:rlhf",
+    "rlvr": "drpost.world.runs:rlvr",
     "bench quality": "drpost.bench.quality:run",
     "bench system": "drpost.bench.system:run",
     "bench meso": "drpost.bench.meso:run",
 }
 
 # runners that validate everything before writing, and write config.yaml themselves
-VALIDATING_RUNNERS: frozenset[str] = frozenset({"drpost.trainers.sft:run", "drpost.trainers.dpo:run",
-                                                "drpost.trainers.rlhf:run", "drpost.trainers.rlvr:run"})
+VALIDATING_RUNNERS: frozenset[str] = frozenset({"drpost.world.runs:sft", "drpost.world.runs:dpo",
+                                                "drpost.world.runs:rlhf", "drpost.world.runs:rlvr"})
 # training commands: a resumed run reuses its saved config.yaml (drpost.trainers.runner.reconcile_resume)
 TRAINING_COMMANDS: frozenset[str] = frozenset({"sft", "dpo", "rlhf", "rlvr"})
 

@@ -303,6 +303,27 @@ def test_schedules():
         make_scheduler(opt, "step", 10, 0.0)
 
 
+def test_shared_schedules_keep_the_numbers_results_were_made_with():
+    """warmup_decay is, float for float, the reward model's and the world pretraining's former inline schedules;
+    constant_schedule (transformers' constant) keeps the optimizer's LR."""
+    from drpost.trainers.loop import constant_schedule, warmup_decay
+
+    def lrs(make, n):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        sched, out = make(opt), []
+        for _ in range(n):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    for steps, warm, floor in ((500, 20, 0.0), (120, 10, 0.05), (37, 100, 0.05)):
+        old = torch.optim.lr_scheduler.LambdaLR  # the former inline form, same expression
+        want = lrs(lambda o: old(o, lambda s: min(1.0, (s + 1) / warm) * max(floor, 1 - s / steps)), steps)
+        assert lrs(lambda o: warmup_decay(o, steps, warm, floor), steps) == want
+    assert lrs(constant_schedule, 5) == [1e-3] * 5
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX paths")
 def test_resume_without_a_saved_config_starts_fresh(tmp_path, micro_dir, capsys):  # noqa: F811
     out = tmp_path / "run"

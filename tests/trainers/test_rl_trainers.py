@@ -22,9 +22,10 @@ from drpost.objectives.grpo import grpo_loss_fn
 from drpost.objectives.logprobs import response_mask
 from drpost.objectives.ppo import ppo_token_losses
 from drpost.step import DataRegularizer
-from drpost.trainers.rl_common import MixedRLLoss, verifier_reward_fn
+from drpost.trainers.rl_common import MixedRLLoss, check_reward_fn
 from drpost.trainers.rlhf import DetachedValuePolicy, RLHFRecipe, iif_keep, ppo_rollouts
 from drpost.trainers.rlvr import RLVRRecipe, grpo_rollouts
+from drpost.world.evaluate import check
 from drpost.world.rl_settings import build_rl_setting
 
 
@@ -195,8 +196,8 @@ def test_reward_model_ranks_separable_pairs(micro):
 def test_verifier_reward(micro):
     _, tok = micro
     ex = [{"family": "add", "answer": "5"}, {"family": "add", "answer": "5"}]
-    r = verifier_reward_fn(tok)([[1], [1]], [tok.encode("5", add_special_tokens=False) + [tok.eos_token_id],
-                                              tok.encode("6", add_special_tokens=False)], ex)
+    r = check_reward_fn(tok, check)([[1], [1]], [tok.encode("5", add_special_tokens=False) + [tok.eos_token_id],
+                                                 tok.encode("6", add_special_tokens=False)], ex)
     assert r.tolist() == [1.0, 0.0]
 
 
@@ -210,7 +211,7 @@ def test_verifier_reward(micro):
 ])
 def test_cli_end_to_end(micro, tmp_path, monkeypatch, command, args):
     from drpost import cli
-    from drpost.trainers import reward_model
+    from drpost.world import reward_model
 
     monkeypatch.setitem(reward_model.RM_RECIPE, "steps", 3)  # the CLI's world reward model, trained in seconds
     monkeypatch.setattr("drpost.bench.rl.N_TEST", 8, raising=False)
@@ -241,3 +242,18 @@ def test_bench_rl_records_and_report(micro, tmp_path, monkeypatch, paradigm):
     assert "LayerWiseSubset" in text and "s/run" in text
     assert (tmp_path / "methods.png").exists() and (tmp_path / "curves.png").exists()
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 5
+
+
+@pytest.mark.parametrize("paradigm", ["rlhf", "rlvr", "dpo"])
+def test_bench_rl_draws_the_data_from_the_seed(paradigm):
+    """Seeds vary the data (general records, targets, test prompts), not only training; a seed is reproducible."""
+    from drpost.bench import rl
+
+    setting = rl.DEFAULT_SETTINGS[paradigm]
+    ctx: dict = {}
+    a, b = rl.seed_data(ctx, setting, 0), rl.seed_data(ctx, setting, 1)
+    assert a.seed == 0 and b.seed == 1 and rl.seed_data(ctx, setting, 0) is a  # built once per seed
+    for split in ("general", "target_train", "target_test"):
+        assert getattr(a, split) != getattr(b, split), split
+    again = rl.seed_data({}, setting, 1)
+    assert (again.general, again.target_train, again.target_test) == (b.general, b.target_train, b.target_test)

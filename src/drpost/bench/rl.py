@@ -12,10 +12,14 @@ Python entry point (one for all three paradigms):
 record is one (setting, method, seed): the target metric (RLHF: reward-model score of sampled responses on held-out
 target prompts; RLVR: verifier accuracy of sampled responses (the quantity GRPO optimizes) on held-out target
 prompts; DPO: greedy exact match on held-out target prompts), KL to the reference, general retention,
-the training curve of the target reward, wall time. A ``base`` record (the untrained model) is added per setting.
+the training curve of the target reward, wall time. A ``base`` record (the untrained model, on seed 0's data) is
+added per setting.
 
-Protocol: every method gets the same base model, prompts, rollout budget, optimizer and schedule; knobs are fixed in
-advance (subsets keep half the batch in RLHF and DPO, as the paper's SFT default; RLVR filters negative scores,
+Protocol: the seed draws the data -- general prompts / pairs, the 16 targets, the test prompts and the retention
+sets (``build_rl_setting(setting, seed)``, as ``drpost.bench.quality`` does for SFT) -- as well as training; the
+RLHF reward model is the setting's one, trained once on seed 0's preference pairs (the judge, not the data).
+Within a seed every method gets the same base model, prompts, rollout budget, optimizer and schedule; knobs are fixed
+in advance (subsets keep half the batch in RLHF and DPO, as the paper's SFT default; RLVR filters negative scores,
 ``frac=1``, as the paper's RLVR runs); no tuning on the test prompts.
 
 CLI: ``drpost bench quality --paradigm rlhf|rlvr|dpo`` writes ``results/<paradigm>/`` (raw JSON per run,
@@ -38,9 +42,9 @@ from drpost.bench.stats import mean_se
 from drpost.trainers.dpo import DPORecipe
 from drpost.trainers.rlhf import RLHFRecipe, RLMethod
 from drpost.trainers.rlvr import RLVRRecipe
+from drpost.world.rl_settings import DEFAULT_SETTINGS
 
 PARADIGMS = ("rlhf", "rlvr", "dpo")
-DEFAULT_SETTINGS = {"rlhf": "rlhf_format", "rlvr": "rlvr_arith", "dpo": "dpo_pairs"}
 
 _TOPK = {"frac": 0.5}
 _FILTER = {"selection": "filter", "frac": 1.0}
@@ -89,33 +93,44 @@ N_TEST = 200
 
 
 def _context(paradigm: str, setting: str, base_size: str) -> dict:
+    from drpost.world.evaluate import check
     from drpost.world.model import load_base_model
-    from drpost.world.rl_settings import build_rl_setting
 
-    data = build_rl_setting(setting, 0)
     base, tok = load_base_model(base_size)
-    ctx = {"data": data, "base": base, "tok": tok}
+    ctx = {"base": base, "tok": tok, "by_seed": {}}
     if paradigm == "rlhf":
-        from drpost.trainers.reward_model import world_reward_model
         from drpost.trainers.rlhf import rm_reward_fn
+        from drpost.world.reward_model import world_reward_model
 
         rm, info = world_reward_model(setting, base_size)
         ctx["reward_fn"], ctx["rm_info"] = rm_reward_fn(rm), {k: v for k, v in info.items() if k != "loss_curve"}
     else:
-        from drpost.trainers.rl_common import verifier_reward_fn
+        from drpost.trainers.rl_common import check_reward_fn
 
-        ctx["reward_fn"] = verifier_reward_fn(tok)
+        ctx["reward_fn"] = check_reward_fn(tok, check)
     return ctx
 
 
-def _evaluate(paradigm: str, ctx: dict, model, budget) -> dict:
+def seed_data(ctx: dict, setting: str, seed: int):
+    """The setting's data drawn from ``seed`` (``RLSettingData``), built once per seed and kept in ``ctx``."""
+    from drpost.world.rl_settings import build_rl_setting
+
+    by_seed = ctx.setdefault("by_seed", {})
+    if seed not in by_seed:
+        by_seed[seed] = build_rl_setting(setting, seed)
+    return by_seed[seed]
+
+
+def _evaluate(paradigm: str, ctx: dict, data, model, budget) -> dict:
     from drpost.trainers.dpo import pair_accuracy
     from drpost.trainers.rl_common import evaluate_policy
+    from drpost.world.evaluate import check, retention_exact_match
 
-    data, tok = ctx["data"], ctx["tok"]
+    tok = ctx["tok"]
     test = data.target_test[:N_TEST]
     max_new = getattr(budget, "max_new_tokens", 8)
-    ev = evaluate_policy(model, ctx["base"], tok, test, ctx["reward_fn"], max_new, data.retention)
+    ev = evaluate_policy(model, ctx["base"], tok, test, ctx["reward_fn"], max_new,
+                         lambda m: retention_exact_match(m, tok, data.retention), check=check)
     ev["target_metric"] = ev["em"] if paradigm == "dpo" else ev["sampled_reward"]
     if paradigm == "dpo":
         ev["pair_accuracy"] = pair_accuracy(model, ctx["base"], tok, test)
@@ -132,7 +147,8 @@ def run_one(paradigm: str, setting: str, name: str, seed: int, budget, base_size
     ctx = _ctx if _ctx is not None else {}
     if not ctx:
         ctx.update(_context(paradigm, setting, base_size))
-    data, base, tok = ctx["data"], ctx["base"], ctx["tok"]
+    base, tok = ctx["base"], ctx["tok"]
+    data = seed_data(ctx, setting, seed)  # the seed draws the data as well as training
     t0 = time.perf_counter()
     curve: list[float] = []
     extra: dict = {}
@@ -163,7 +179,7 @@ def run_one(paradigm: str, setting: str, name: str, seed: int, budget, base_size
             extra = {"flipped_weight": sum(fw) / len(fw) if fw else None}
         model = m["model"]
         extra["skipped_steps"] = m["skipped_steps"]
-    ev = _evaluate(paradigm, ctx, model, budget)
+    ev = _evaluate(paradigm, ctx, data, model, budget)
     return {"paradigm": paradigm, "setting": data.setting.name, "method": name, "label": label, "seed": seed,
             **{k: v for k, v in ev.items()}, "curve": _downsample(curve), **extra,
             "wall_seconds": time.perf_counter() - t0, "budget": asdict(budget) if name != "base" else None}

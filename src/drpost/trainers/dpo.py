@@ -5,7 +5,8 @@
     metrics = train_dpo(policy, ref, tokenizer, general_pairs, target_pairs,
                         RLMethod("Hull", "hull"), DPORecipe(steps=150))
 
-CLI: ``drpost dpo output_dir=runs/dpo regularizer.method=hull steps=150`` (``run(config)``; the shared CLI run of
+CLI: ``drpost dpo output_dir=runs/dpo regularizer.method=hull steps=150`` (``run(config, sources)``, which the
+command line calls with the world's sources from ``drpost.world.runs``; the shared CLI run of
 ``drpost.trainers.runner``: LoRA / MeSO, optimizer and schedule from ``optim.*``, checkpoints, resume, the trained
 model in ``output_dir/final``).
 
@@ -210,12 +211,13 @@ def pair_accuracy(policy, ref, tokenizer, pairs: list[dict], max_length: int = 9
     return float((h[:, 0] > h[:, 1]).float().mean())
 
 
-def evaluate_dpo(policy, ref, tokenizer, test: list[dict], retention: dict | None, max_new_tokens: int = 8) -> dict:
-    """Target exact match of greedy (``em``) and sampled (``sampled_em``) answers, KL to the reference (k3 on
-    samples), retention; plus pair accuracy on the test pairs."""
-    from drpost.trainers.rl_common import evaluate_policy, verifier_reward_fn
+def evaluate_dpo(policy, ref, tokenizer, test: list[dict], check, retention=None, max_new_tokens: int = 8) -> dict:
+    """Target exact match of greedy (``em``) and sampled (``sampled_em``) answers under ``check(text, pair)``, KL to
+    the reference (k3 on samples), ``retention(policy)``; plus pair accuracy on the test pairs."""
+    from drpost.trainers.rl_common import check_reward_fn, evaluate_policy
 
-    out = evaluate_policy(policy, ref, tokenizer, test, verifier_reward_fn(tokenizer), max_new_tokens, retention)
+    out = evaluate_policy(policy, ref, tokenizer, test, check_reward_fn(tokenizer, check), max_new_tokens, retention,
+                          check=check)
     out.pop("reward", None)  # the verifier's reward of greedy answers is exactly em
     out["sampled_em"] = out.pop("sampled_reward")
     out["pair_accuracy"] = pair_accuracy(policy, ref, tokenizer, test)
@@ -223,23 +225,27 @@ def evaluate_dpo(policy, ref, tokenizer, test: list[dict], retention: dict | Non
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI run
-def build(config, device):
-    """The DPO task of a ``drpost dpo`` config (everything checked before anything is written) and its evaluation."""
+def build(config, device, sources=None):
+    """The DPO task of a ``drpost dpo`` config (everything checked before anything is written) and its evaluation;
+    models and pairs come through ``sources`` (``drpost.trainers.sources.Sources``; default: files only)."""
     from drpost.config import ConfigError
     from drpost.trainers import setup
     from drpost.trainers.loop import make_scheduler, recipe_from
-    from drpost.trainers.rl_common import load_rl_data, refuse_unused
+    from drpost.trainers.rl_common import refuse_unused
+    from drpost.trainers.sources import Sources
 
+    sources = sources or Sources()
     c = config.dpo
     refuse_unused(config, {"data.overlong": "a pair that does not fit data.max_seq_length is an error naming it; "
                                             "dpo.max_prompt_length cuts prompts from the left"})
     if c.label_smoothing and c.loss_type != "sigmoid":
         raise ConfigError(f"option 'dpo.label_smoothing' applies to dpo.loss_type=sigmoid only, not {c.loss_type}")
-    policy, tok = setup.load_model(config.model, device)
-    data = load_rl_data(config, "dpo", tok)
+    policy, tok = sources.load_model(config.model, device)
+    data = sources.rl_data(config, "dpo", tok)
     if c.reference:
         try:
-            ref, _ = setup.load_model(type(config.model)(name_or_path=c.reference, dtype=config.model.dtype), device)
+            ref, _ = sources.load_model(type(config.model)(name_or_path=c.reference, dtype=config.model.dtype),
+                                        device)
         except ConfigError as e:
             raise ConfigError(str(e).replace("option 'model.name_or_path'", "option 'dpo.reference'")) from None
     else:
@@ -254,17 +260,19 @@ def build(config, device):
     task = DPOTask(policy, ref, tok, data.general, data.target, spec, recipe, opt=opt, sched=sched,
                    reg=setup.make_regularizer(policy, config, opt))
     test = data.test
+    check = sources.record_check(test) if data.setting is not None and config.data.eval is None else None
 
     def eval_fn(model, step):
-        if data.setting is not None and config.data.eval is None:
-            return evaluate_dpo(model, task.ref, tok, test, data.retention)
+        if check is not None:
+            return evaluate_dpo(model, task.ref, tok, test, check, data.retention)
         return {"pair_accuracy": pair_accuracy(model, task.ref, tok, test, recipe.max_length)}
 
     return task, (eval_fn if test else None)
 
 
-def run(config) -> int:
-    """``drpost dpo``: regularized DPO on the world's ``dpo_pairs`` setting or on given pairs (see module doc)."""
+def run(config, sources=None) -> int:
+    """``drpost dpo``: regularized DPO on given pairs, or on a built-in setting of ``sources`` (the CLI's: the
+    world's ``dpo_pairs``; see the module doc)."""
     from drpost.trainers.runner import run_task
 
-    return run_task(config, build)
+    return run_task(config, build, sources)

@@ -12,10 +12,13 @@ to a task as arguments; the task never loads them itself.
 (``train_sft``, ``train_dpo``, ``train_rlhf``, ``train_rlvr``) and the CLI (``drpost.trainers.runner.run_task``) both
 drive their task through it.
 
-Schedules: ``make_scheduler`` builds the CLI schedules with ``transformers.get_scheduler`` (linear warm-up from 0,
-then linear / cosine decay to 0, or constant). ``warmup_linear`` is the schedule of the library recipes
-(``SFTRecipe`` / ``DPORecipe``), kept because the committed benchmark results were produced with it: its warm-up
-starts at ``lr / W`` on the first step instead of 0.
+Schedules (every trainer's, and the world's pretraining, take theirs from here): ``make_scheduler`` builds the CLI
+schedules with ``transformers.get_scheduler`` (linear warm-up from 0, then linear / cosine decay to 0, or constant);
+``constant_schedule`` (the RL library recipes) is ``get_scheduler("constant")``. Two shapes transformers does not
+have are kept because results were produced with them: ``warmup_linear``, the schedule of the library recipes
+(``SFTRecipe`` / ``DPORecipe``, the committed benchmark results), whose warm-up starts at ``lr / W`` on the first
+step instead of 0; and ``warmup_decay``, a warm-up *times* a linear decay over the whole run with a floor (the
+world's pretraining and the reward model: the shipped base model and the cached reward models were made with it).
 """
 
 from __future__ import annotations
@@ -164,9 +167,25 @@ def warmup_linear(opt: torch.optim.Optimizer, steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
+def warmup_decay(opt: torch.optim.Optimizer, steps: int, warmup: int, floor: float = 0.0):
+    """``min(1, (s + 1) / warmup) * max(floor, 1 - s / steps)``: a warm-up over ``warmup`` steps times a linear
+    decay over the whole run that never goes below ``floor`` (the world's pretraining: floor 0.05; the reward model).
+
+    Kept (instead of ``make_scheduler``) because the shipped base model and the cached reward models were made with
+    it: the two factors overlap during the warm-up, which no ``transformers`` schedule does."""
+
+    def f(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) * max(floor, 1 - step / steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
 def constant_schedule(opt: torch.optim.Optimizer):
-    """Constant learning rate (the RL library recipes): the LR is exactly the optimizer's."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
+    """Constant learning rate (the RL library recipes): the LR is exactly the optimizer's
+    (``transformers.get_scheduler("constant")``)."""
+    from transformers import get_scheduler
+
+    return get_scheduler("constant", opt)
 
 
 def recipe_from(cls, *groups, **explicit):

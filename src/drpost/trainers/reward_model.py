@@ -6,25 +6,20 @@
 
 Owns ``RewardModel`` (a ``LlamaForSequenceClassification``-style model with ``num_labels=1``, read at the last real
 token, right padding) and ``train_reward_model`` (pairs ``{"prompt", "chosen", "rejected"}``; loss
-``-log sigmoid(r(x, y_chosen) - r(x, y_rejected))`` averaged over the pairs; AdamW). ``world_reward_model(setting)``
-trains the world setting's reward model once and caches it on disk next to the base model
-(``$DRPOST_CACHE``/``~/.cache/drpost``), keyed by a hash of the base model, the pairs and the recipe.
-
-Run it: ``python -c "from drpost.trainers.reward_model import world_reward_model as w; print(w('rlhf_format',
-verbose=True)[1])"`` (trains or loads the cached model, prints its pair accuracy); ``drpost rlhf`` does it on
-first use.
+``-log sigmoid(r(x, y_chosen) - r(x, y_rejected))`` averaged over the pairs; AdamW with the shared
+``drpost.trainers.loop.warmup_decay`` schedule, 20 warm-up steps). The world's RLHF setting trains its reward model
+with it once and caches it (``drpost.world.reward_model.world_reward_model``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import time
 
 import torch
 import torch.nn.functional as F
 
+from drpost.trainers.loop import warmup_decay
 from drpost.trainers.rl_common import encode_prompt
 
 
@@ -98,7 +93,7 @@ def train_reward_model(model, tokenizer, pairs: list[dict], steps: int = 400, ba
     enc = encode_pairs(tokenizer, pairs)
     rm = RewardModel(model, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
+    sched = warmup_decay(opt, steps, warmup=20)
     losses, t0 = [], time.perf_counter()
     model.train()
     for step in range(steps):
@@ -119,43 +114,4 @@ def train_reward_model(model, tokenizer, pairs: list[dict], steps: int = 400, ba
                "train_pair_accuracy": pair_accuracy(rm, enc[:500]), "seconds": time.perf_counter() - t0}
     if eval_pairs:
         metrics["eval_pair_accuracy"] = pair_accuracy(rm, encode_pairs(tokenizer, eval_pairs))
-    return rm, metrics
-
-
-RM_RECIPE = {"steps": 500, "batch_size": 32, "lr": 1e-3, "seed": 0, "version": 1}
-
-
-def world_reward_model(setting="rlhf_format", size: str = "tiny", recipe: dict | None = None,
-                       verbose: bool = False) -> tuple[RewardModel, dict]:
-    """The world setting's reward model, trained on its preference pairs once and cached on disk."""
-    from drpost.world.pretrain import cache_dir, ensure_base_model
-    from drpost.world.rl_settings import build_rl_setting
-    from drpost.world.tasks import make_example
-
-    recipe = {**RM_RECIPE, **(recipe or {})}
-    data = build_rl_setting(setting, 0)
-    base = ensure_base_model(size)
-    key_src = json.dumps({"base": base.name, "recipe": recipe, "pairs": data.pairs[:50], "n": len(data.pairs),
-                          "setting": data.setting.name}, sort_keys=True, default=str)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
-    path = cache_dir() / f"reward-{data.setting.name}-{size}-{key}"
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    # held-out check pairs on the target prompts (the behaviour that matters)
-    rng = random.Random("rm-eval")
-    from drpost.world.rl_settings import make_pair
-
-    eval_pairs = [make_pair(rng, make_example(rng, data.setting.target_family, data.setting.target_format),
-                            data.setting.junk_rate) for _ in range(200)]
-    if (path / "reward.json").exists():
-        model = load_classifier(path)
-        return RewardModel(model.eval(), tokenizer), json.loads((path / "reward.json").read_text())
-    model = load_classifier(base)
-    rm, metrics = train_reward_model(model, tokenizer, data.pairs, steps=recipe["steps"],
-                                     batch_size=recipe["batch_size"], lr=recipe["lr"], seed=recipe["seed"],
-                                     eval_pairs=eval_pairs, log_every=100 if verbose else 0)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    (path / "reward.json").write_text(json.dumps({**metrics, "recipe": recipe}, indent=1))
     return rm, metrics

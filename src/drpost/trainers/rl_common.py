@@ -14,12 +14,17 @@ Owns
   objective* (``reward`` / ``token_pg`` / ``train_loss``; see drpost.objectives.rl_target). Every row carries ``is_target``
   (R,), and the loss runs one forward and picks each row's objective, so one forward/backward still serves both.
 
+- ``evaluate_policy`` (greedy / sampled reward, exact match, KL to the reference, retention), rewards from answer
+  checks (``check_reward_fn``, ``answer_reward_fn``) and the records of a CLI run (``RLData``, ``load_rl_data``):
+  the checks, retention and built-in settings are callables given by the caller (``drpost.trainers.sources``).
+
 All per-token tensors are token-aligned (R, T) (``drpost.objectives.logprobs``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -268,25 +273,24 @@ def time_rollouts(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
 # --------------------------------------------------------------------------- evaluation and data
 @torch.no_grad()
 def evaluate_policy(policy, ref, tokenizer, examples: list[dict], reward_fn, max_new_tokens: int = 12,
-                    retention: dict | None = None, seed: int = 1234) -> dict:
+                    retention: Callable[[torch.nn.Module], dict] | None = None, seed: int = 1234,
+                    check: Callable[[str, dict], float] | None = None) -> dict:
     """Target metrics of a policy on held-out prompts.
 
-    ``reward`` / ``em``: mean reward and exact match (world verifier, when examples carry ``family`` and ``answer``)
-    of *greedy* responses; ``sampled_reward``: mean reward of temperature-1 samples (fixed generator seed);
+    ``reward`` / ``em``: mean reward and exact match (``check(decoded response, example)``, when given) of *greedy*
+    responses; ``sampled_reward``: mean reward of temperature-1 samples (fixed generator seed);
     ``kl``: KL(pi || ref) per response, estimated on those samples with the k3 estimator summed over tokens,
     ``sum_t (r_t - 1 - log r_t)`` with ``r_t = ref(y_t) / pi(y_t)``: unbiased for each token's KL given its prefix
     and never negative (the plain k1 sum ``log pi - log ref`` is unbiased too but often negative on few samples);
-    ``retention_em``: mean exact match over the general families' retention sets (greedy).
+    ``retention_em`` / ``retention_by_family``: ``retention(policy)`` (family -> exact match) and its mean.
     """
     from drpost.objectives.logprobs import response_mask
-    from drpost.world.tasks import verify
 
     prompts = [encode_prompt(tokenizer, e["prompt"]) for e in examples]
     greedy = sample_generate(policy, tokenizer, prompts, max_new_tokens, greedy=True)
     out = {"reward": float(reward_fn(prompts, greedy, examples).float().mean())}
-    if examples and "family" in examples[0] and "answer" in examples[0]:
-        out["em"] = sum(verify(e["family"], decode_response(tokenizer, r), e["answer"])
-                        for e, r in zip(examples, greedy)) / len(examples)
+    if check is not None and examples:
+        out["em"] = sum(check(decode_response(tokenizer, r), e) for e, r in zip(examples, greedy)) / len(examples)
     gen = torch.Generator().manual_seed(seed)
     sampled = sample_generate(policy, tokenizer, prompts, max_new_tokens, generator=gen)
     out["sampled_reward"] = float(reward_fn(prompts, sampled, examples).float().mean())
@@ -296,22 +300,18 @@ def evaluate_policy(policy, ref, tokenizer, examples: list[dict], reward_fn, max
     m = response_mask(batch["labels"]).to(lp.dtype)
     log_r = (rp - lp) * m  # (R, T) log ref/pi on the sampled tokens
     out["kl"] = float((torch.expm1(log_r) - log_r).sum(-1).mean())  # k3 per token: >= 0, unbiased
-    if retention:
-        from drpost.world.evaluate import exact_match
-
-        per = {f: exact_match(policy, tokenizer, ex) for f, ex in retention.items()}
+    if retention is not None:
+        per = retention(policy)
         out["retention_em"] = sum(per.values()) / len(per)
         out["retention_by_family"] = per
     return out
 
 
-def verifier_reward_fn(tokenizer):
-    """reward_fn for world prompts: 1.0 when the decoded response passes the family's verifier, else 0.0."""
-    from drpost.world.tasks import verify
+def check_reward_fn(tokenizer, check: Callable[[str, dict], float]):
+    """reward_fn from an answer check: ``float(check(decoded response, example))`` per response (1.0 = correct)."""
 
     def fn(prompts, responses, examples):
-        return torch.tensor([float(verify(e["family"], decode_response(tokenizer, r), e["answer"]))
-                             for e, r in zip(examples, responses)])
+        return torch.tensor([float(check(decode_response(tokenizer, r), e)) for e, r in zip(examples, responses)])
 
     return fn
 
@@ -321,12 +321,7 @@ def answer_reward_fn(tokenizer, kind: str):
     ``contains``) accepts the decoded response, else 0.0."""
     from drpost.data.verifiers import make_verifier
 
-    check = make_verifier(kind)
-
-    def fn(prompts, responses, examples):
-        return torch.tensor([check(decode_response(tokenizer, r), e) for e, r in zip(examples, responses)])
-
-    return fn
+    return check_reward_fn(tokenizer, make_verifier(kind))
 
 
 def load_prompt_records(path: str | None, max_n: int | None) -> list[dict] | None:
@@ -338,24 +333,21 @@ def load_prompt_records(path: str | None, max_n: int | None) -> list[dict] | Non
     return load_prompts(path, limit=max_n)
 
 
-DEFAULT_SETTINGS = {"rlhf": "rlhf_format", "rlvr": "rlvr_arith", "dpo": "dpo_pairs"}
-WORLD_TEST = 100  # held-out target prompts of a world setting scored by evaluation
-
-
 @dataclass
 class RLData:
     """The records of a ``drpost dpo|rlhf|rlvr`` run: pairs (dpo) or prompts (rlhf, rlvr)."""
 
     general: list[dict]
     target: list[dict]
-    test: list[dict]  # evaluation records (data.eval, or the world setting's held-out target test split)
-    retention: dict | None = None  # world only: family -> examples for retention exact match
-    setting: str | None = None  # world setting name, None for user data
+    test: list[dict]  # evaluation records (data.eval, or a built-in setting's held-out target test split)
+    retention: Callable[[torch.nn.Module], dict] | None = None  # built-in settings: model -> {family: exact match}
+    setting: str | None = None  # built-in setting name, None for user data
 
 
-def load_rl_data(config, paradigm: str, tokenizer) -> RLData:
-    """``config.data`` -> records: user files / datasets (``drpost.data.prompts``; errors name file:line), or the
-    world setting (``data.setting``; ``default`` = ``DEFAULT_SETTINGS[paradigm]``)."""
+def load_rl_data(config, paradigm: str, tokenizer, setting: Callable) -> RLData:
+    """``config.data`` -> records: user files / datasets (``drpost.data.prompts``; errors name file:line), or
+    ``setting(config, paradigm, tokenizer, test)`` when neither ``data.general`` nor ``data.target`` is given (a
+    built-in setting, ``data.setting``; ``test`` = the ``data.eval`` records or None)."""
     from drpost.config import ConfigError
     from drpost.data.prompts import load_preference_pairs, load_prompts
 
@@ -374,15 +366,10 @@ def load_rl_data(config, paradigm: str, tokenizer) -> RLData:
                             config_name=config_name, limit=limit)
 
     test = load(d.eval, "eval", d.eval_split, None, None) if d.eval is not None else None
-    if d.general is not None:
-        return RLData(load(d.general, "general", d.general_split, d.general_config, d.max_general_samples),
-                      load(d.target, "target", d.target_split, d.target_config, d.max_target_samples), test or [])
-    from drpost.world.rl_settings import build_rl_setting, get_rl_setting
-
-    name = DEFAULT_SETTINGS[paradigm] if d.setting == "default" else d.setting
-    data = build_rl_setting(get_rl_setting(name, paradigm), 0)
-    return RLData(data.general[: d.max_general_samples], data.target_train[: d.max_target_samples],
-                  test if test is not None else data.target_test[:WORLD_TEST], data.retention, name)
+    if d.general is None:
+        return setting(config, paradigm, tokenizer, test)
+    return RLData(load(d.general, "general", d.general_split, d.general_config, d.max_general_samples),
+                  load(d.target, "target", d.target_split, d.target_config, d.max_target_samples), test or [])
 
 
 def truncate_prompt(ids: list[int], max_len: int | None, bos: int | None) -> list[int]:

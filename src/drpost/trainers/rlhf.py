@@ -4,9 +4,10 @@
     metrics = train_rlhf(policy, ref, reward_model, tokenizer, general_prompts, target_prompts,
                          RLMethod("LayerWiseSubset", "layerwise_subset", {"frac": 0.5}), RLHFRecipe(rounds=20))
 
-CLI: ``drpost rlhf output_dir=runs/rlhf regularizer.method=layerwise_subset steps=20`` (``run(config)``; the shared
-CLI run of ``drpost.trainers.runner``: LoRA / MeSO, ``optim.*`` (the schedule advances once per round),
-checkpoints, resume, the policy in ``final/`` and the value head in ``final/value_head.safetensors``).
+CLI: ``drpost rlhf output_dir=runs/rlhf regularizer.method=layerwise_subset steps=20`` (``run(config, sources)``,
+which the command line calls with the world's sources from ``drpost.world.runs``; the shared CLI run of
+``drpost.trainers.runner``: LoRA / MeSO, ``optim.*`` (the schedule advances once per round), checkpoints, resume,
+the policy in ``final/`` and the value head in ``final/value_head.safetensors``).
 
 One round:
   1. sample ``rollout_batch_size`` general prompts and ``target_rollouts`` target prompts; generate responses
@@ -308,14 +309,18 @@ def rm_reward_fn(rm):
 
 
 # --------------------------------------------------------------------------- CLI
-def build(config, device):
-    """The PPO task of a ``drpost rlhf`` config (everything checked before anything is written), its evaluation."""
+def build(config, device, sources=None):
+    """The PPO task of a ``drpost rlhf`` config (everything checked before anything is written), its evaluation;
+    the policy, prompts and (without ``reward_model``) the reward model come through ``sources``
+    (``drpost.trainers.sources.Sources``; default: files only)."""
     from drpost.config import ConfigError
     from drpost.trainers import setup
     from drpost.trainers.loop import make_scheduler, recipe_from
-    from drpost.trainers.reward_model import RewardModel, load_classifier, world_reward_model
-    from drpost.trainers.rl_common import evaluate_policy, load_rl_data, prompt_budget, refuse_unused
+    from drpost.trainers.reward_model import RewardModel, load_classifier
+    from drpost.trainers.rl_common import evaluate_policy, prompt_budget, refuse_unused
+    from drpost.trainers.sources import Sources
 
+    sources = sources or Sources()
     p = config.ppo
     refuse_unused(config, {"general_batch_size": "the general batch of a step is ppo.mini_batch_size rollout "
                                                  "records, from ppo.rollout_batch_size prompts per round",
@@ -323,8 +328,8 @@ def build(config, device):
                                           "messages, prompt/completion or prompt/answer",
                            "data.overlong": "prompts are cut to data.max_seq_length - ppo.max_new_tokens tokens"})
     max_prompt = prompt_budget(config, p.max_new_tokens, "ppo.max_new_tokens")
-    policy, tok = setup.load_model(config.model, device)
-    data = load_rl_data(config, "rlhf", tok)
+    policy, tok = sources.load_model(config.model, device)
+    data = sources.rl_data(config, "rlhf", tok)
     if config.reward_model:
         from transformers import AutoTokenizer
 
@@ -335,11 +340,12 @@ def build(config, device):
             raise ConfigError(f"option 'reward_model': cannot load {config.reward_model!r} as a sequence "
                               f"classifier: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         rm_info = {"path": config.reward_model}
-    elif data.setting is None:
-        raise ConfigError("option 'reward_model' is needed with your own prompts (data.general / data.target): the "
-                          "world's learned reward model only scores the world's prompts")
     else:
-        rm, rm_info = world_reward_model(data.setting, config.model.size)
+        found = sources.reward_model(data, config)
+        if found is None:
+            raise ConfigError("option 'reward_model' is needed with your own prompts (data.general / data.target): "
+                              "the world's learned reward model only scores the world's prompts")
+        rm, rm_info = found
         rm.model.to(device)
     ref = copy.deepcopy(policy)  # the initial model, before adapters
     policy = setup.apply_finetuning(policy, config.model)
@@ -357,16 +363,18 @@ def build(config, device):
                     make_reg=lambda opt: setup.make_regularizer(policy, config, opt))  # with iif too (ppo.baseline)
     task.extra_metrics = {"reward_model": {k: v for k, v in rm_info.items() if k != "loss_curve"}}
 
+    check = sources.record_check(data.test)
+
     def eval_fn(model, rnd):
         return evaluate_policy(model, ref, tok, data.test, reward_fn, max_new_tokens=p.max_new_tokens,
-                               retention=data.retention)
+                               retention=data.retention, check=check)
 
     return task, (eval_fn if data.test else None)
 
 
-def run(config) -> int:
-    """``drpost rlhf``: PPO on the world's ``rlhf_format`` setting (its learned reward model), or on given prompts
-    with a given reward model (see the module docstring)."""
+def run(config, sources=None) -> int:
+    """``drpost rlhf``: PPO on given prompts with a given reward model, or on a built-in setting of ``sources`` (the
+    CLI's: the world's ``rlhf_format`` and its learned reward model; see the module docstring)."""
     from drpost.trainers.runner import run_task
 
-    return run_task(config, build)
+    return run_task(config, build, sources)

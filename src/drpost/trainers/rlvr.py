@@ -6,10 +6,11 @@
                          RLMethod("LayerWiseSubset", "layerwise_subset", {"selection": "filter", "frac": 1.0}),
                          RLVRRecipe(steps=40))
 
-CLI: ``drpost rlvr output_dir=runs/rlvr regularizer.method=layerwise_subset steps=40`` (``run(config)``; the shared
-CLI run of ``drpost.trainers.runner``: LoRA / MeSO, ``optim.*``, checkpoints, resume, the model in ``final/``).
-Rewards: the world task's own verifier for world records, else ``grpo.verifier`` (``drpost.data.verifiers``) on the
-record's ``answer``.
+CLI: ``drpost rlvr output_dir=runs/rlvr regularizer.method=layerwise_subset steps=40`` (``run(config, sources)``,
+which the command line calls with the world's sources from ``drpost.world.runs``; the shared CLI run of
+``drpost.trainers.runner``: LoRA / MeSO, ``optim.*``, checkpoints, resume, the model in ``final/``).
+Rewards: the records' own check (``Sources.record_check``: the world task's verifier for world records), else
+``grpo.verifier`` (``drpost.data.verifiers``) on the record's ``answer``.
 
 One step:
   1. sample ``prompts_per_step`` general prompts and ``target_prompts`` target prompts, ``group_size`` completions
@@ -202,37 +203,40 @@ def train_rlvr(policy, ref, reward_fn, tokenizer, general: list[dict], target: l
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI run
-def build(config, device):
-    """The GRPO task of a ``drpost rlvr`` config (everything checked before anything is written), its evaluation."""
+def build(config, device, sources=None):
+    """The GRPO task of a ``drpost rlvr`` config (everything checked before anything is written), its evaluation;
+    the policy, prompts and the records' own check (``grpo.verifier=world``) come through ``sources``
+    (``drpost.trainers.sources.Sources``; default: files and the ``drpost.data.verifiers`` checks only)."""
     from drpost.data.formats import DataError
     from drpost.data.verifiers import check_numeric_answers
     from drpost.trainers import setup
     from drpost.trainers.loop import make_scheduler, recipe_from
     from drpost.trainers.rl_common import (
         answer_reward_fn,
+        check_reward_fn,
         evaluate_policy,
-        load_rl_data,
         prompt_budget,
         refuse_unused,
-        verifier_reward_fn,
     )
+    from drpost.trainers.sources import Sources
 
+    sources = sources or Sources()
     g = config.grpo
     refuse_unused(config, {"general_batch_size": "the general batch is grpo.prompts_per_step prompts x "
                                                  "grpo.group_size completions",
                            "data.overlong": "prompts are cut to data.max_seq_length - grpo.max_new_tokens tokens"})
     max_prompt = prompt_budget(config, g.max_new_tokens, "grpo.max_new_tokens")
-    policy, tok = setup.load_model(config.model, device)
-    data = load_rl_data(config, "rlvr", tok)
-    records = data.general + data.target + data.test
+    policy, tok = sources.load_model(config.model, device)
+    data = sources.rl_data(config, "rlvr", tok)
+    own_check = sources.record_check(data.general + data.target + data.test)  # the world's, on world records
     kind = g.verifier
     if kind == "auto":
-        kind = "world" if all("family" in r and "answer" in r for r in records) else "exact"
+        kind = "world" if own_check is not None else "exact"
     if kind == "world":
-        if any("family" not in r or "answer" not in r for r in records):
+        if own_check is None:
             raise DataError("grpo.verifier=world needs records with the world task's 'family' and 'answer'; use "
                             "grpo.verifier=exact|numeric|contains for your own prompts with an 'answer'")
-        reward_fn = verifier_reward_fn(tok)
+        reward_fn = check_reward_fn(tok, own_check)
     else:
         if kind == "numeric":
             for name, recs in (("data.general", data.general), ("data.target", data.target)):
@@ -250,15 +254,18 @@ def build(config, device):
     task = RLVRTask(policy, ref, reward_fn, tok, data.general, data.target, spec, recipe, opt=opt, sched=sched,
                     reg=setup.make_regularizer(policy, config, opt))
 
+    check = sources.record_check(data.test)
+
     def eval_fn(model, step):
         return evaluate_policy(model, task.ref, tok, data.test, reward_fn, max_new_tokens=g.max_new_tokens,
-                               retention=data.retention)
+                               retention=data.retention, check=check)
 
     return task, (eval_fn if data.test else None)
 
 
-def run(config) -> int:
-    """``drpost rlvr``: GRPO on the world's ``rlvr_arith`` setting or on given prompt files (see module doc)."""
+def run(config, sources=None) -> int:
+    """``drpost rlvr``: GRPO on given prompt files, or on a built-in setting of ``sources`` (the CLI's: the world's
+    ``rlvr_arith``; see the module doc)."""
     from drpost.trainers.runner import run_task
 
-    return run_task(config, build)
+    return run_task(config, build, sources)

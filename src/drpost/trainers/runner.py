@@ -1,7 +1,8 @@
-"""The CLI run around the shared loop: ``run_task(config, build)`` runs ``drpost sft|dpo|rlhf|rlvr``.
+"""The CLI run around the shared loop: ``run_task(config, build, sources)`` runs ``drpost sft|dpo|rlhf|rlvr``.
 
-``build(config, device) -> (task, eval_fn)`` (each paradigm's module) loads and checks everything -- model, data,
-options -- before anything but ``output_dir/train.log`` is written. ``run_task`` then
+``build(config, device, sources) -> (task, eval_fn)`` (each paradigm's module) loads and checks everything -- model,
+data, options -- before anything but ``output_dir/train.log`` is written; ``sources``
+(``drpost.trainers.sources.Sources``, None = files only) is where the model and data come from. ``run_task`` then
 1. resumes (``resume: auto | PATH``): the trainable weights, optimizer, scheduler, regularizer, RNGs and the task's
    own state come back from the checkpoint, so a resumed run ends bit for bit where an uninterrupted one ends;
    ``resume=auto`` after a finished run prints that it is finished and trains nothing;
@@ -180,7 +181,7 @@ class Trackers:
 
 
 # -------------------------------------------------------------------------------------------------------- the run
-def run_task(config, build) -> int:
+def run_task(config, build, sources=None) -> int:
     """Build, (resume,) train, checkpoint, evaluate and save one CLI run; returns the exit code (130 on Ctrl-C)."""
     from drpost.data.formats import DataError
     from drpost.trainers.setup import run_log
@@ -188,7 +189,7 @@ def run_task(config, build) -> int:
     command = command_of(config) or "train"
     with run_log(config.output_dir):
         try:
-            return _run(config, build, command)
+            return _run(config, build, sources, command)
         except KeyboardInterrupt:  # before the first step: nothing to resume
             msg = f"interrupted before training started; nothing was trained (drpost {command})"
             log.error("%s", msg)
@@ -202,7 +203,7 @@ def run_task(config, build) -> int:
             raise
 
 
-def _run(config, build, command: str) -> int:
+def _run(config, build, sources, command: str) -> int:
     from drpost.trainers import setup
 
     out = Path(config.output_dir)
@@ -215,7 +216,7 @@ def _run(config, build, command: str) -> int:
     torch.manual_seed(config.seed)
     device = setup.resolve_device(config.device)
     # 1. everything that can be wrong is checked here, before anything but the log is written
-    task, eval_fn = build(config, device)
+    task, eval_fn = build(config, device, sources)
     resume_from = ckpt.resolve_resume(config.resume, out)
     if done is not None and resume_from is None:
         raise ConfigError(f"option 'steps': the run in {out} finished at step {done} without a checkpoint to "

@@ -4,21 +4,23 @@ Every function validates what it builds and raises ``ConfigError`` (naming the o
 file and line), so a trainer's ``run(config)`` can check everything before its first step and before it writes
 anything but its log. Used by the ``build`` functions of ``drpost.trainers.sft|dpo|rlhf|rlvr``.
 
-- ``load_model(config.model, device)``: a Hugging Face causal LM by hub name or local path (``trust_remote_code``
-  only when set), or the world's tiny base model (``name_or_path: world``); dtype and attention kernel applied.
+- ``load_model(config.model, device, models)``: a Hugging Face causal LM by hub name or local path
+  (``trust_remote_code`` only when set), or a built-in model named in ``models`` (the world's base model is
+  ``name_or_path: world``, given by ``drpost.world.runs``); dtype and attention kernel applied.
 - ``apply_finetuning``: full, LoRA (PEFT; target modules checked against the model) or MeSO (gradient
   checkpointing is refused with a clear error: it conflicts with the capture hooks).
-- ``load_sft_data(config, tokenizer)``: general / target / eval token rows from files or datasets names, or from a
-  world setting (``data.setting``; ``default`` = ``WORLD_DEFAULT_SETTING``).
+- ``load_sft_data(config, tokenizer, setting)``: general / target / eval token rows from files or datasets names, or
+  from ``setting(config, tokenizer)`` when neither is given (a built-in setting, ``data.setting``; the world's come
+  from ``drpost.world.runs``); ``sft_rows`` tokenizes records for either.
 - ``make_optimizer``, ``make_regularizer``; ``run_log(output_dir)`` (file log of the run). The LR schedule is
   ``drpost.trainers.loop.make_scheduler``.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,14 +28,12 @@ import torch
 
 from drpost.config import ConfigError
 from drpost.data import chat
-from drpost.data.formats import DataError, make_record
+from drpost.data.formats import DataError
 from drpost.data.loaders import load_records, to_rows
 
 log = logging.getLogger("drpost")
 
-WORLD_DEFAULT_SETTING = "distribution_shift"
 SFT_FORMATS = ("prompt_completion", "messages", "text")
-WORLD_EVAL_EXAMPLES = 200  # target test examples scored by periodic evaluation on a world setting
 _SUBSET = ("global_subset", "layerwise_subset")
 
 
@@ -54,16 +54,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[dtype]
 
 
-def load_model(mc, device: torch.device):
-    """(model in train mode on device, tokenizer with a pad token) for ``config.model``."""
+def load_model(mc, device: torch.device, models: Mapping[str, Callable] | None = None):
+    """(model in train mode on device, tokenizer with a pad token) for ``config.model``; ``models``: built-in model
+    names -> ``loader(config.model) -> (model, tokenizer)``, tried before the hub."""
     dtype = resolve_dtype(mc.dtype, device)
     from drpost.models import resolve_model  # alias / local GGUF -> converted folder; else unchanged
 
     source = resolve_model(mc.name_or_path, getattr(mc, "gguf_file", None))
-    if source == "world":
-        from drpost.world import model as world_model
-
-        model, tokenizer = world_model.load_base_model(mc.size)
+    if models and source in models:
+        model, tokenizer = models[source](mc)
         model = model.to(dtype)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,11 +124,11 @@ class SFTData:
     t_rows: list[dict]
     families: list[str | None]  # per general row
     eval_rows: list[dict] = field(default_factory=list)
-    eval_examples: list[dict] = field(default_factory=list)  # world examples for exact match
+    evaluate: Callable | None = None  # model -> metrics of the data's own (a world setting: target exact match)
     source: str = ""
 
 
-def _sft_rows(records, tokenizer, max_len: int, overlong: str = "error", role: str = "general") -> list[dict]:
+def sft_rows(records, tokenizer, max_len: int, overlong: str = "error", role: str = "general") -> list[dict]:
     """Token rows; with ``overlong=skip`` the records dropped are removed from ``records`` too (in place), so that
     per-record metadata (families) stays aligned with the rows."""
     for r in records:
@@ -147,63 +146,27 @@ def _sft_rows(records, tokenizer, max_len: int, overlong: str = "error", role: s
     return rows
 
 
-def _world_setting(name: str):
-    from drpost.world.settings import SETTINGS
-
-    name = WORLD_DEFAULT_SETTING if name == "default" else name
-    if name not in SETTINGS:
-        close = difflib.get_close_matches(name, list(SETTINGS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"option 'data.setting': unknown world setting {name!r}{hint} (settings: default, "
-                          f"{', '.join(SETTINGS)})")
-    return name
-
-
-def load_sft_data(config, tokenizer) -> SFTData:
+def load_sft_data(config, tokenizer, setting: Callable) -> SFTData:
+    """``config.data`` -> token rows: files or ``datasets`` names (``data.general`` and ``data.target``, and
+    ``data.eval``), or ``setting(config, tokenizer)`` when neither is given (a built-in setting, ``data.setting``)."""
     d = config.data
     if (d.general is None) != (d.target is None):
         missing = "data.target" if d.target is None else "data.general"
         raise ConfigError(f"option '{missing}' is needed when the other data source is a file or dataset "
                           f"(set both data.general and data.target, or neither for a world setting)")
-    if d.general is not None:
-        g = load_records(d.general, d.format, role="general", split=d.general_split, config_name=d.general_config,
-                         limit=d.max_general_samples)
-        t = load_records(d.target, d.format, role="target", split=d.target_split, config_name=d.target_config,
-                         limit=d.max_target_samples)
-        g_rows = _sft_rows(g, tokenizer, d.max_seq_length, d.overlong, "general")
-        out = SFTData(g_rows, _sft_rows(t, tokenizer, d.max_seq_length, d.overlong, "target"),
-                      [r.meta.get("family") for r in g], source=f"{d.general} -> {d.target}")
-        if d.eval is not None:
-            e = load_records(d.eval, d.format, role="eval", split=d.eval_split, limit=None)
-            out.eval_rows = _sft_rows(e, tokenizer, d.max_seq_length, d.overlong, "eval")
-        return out
-    from dataclasses import replace
-
-    from drpost.world.settings import SETTINGS, build_setting
-
-    name = _world_setting(d.setting)
-    s = SETTINGS[name]
-    # Build only what is used: splits are generated sequentially, so the first rows are the same as in the full
-    # build. The data are fixed; config.seed varies training (as in the benchmarks).
-    s = replace(s, n_pool=min(s.n_pool, d.max_general_samples or s.n_pool), n_retention=0,
-                n_test=min(s.n_test, WORLD_EVAL_EXAMPLES))
-    world = build_setting(s, 0)
-    general = world.general[: d.max_general_samples]
-    target = world.target_train[: d.max_target_samples]
-    if not target:
-        raise DataError(f"the target set is empty: world setting {name} has no target examples")
-    recs = lambda xs, split: [make_record(x, "prompt_completion", f"world:{name}/{split}", index=i)  # noqa: E731
-                              for i, x in enumerate(xs, start=1)]
-    g, t = recs(general, "general"), recs(target, "target")
-    test = world.target_test[:WORLD_EVAL_EXAMPLES]
-    family = {r.where: x["family"] for r, x in zip(g, general)}
-    g_rows = _sft_rows(g, tokenizer, d.max_seq_length, d.overlong, "general")
-    t_rows = _sft_rows(t, tokenizer, d.max_seq_length, d.overlong, "target")
-    e = recs(test, "test")
-    e_rows = _sft_rows(e, tokenizer, d.max_seq_length, d.overlong, "eval")
-    kept = {r.where for r in e}
-    test = [x for r, x in zip(recs(test, "test"), test) if r.where in kept]
-    return SFTData(g_rows, t_rows, [family[r.where] for r in g], e_rows, test, source=f"world:{name}")
+    if d.general is None:
+        return setting(config, tokenizer)
+    g = load_records(d.general, d.format, role="general", split=d.general_split, config_name=d.general_config,
+                     limit=d.max_general_samples)
+    t = load_records(d.target, d.format, role="target", split=d.target_split, config_name=d.target_config,
+                     limit=d.max_target_samples)
+    g_rows = sft_rows(g, tokenizer, d.max_seq_length, d.overlong, "general")
+    out = SFTData(g_rows, sft_rows(t, tokenizer, d.max_seq_length, d.overlong, "target"),
+                  [r.meta.get("family") for r in g], source=f"{d.general} -> {d.target}")
+    if d.eval is not None:
+        e = load_records(d.eval, d.format, role="eval", split=d.eval_split, limit=None)
+        out.eval_rows = sft_rows(e, tokenizer, d.max_seq_length, d.overlong, "eval")
+    return out
 
 
 # ------------------------------------------------------------------------------------------- optimizer, regularizer

@@ -276,13 +276,16 @@ def _accumulate_family_weight(acc: dict, report, draw, families: list[str | None
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI run
-def build(config, device) -> tuple[SFTTask, Callable | None]:
-    """The SFT task of a ``drpost sft`` config, everything checked (model, data, options), and its evaluation."""
+def build(config, device, sources=None) -> tuple[SFTTask, Callable | None]:
+    """The SFT task of a ``drpost sft`` config, everything checked (model, data, options), and its evaluation;
+    the model and data come through ``sources`` (``drpost.trainers.sources.Sources``; default: files only)."""
     from drpost.trainers import setup
     from drpost.trainers.loop import make_scheduler
+    from drpost.trainers.sources import Sources
 
-    model, tokenizer = setup.load_model(config.model, device)
-    data = setup.load_sft_data(config, tokenizer)
+    sources = sources or Sources()
+    model, tokenizer = sources.load_model(config.model, device)
+    data = sources.sft_data(config, tokenizer)
     model = setup.apply_finetuning(model, config.model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -298,26 +301,28 @@ def build(config, device) -> tuple[SFTTask, Callable | None]:
                       max_grad_norm=config.optim.max_grad_norm)
     task = SFTTask(parts, rng, tokenizer=tokenizer,
                    extra_metrics={"data": data.source, "n_general": len(data.g_rows), "n_target": len(data.t_rows)})
-    has_eval = bool(data.eval_rows or data.eval_examples)
+    has_eval = bool(data.eval_rows or data.evaluate)
     return task, ((lambda m, step: _evaluate(m, tokenizer, data)) if has_eval else None)
 
 
-def run(config) -> int:
+def run(config, sources=None) -> int:
     """``drpost sft``: build, validate, (resume,) train, checkpoint and save one run described by an SFTConfig.
 
     Everything (model, data, options, the checkpoint to resume) is checked before the first step; on an error
     nothing but ``output_dir/train.log`` (holding the error) is written. Outputs: ``config.yaml``, ``train.log``,
     ``metrics.json`` (losses, evals, skipped steps and their reasons, solver fallbacks), ``checkpoints/step-N/``
     every ``save_every`` steps and at the last one, ``tb/`` with ``log.tensorboard``, and ``final/`` (safetensors
-    weights, or the LoRA adapters, + tokenizer). See ``drpost.trainers.runner``.
+    weights, or the LoRA adapters, + tokenizer). See ``drpost.trainers.runner``. ``sources``: where the model and
+    data come from (default: hub / local models and data files; the CLI passes ``drpost.world.runs.WorldSources``).
     """
     from drpost.trainers.runner import run_task
 
-    return run_task(config, build)
+    return run_task(config, build, sources)
 
 
 def _evaluate(model, tokenizer, data) -> dict:
-    """Token-mean loss on the eval rows; exact match on world examples (greedy)."""
+    """Token-mean loss on the eval rows, plus the data's own metrics (``data.evaluate``: a world setting's exact
+    match)."""
     out = {}
     if data.eval_rows:
         pad = tokenizer.pad_token_id
@@ -329,8 +334,6 @@ def _evaluate(model, tokenizer, data) -> dict:
                 sums, counts = causal_lm_loss(model, batch)
                 total, count = total + float(sums.sum()), count + float(counts.sum())
         out["eval_loss"] = total / max(count, 1.0)
-    if data.eval_examples:
-        from drpost.world.evaluate import exact_match
-
-        out["exact_match"] = exact_match(model, tokenizer, data.eval_examples)
+    if data.evaluate is not None:
+        out.update(data.evaluate(model))
     return out

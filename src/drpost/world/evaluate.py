@@ -1,7 +1,9 @@
 """Evaluation on world examples: exact match by batched greedy decoding, and completion loss.
 
 Owns: ``greedy_generate`` (left-padded prompts, KV cache, stops when every row emitted EOS), ``exact_match``,
-``exact_match_by_family`` and ``eval_loss`` (token-mean completion loss through ``drpost.objectives.causal_lm_loss``).
+``exact_match_by_family``, ``retention_exact_match`` (per family of a retention set), ``check`` (an example's
+verifier on a decoded response: the answer check the trainers take as an argument) and ``eval_loss`` (token-mean
+completion loss through ``drpost.objectives.causal_lm_loss``).
 Exact match is scored against each example's *true* ``answer`` with the family's verifier, so noisy examples are
 scored on the truth. Works with any causal LM and tokenizer with ``encode``/``decode``/``pad_token_id``/``eos_token_id``.
 
@@ -111,6 +113,21 @@ def exact_match_by_family(model, tokenizer, examples: list[dict], max_new_tokens
     for e, p in zip(examples, preds):
         hits[e["family"]].append(verify(e["family"], p, e["answer"]))
     return {f: sum(h) / len(h) for f, h in sorted(hits.items())}
+
+
+def retention_exact_match(model, tokenizer, retention: dict[str, list[dict]]) -> dict[str, float]:
+    """Exact match on each family's retention examples: ``{family: exact match}``."""
+    return {f: exact_match(model, tokenizer, ex) for f, ex in retention.items()}
+
+
+def check(prediction: str, example: dict) -> bool:
+    """Whether ``prediction`` passes the example's family verifier against its true answer."""
+    return verify(example["family"], prediction, example["answer"])
+
+
+def has_answers(examples: list[dict]) -> bool:
+    """Whether every example carries what ``check`` needs (``family`` and ``answer``)."""
+    return all("family" in e and "answer" in e for e in examples)
 
 
 @torch.no_grad()

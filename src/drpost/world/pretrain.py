@@ -6,7 +6,8 @@ Owns: the pretraining recipes (``RECIPES``), ``pretrain(size)`` (the training lo
 Broad corpus: every task family, in the pretraining formats only (``tasks.PRETRAIN_FORMATS``: templates ``qa`` and
 ``inst`` with instruction phrase set "a"), clean labels, lengths/ranges spanning the pool difficulties. The target
 formats (``arrow``, ``bracket``, phrase set "b") are never seen in pretraining. Loss: completion tokens only (the
-answer and EOS), token mean over the batch; examples are generated on the fly and length-bucketed.
+answer and EOS), token mean over the batch; examples are generated on the fly and length-bucketed. Schedule: the
+shared ``drpost.trainers.loop.warmup_decay`` (warm-up times a linear decay, floor 0.05).
 
 Cache: ``$DRPOST_CACHE`` (else ``~/.cache/drpost``) / ``base-<size>-<hash>``, the hash covering the model config and
 the recipe; written to a temporary directory then renamed (atomic), saved with ``save_pretrained`` (safetensors)
@@ -32,6 +33,7 @@ import torch
 
 from drpost.data.collate import collate, tokenize_prompt_completion
 from drpost.objectives.sft import causal_lm_loss
+from drpost.trainers.loop import warmup_decay
 from drpost.world.arch import build_model, model_config, n_params
 from drpost.world.tasks import FAMILY_NAMES, PRETRAIN_FORMATS, Difficulty, generate_examples
 from drpost.world.tokenizer import build_tokenizer
@@ -108,8 +110,7 @@ def pretrain(size: str = "tiny", threads: int | None = None, log_every: int = 25
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=rc["lr"], betas=(0.9, 0.95), weight_decay=rc["weight_decay"])
         steps, warm = rc["steps"], rc["warmup"]
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / steps))  # warm-up, then linear decay
+        sched = warmup_decay(opt, steps, warm, floor=0.05)  # warm-up times a linear decay to 5%
         data = _batches(random.Random(f"pretrain-{rc['seed']}"), tokenizer, rc["batch_size"])
         curve, t0, run = [], time.time(), 0.0
         with torch.random.fork_rng(devices=[]):

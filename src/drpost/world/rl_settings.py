@@ -1,10 +1,10 @@
 """World settings for the preference and RL paradigms: an RLHF setting, an RLVR setting and a DPO setting.
 
 Owns ``RLSetting`` (declarative, frozen), ``RLSettingData`` (built splits) and ``build_rl_setting(setting, seed)``,
-with the built-in settings in ``RL_SETTINGS``. Sized for two CPU cores: the tiny world model, answers of at most a
-few tokens (rollouts use <= 12 new tokens).
+with the built-in settings in ``RL_SETTINGS`` and each paradigm's default in ``DEFAULT_SETTINGS``. Sized for two
+CPU cores: the tiny world model, answers of at most a few tokens (rollouts use <= 12 new tokens).
 
-- ``rlhf_format`` (like the paper's toxicity task). The reward is *learned* (``drpost.trainers.reward_model``) from
+- ``rlhf_format`` (like the paper's toxicity task). The reward is *learned* (``drpost.world.reward_model``) from
   preference pairs whose chosen response is the true answer and whose rejected response is either a near miss
   (``corrupt_answer``) or malformed output (another family's answer: JSON, dates, numbers, where letters belong).
   The behaviour it rewards -- a well-formed, correct answer -- is what the base model already shows on the general
@@ -166,6 +166,8 @@ def _uniform(names) -> Weights:
     return tuple((n, 1.0) for n in names)
 
 
+# each paradigm's setting when none is named (``data.setting=default``, ``drpost bench quality --paradigm``)
+DEFAULT_SETTINGS = {"rlhf": "rlhf_format", "rlvr": "rlvr_arith", "dpo": "dpo_pairs"}
 RL_SETTINGS: dict[str, RLSetting] = {s.name: s for s in [
     RLSetting(
         name="rlhf_format", paradigm="rlhf",
