@@ -61,7 +61,7 @@ def test_less_scores_are_seeded_and_find_the_target_examples(micro_less):
     from drpost.baselines.less import less_scores, less_select
 
     model, tok, p_rows, t_rows = micro_less
-    kw = dict(warmup_frac=0.2, epochs=1, batch_size=4, proj_dim=64, seed=3)
+    kw = dict(warmup_frac=0.2, epochs=1, batch_size=4, seed=3)  # exact cosine (proj_dim None)
     a = less_scores(model, tok, p_rows, t_rows, **kw)
     b = less_scores(model, tok, p_rows, t_rows, **kw)
     assert a.shape == (len(p_rows),) and torch.isfinite(a).all()
@@ -78,3 +78,118 @@ def test_less_select_keeps_the_top_fraction():
 
     scores = torch.tensor([0.1, 0.9, -0.3, 0.5, 0.7])
     assert less_select(scores, 0.4) == [1, 4] and less_select(scores, 0.01) == [1]
+
+
+# ------------------------------------------------------------------------------------------- LESS feature modes
+@pytest.fixture(scope="module")
+def lora_f64(micro_less):
+    """A float64 LoRA micro model with random adapters and random positive Adam moments (one fake checkpoint)."""
+    import copy
+
+    import torch
+
+    from drpost.geometry.capture import Capture
+    from drpost.trainers.sft import SFTRecipe, prepare_model
+
+    model, tok, p_rows, t_rows = micro_less
+    torch.manual_seed(1)
+    lm = prepare_model(copy.deepcopy(model).double(),
+                       SFTRecipe(finetuning="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    lm.eval()
+    params = [p for p in lm.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)
+    m = [torch.randn_like(p) * 1e-3 for p in params]
+    v = [torch.rand_like(p) * 1e-5 for p in params]
+    return lm, Capture(lm), params, m, v, p_rows[:12], t_rows, tok.pad_token_id or 0
+
+
+def _brute_force_cosines(lm, params, m, v, pool, target, pad):
+    """mean_j cos(adam(grad_i), grad_j) from per-example autograd, one row at a time (fp64)."""
+    import torch
+
+    from drpost.baselines.greats import sample_mean_loss
+    from drpost.data.collate import collate
+
+    def grad(row):
+        loss, _ = sample_mean_loss(lm, collate([row], pad))
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss.sum(), params)])
+
+    mm, vv = torch.cat([x.reshape(-1) for x in m]), torch.cat([x.reshape(-1) for x in v])
+    tg = torch.nn.functional.normalize(torch.stack([grad(r) for r in target]), dim=1)
+    out = []
+    for r in pool:
+        g = grad(r)
+        a = (0.9 * mm + 0.1 * g) / torch.sqrt(0.999 * vv + 0.001 * g**2 + 1e-8)
+        out.append((torch.nn.functional.normalize(a, dim=0) @ tg.t()).mean())
+    return torch.stack(out)
+
+
+def test_less_exact_cosine_matches_brute_force_fp64(lora_f64):
+    import torch
+
+    from drpost.baselines.less import checkpoint_cosines
+
+    lm, cap, params, m, v, pool, target, pad = lora_f64
+    got = checkpoint_cosines(lm, cap, params, m, v, pool, target, pad, score_batch=5)  # 3 pool batches
+    ref = _brute_force_cosines(lm, params, m, v, pool, target, pad)
+    # 1e-6: transformers keeps attention softmax / RMSNorm statistics in float32 in a float64 model (README)
+    assert got.shape == (12,) and torch.allclose(got, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_less_count_sketch_approximates_the_exact_cosine(lora_f64):
+    import torch
+
+    from drpost.baselines.less import CountSketch, checkpoint_cosines
+
+    lm, cap, params, m, v, pool, target, pad = lora_f64
+    exact = checkpoint_cosines(lm, cap, params, m, v, pool, target, pad)
+    P = sum(p.numel() for p in params)
+    sk = CountSketch(P, 8192, seed=0)
+    approx = checkpoint_cosines(lm, cap, params, m, v, pool, target, pad, sketch=sk)
+    assert sk.bucket.shape == (P,)  # O(P) state, never a dense P x k matrix
+    assert (approx - exact).abs().max() < 0.1
+    assert torch.corrcoef(torch.stack([approx, exact]))[0, 1] > 0.9
+
+
+def test_count_sketch_preserves_inner_products_on_average():
+    import torch
+
+    from drpost.baselines.less import CountSketch
+
+    x, y = torch.randn(2, 5000, dtype=torch.float64)
+    est = torch.stack([(CountSketch(5000, 256, s)(x[None]) * CountSketch(5000, 256, s)(y[None])).sum()
+                       for s in range(200)])
+    assert abs(float(est.mean()) - float(x @ y)) < 4 * float(est.std()) / 200**0.5 + 1e-9
+
+
+# ------------------------------------------------------------------------------------------------- GREATS update
+def test_greats_trains_on_the_token_mean_of_the_kept_rows(micro_less):
+    import copy
+
+    import torch
+
+    from drpost.baselines.greats import greats_step, sample_mean_loss
+    from drpost.data.collate import collate
+    from drpost.objectives.sft import causal_lm_loss
+    from drpost.step import DataRegularizer
+
+    model, tok, p_rows, t_rows = micro_less
+    lm = copy.deepcopy(model).double()
+    pad = tok.pad_token_id or 0
+    general, target = collate(p_rows[4:12], pad), collate(t_rows[:2], pad)
+    reg = DataRegularizer(lm, method="global_subset", selection="greedy", frac=0.5)
+    c, _ = DataRegularizer(lm, method="global_subset", selection="greedy", frac=0.5).row_weights(
+        general, target, sample_mean_loss, lr=1e-3)
+    kept = torch.nonzero(c[:8] != 0).flatten()  # the official selection rule on per-sample mean losses
+    lm.zero_grad(set_to_none=True)
+    rep = greats_step(reg, lm, general, target, lr=1e-3)
+    got = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    lm.zero_grad(set_to_none=True)
+    sums, counts = causal_lm_loss(lm, {k: v[kept] for k, v in general.items()})
+    (sums.sum() / counts.sum()).backward()  # token mean over the kept batch
+    for n, p in lm.named_parameters():
+        assert torch.allclose(got[n], p.grad, rtol=1e-9, atol=1e-12), n
+    assert torch.equal(torch.nonzero(rep.weights[0]).flatten(), kept)
+    assert float((rep.weights[0] * rep.counts).sum()) == pytest.approx(1.0)

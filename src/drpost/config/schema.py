@@ -20,7 +20,9 @@ Method = Literal["full_training", "target_only", "global_subset", "layerwise_sub
 Baseline = Literal["mixing", "random", "dsir", "less", "greats", "iif"]
 BenchMethod = Literal["full_training", "target_only", "mixing", "random_subset", "dsir", "less", "greats",
                       "global_subset", "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem",
-                      "layerwise_hull_slack", "cone", "span", "halfspace", "iif"]
+                      "layerwise_hull_slack", "cone", "span", "halfspace", "iif", "guided_global_subset",
+                      "guided_layerwise_subset", "guided_hull", "dsir_prefilter_layerwise_subset", "dsir_prefilter_hull",
+                      "less_prefilter_layerwise_subset"]
 Scoring = Literal["auto", "full_ghost", "reduced_ghost", "direct", "compress"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "text", "preference", "prompt_answer"]
 
@@ -167,6 +169,30 @@ class LogConfig:
 # Trainer-specific groups (read by drpost.trainers).
 
 @dataclass
+class SamplerConfig:
+    """How each step's general batch is drawn from the pool (drpost.trainers.samplers; README "Samplers")."""
+
+    mode: Literal["uniform", "guided"] = _opt(
+        "uniform", "uniform = every pool row equally likely (as before); guided = rows drawn from a distribution "
+                   "learned online from each step's alignment scores <u_i, g_T>: ridge regression on hashed token "
+                   "n-grams of the rows, softmax of its predictions mixed with a uniform floor.")
+    exploration: float = _opt(0.2, "Guided: weight eps of the uniform floor (every row keeps probability >= "
+                                   "eps / pool size).", gt=0, max=1)
+    temperature: float = _opt(1.0, "Guided: softmax temperature, in units of the predictions' standard "
+                                   "deviation (smaller = more concentrated).", gt=0)
+    dim: int = _opt(512, "Guided: hashed feature dimension of the predictor.", min=1)
+    ridge: float = _opt(1.0, "Guided: ridge penalty of the predictor.", gt=0)
+    decay: float = _opt(0.98, "Guided: per-step forgetting factor of the predictor's statistics (it follows "
+                              "the target gradient as training moves it).", gt=0, max=1)
+    refresh: int = _opt(1, "Guided: recompute the pool's predictions every N steps.", min=1)
+    prefilter: Literal["none", "dsir"] = _opt(
+        "none", "Offline prefilter of the general pool before training: dsir = keep the DSIR-resampled "
+                "sampler.prefilter_frac of the rows (importance weights on hashed word n-grams of the decoded rows); "
+                "the regularizer then works within the kept rows.")
+    prefilter_frac: float = _opt(0.1, "Fraction of the general pool the prefilter keeps.", gt=0, max=1)
+
+
+@dataclass
 class DPOParams:
     """Direct preference optimization (offline pairs, frozen reference)."""
 
@@ -269,6 +295,7 @@ class SFTConfig(RunConfig):
     """Supervised fine-tuning: loss on completion / final assistant tokens only."""
 
     output_dir: str = _opt("runs/sft", "Directory for config.yaml, metrics.json, checkpoints and logs.")
+    sampler: SamplerConfig = _opt(factory=SamplerConfig, help="How the general batch is drawn from the pool.")
 
 
 @dataclass

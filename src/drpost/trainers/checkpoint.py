@@ -4,7 +4,8 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-<NNNNNNNN>/`` holdin
 - ``weights.safetensors``: the trainable parameters by name (all weights for full fine-tuning, adapters for LoRA;
   other trained modules by prefix, e.g. ``value_head.`` for RLHF);
 - ``trainer_state.pt``: optimizer and LR-scheduler state dicts, torch / python RNG states, the DataRegularizer's
-  running state (automatic-strength estimates, autotune choices) and the task's own state (``task``: sampler RNGs,
+  running state (automatic-strength estimates, autotune choices) and the task's own state (``task``: sampler RNGs and
+  the guided sampler's predictor (``drpost.trainers.samplers``),
   generators, caches; see ``drpost.trainers.loop.Task``); plain tensors and containers only, read back with
   ``torch.load(weights_only=True)`` (never arbitrary pickles);
 - ``progress.json``: the step reached, the metrics so far and the run's config;

@@ -29,10 +29,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from drpost.baselines.greats import sample_mean_loss
 from drpost.data.collate import collate, tokenize_prompt_completion
 from drpost.objectives.sft import causal_lm_loss
 from drpost.step import DataRegularizer
 from drpost.trainers.loop import Task, apply_update, run_eval, train, warmup_linear
+from drpost.trainers.samplers import GeneralSampler, Guidance, guided_pool
+
+__all__ = ["GeneralSampler", "Guidance", "LoopParts", "LoopState", "MethodSpec", "SFTRecipe", "SFTTask", "train_sft"]
 
 
 @dataclass
@@ -66,7 +70,10 @@ class MethodSpec:
     options: dict = field(default_factory=dict)  # feasible-set / regularizer options
     sampler: str = "pool"  # pool | mixing | random_subset | candidates (GREATS) | selected (DSIR/LESS)
     sampler_options: dict = field(default_factory=dict)
-    loss: str = "token_sum"  # token_sum (standard) | sample_mean (GREATS: per-sample token-mean loss)
+    loss: str = "token_sum"  # token_sum (standard) | sample_mean (per-sample token-mean loss) | greats (below)
+    # greats: select with the per-sample token-mean loss, then train on the kept rows with the token mean over the
+    # kept batch (GREATS's official update: a second forward/backward of the kept rows)
+    guidance: dict | None = None  # general-pool distribution (trainers.samplers.Guidance); None = uniform
     target_batch_size: int | None = None  # override of the recipe's m (GREATS uses 2 target examples)
 
 
@@ -79,12 +86,6 @@ def encode_examples(tokenizer, examples: list[dict], max_length: int) -> list[di
                              f"to max_length={max_length}")
         rows.append(r)
     return rows
-
-
-def sample_mean_loss(model, batch):
-    """Per-sample token-mean loss (GREATS's per-sample loss): row loss / its tokens, count 1."""
-    loss, counts = causal_lm_loss(model, batch)
-    return loss / counts.clamp_min(1), torch.ones_like(counts)
 
 
 def linear_schedule(optimizer, steps: int, warmup_ratio: float):
@@ -102,32 +103,6 @@ def prepare_model(model, recipe: SFTRecipe):
     elif recipe.finetuning != "full":
         raise ValueError(f"option 'finetuning' must be 'full' or 'lora' here, got {recipe.finetuning!r}")
     return model
-
-
-class GeneralSampler:
-    """Draws the general batch of a step (indices into the pool, plus target rows for mixing)."""
-
-    def __init__(self, spec: MethodSpec, n_pool: int, n_target: int, n: int, rng: random.Random,
-                 selected: list[int] | None = None):
-        self.spec, self.n_pool, self.n_target, self.n, self.rng = spec, n_pool, n_target, n, rng
-        self.selected = selected
-
-    def draw(self) -> list[tuple[str, int]]:
-        kind, rng, n = self.spec.sampler, self.rng, self.n
-        if kind == "pool":
-            return [("g", rng.randrange(self.n_pool)) for _ in range(n)]
-        if kind == "candidates":  # GREATS: a candidate batch of twice the training batch
-            return [("g", rng.randrange(self.n_pool)) for _ in range(2 * n)]
-        if kind == "selected":  # DSIR / LESS: the offline-selected subset of the pool
-            return [("g", self.selected[rng.randrange(len(self.selected))]) for _ in range(n)]
-        if kind == "random_subset":  # draw n, keep a random frac of them: top-k's budget without its signal
-            keep = max(1, int(float(self.spec.sampler_options.get("frac", 0.5)) * n + 0.5))
-            return [("g", rng.randrange(self.n_pool)) for _ in range(n)][:keep]
-        if kind == "mixing":  # target examples upsampled into the pool: each slot is a target w.p. p
-            p = float(self.spec.sampler_options.get("target_prob", 0.1))
-            return [("t", rng.randrange(self.n_target)) if rng.random() < p else ("g", rng.randrange(self.n_pool))
-                    for _ in range(n)]
-        raise ValueError(f"unknown sampler {kind!r}")
 
 
 @dataclass
@@ -158,6 +133,7 @@ class LoopParts:
     target_batch_size: int
     max_grad_norm: float | None
     autocast: torch.dtype | None = None  # forward + backward of the step under this autocast dtype (None: off)
+    update: str = "regularizer"  # regularizer (reg.step) | greats (drpost.baselines.greats.greats_step)
 
 
 def new_metrics(**extra) -> dict:
@@ -188,7 +164,13 @@ class SFTTask(Task):
         tgt = [p.t_rows[self.rng.randrange(len(p.t_rows))] for _ in range(p.target_batch_size)]
         dev = p.params[0].device.type
         with torch.autocast(dev, dtype=p.autocast or torch.bfloat16, enabled=p.autocast is not None):
-            report = p.reg.step(general=collate(rows, p.pad), target=collate(tgt, p.pad), loss_fn=p.loss_fn)
+            if p.update == "greats":  # select on per-sample means, train on the kept rows' token mean
+                from drpost.baselines.greats import greats_step
+
+                report = greats_step(p.reg, p.model, collate(rows, p.pad), collate(tgt, p.pad))
+            else:
+                report = p.reg.step(general=collate(rows, p.pad), target=collate(tgt, p.pad), loss_fn=p.loss_fn)
+        p.sampler.update(draw, report)  # guided sampling learns from the step's scores (uniform: no-op)
         if apply_update(self, report, p.params, p.max_grad_norm, metrics):
             metrics["train_loss"].append(report.loss)
             metrics["target_loss"].append(report.target_loss)
@@ -199,7 +181,8 @@ class SFTTask(Task):
                 "skipped": report.skip_reason if report.skipped else None}
 
     def state_dict(self) -> dict:
-        return {"sampler_rng": self.rng.getstate(), "family_acc": dict(self.family_acc)}
+        return {"sampler_rng": self.rng.getstate(), "family_acc": dict(self.family_acc),
+                "sampler": self.parts.sampler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         from drpost.trainers.checkpoint import _tuples
@@ -207,6 +190,7 @@ class SFTTask(Task):
         self.rng.setstate(_tuples(state["sampler_rng"]))
         self.family_acc.clear()
         self.family_acc.update(state["family_acc"])
+        self.parts.sampler.load_state_dict(state.get("sampler", {}))  # absent in checkpoints before guidance
 
     def finish(self, metrics: dict) -> None:
         metrics["family_weight"] = family_shares(self.family_acc)
@@ -240,20 +224,31 @@ def train_sft(model, tokenizer, general: list[dict], target: list[dict], spec: M
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = linear_schedule(opt, recipe.steps, recipe.warmup_ratio)
-    reg = DataRegularizer(model, method=spec.method, optimizer=opt, **spec.options)
+    guidance = Guidance.of(spec.guidance)
+    options = dict(spec.options)
+    if guidance.on and spec.method in ("full_training", "target_only"):
+        options.setdefault("report_scores", True)  # the guide learns from the scores these methods skip
+    reg = DataRegularizer(model, method=spec.method, optimizer=opt, **options)
+    guide = None
+    if guidance.on:
+        texts = [e["prompt"] + " " + e["completion"] for e in general] if general and "prompt" in general[0] \
+            else None
+        guide = guided_pool(guidance, rows=g_rows, texts=texts,
+                            candidates=selected if spec.sampler == "selected" else None)
     parts = LoopParts(
         model=model, reg=reg, opt=opt, sched=sched, params=params,
-        sampler=GeneralSampler(spec, len(g_rows), len(t_rows), recipe.general_batch_size, rng, selected),
+        sampler=GeneralSampler(spec, len(g_rows), len(t_rows), recipe.general_batch_size, rng, selected, guide),
         g_rows=g_rows, t_rows=t_rows, families=[e.get("family") for e in general],
         loss_fn=sample_mean_loss if spec.loss == "sample_mean" else causal_lm_loss,
         pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         target_batch_size=spec.target_batch_size or recipe.target_batch_size, max_grad_norm=recipe.max_grad_norm,
-        autocast=torch.bfloat16 if recipe.bf16 else None)
+        autocast=torch.bfloat16 if recipe.bf16 else None, update="greats" if spec.loss == "greats" else "regularizer")
     state = LoopState(0, rng, new_metrics(recipe=asdict(recipe), method=asdict(spec)))
     task = SFTTask(parts, rng, state.family_acc)
     train(task, state, recipe.steps, eval_fn=eval_fn, eval_every=recipe.eval_every,
           progress=spec.name if recipe.progress else None)
     task.finish(state.metrics)
+    state.metrics["sampler_seconds"] = parts.sampler.seconds  # the sampler's overhead (wall time, not resumable)
     run_eval(task, eval_fn, state, recipe.steps)
     state.metrics["model"] = model
     return state.metrics
@@ -293,9 +288,10 @@ def build(config, device, sources=None) -> tuple[SFTTask, Callable | None]:
     sched = make_scheduler(opt, config.optim.schedule, config.steps, config.optim.warmup_ratio)
     reg = setup.make_regularizer(model, config, opt)
     rng = random.Random(config.seed)
-    spec = MethodSpec(config.regularizer.method, config.regularizer.method)
-    parts = LoopParts(model=model, reg=reg, opt=opt, sched=sched, params=params,
-                      sampler=GeneralSampler(spec, len(data.g_rows), len(data.t_rows), config.general_batch_size, rng),
+    spec, sampler = _cli_sampler(config, data, tokenizer, rng)
+    if sampler.guide is not None:
+        reg.report_scores = True  # the guide learns from the scores (full_training / target_only skip them)
+    parts = LoopParts(model=model, reg=reg, opt=opt, sched=sched, params=params, sampler=sampler,
                       g_rows=data.g_rows, t_rows=data.t_rows, families=data.families, loss_fn=causal_lm_loss,
                       pad=tokenizer.pad_token_id, target_batch_size=config.target_batch_size,
                       max_grad_norm=config.optim.max_grad_norm)
@@ -303,6 +299,29 @@ def build(config, device, sources=None) -> tuple[SFTTask, Callable | None]:
                    extra_metrics={"data": data.source, "n_general": len(data.g_rows), "n_target": len(data.t_rows)})
     has_eval = bool(data.eval_rows or data.evaluate)
     return task, ((lambda m, step: _evaluate(m, tokenizer, data)) if has_eval else None)
+
+
+def _cli_sampler(config, data, tokenizer, rng) -> tuple[MethodSpec, GeneralSampler]:
+    """``sampler.*``: the general pool of ``drpost sft`` (optionally DSIR-prefiltered) and its distribution."""
+    sc = config.sampler
+    selected = None
+    if sc.prefilter == "dsir":  # DSIR on the decoded rows: the Dr step then regularizes within the kept rows
+        from drpost.baselines.dsir import dsir_select
+
+        def text(rows):
+            return [{"prompt": tokenizer.decode(r["input_ids"]), "completion": ""} for r in rows]
+
+        k = max(1, int(sc.prefilter_frac * len(data.g_rows) + 0.5))
+        selected = sorted(dsir_select(text(data.g_rows), text(data.t_rows), k, seed=config.seed))
+    method = config.regularizer.method
+    spec = MethodSpec(method, method, sampler="pool" if selected is None else "selected",
+                      guidance={"mode": sc.mode, "exploration": sc.exploration, "temperature": sc.temperature,
+                                "dim": sc.dim, "ridge": sc.ridge, "decay": sc.decay, "refresh": sc.refresh,
+                                "features": "tokens"})
+    g = Guidance.of(spec.guidance)
+    guide = guided_pool(g, rows=data.g_rows, candidates=selected) if g.on else None
+    return spec, GeneralSampler(spec, len(data.g_rows), len(data.t_rows), config.general_batch_size, rng,
+                                selected, guide)
 
 
 def run(config, sources=None) -> int:
