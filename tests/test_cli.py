@@ -69,8 +69,8 @@ def test_bench_positional_and_paradigm():
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["bench"], "quality or system"),
-    (["bench", "--paradigm", "sft"], "quality or system"),
+    (["bench"], "quality, system, meso or real"),
+    (["bench", "--paradigm", "sft"], "quality, system, meso or real"),
     (["bench", "speed"], "unknown benchmark"),
     (["bench", "quality", "--paradigm", "ppo"], "paradigm"),
     (["sft", "regularizer.metod=hull"], "did you mean 'regularizer.method'"),

@@ -36,6 +36,7 @@ RUNNERS: dict[str, str] = {
     "bench quality": "drpost.bench.quality:run",
     "bench system": "drpost.bench.system:run",
     "bench meso": "drpost.bench.meso:run",
+    "bench real": "drpost.bench.real:run",
 }
 
 # runners that validate everything before writing, and write config.yaml themselves
@@ -51,11 +52,11 @@ SUMMARIES: dict[str, str] = {
     "rlhf": "RLHF (PPO with a learned reward model) with a data regularizer",
     "rlvr": "RL with verifiable rewards (GRPO) with a data regularizer",
     "bench": "benchmarks: 'bench quality' (methods x settings x seeds), 'bench system' (step timings), "
-             "'bench meso' (MeSO vs AdamW)",
+             "'bench meso' (MeSO vs AdamW), 'bench real' (SFT of a real pretrained LLM, resumable)",
     "model": "set up models without a hub: 'model fetch smollm2-135m-instruct', 'model convert F.gguf', 'model list'",
 }
 
-BENCH_KINDS = tuple(BENCH_CONFIGS)  # quality, system, meso
+BENCH_KINDS = tuple(BENCH_CONFIGS)  # quality, system, meso, real
 
 
 class UsageError(Exception):
@@ -84,7 +85,7 @@ def command_help(command: str, bench_kind: str | None = None) -> str:
     cls = BENCH_CONFIGS[bench_kind] if command == "bench" and bench_kind in BENCH_CONFIGS else CONFIGS[command]
     usage = f"drpost {command}"
     if command == "bench":
-        usage = f"drpost bench {bench_kind}" if bench_kind in BENCH_CONFIGS else "drpost bench {quality,system,meso}"
+        usage = f"drpost bench {bench_kind}" if bench_kind in BENCH_CONFIGS else "drpost bench {quality,system,meso,real}"
     doc = " ".join((cls.__doc__ or "").split())
     return (f"usage: {usage} [--config FILE.yaml] [key=value | --key value | --key=value ...] [--print-config]\n\n"
             f"{doc}\n\nOptions are applied in order: defaults < --config files < command-line overrides.\n"
@@ -132,9 +133,9 @@ def parse_args(argv: list[str]) -> tuple[str, object, bool]:
     key, cls = command, CONFIGS[command]
     if command == "bench":
         if not rest or rest[0].startswith("-") or "=" in rest[0]:
-            raise UsageError("'drpost bench' needs a first argument: quality or system (or meso)")
+            raise UsageError("'drpost bench' needs a first argument: quality, system, meso or real")
         if rest[0] not in BENCH_KINDS:
-            raise UsageError(f"unknown benchmark '{rest[0]}': expected quality or system (or meso)")
+            raise UsageError(f"unknown benchmark '{rest[0]}': expected quality, system, meso or real")
         key, cls = f"bench {rest[0]}", BENCH_CONFIGS[rest[0]]
         rest = rest[1:]
     print_config = "--print-config" in rest

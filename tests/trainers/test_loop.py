@@ -319,8 +319,9 @@ def test_shared_schedules_keep_the_numbers_results_were_made_with():
 
     for steps, warm, floor in ((500, 20, 0.0), (120, 10, 0.05), (37, 100, 0.05)):
         old = torch.optim.lr_scheduler.LambdaLR  # the former inline form, same expression
-        want = lrs(lambda o: old(o, lambda s: min(1.0, (s + 1) / warm) * max(floor, 1 - s / steps)), steps)
-        assert lrs(lambda o: warmup_decay(o, steps, warm, floor), steps) == want
+        want = lrs(lambda o, n=steps, w=warm, f=floor, lam=old: lam(o, lambda s: min(1.0, (s + 1) / w)
+                                                                     * max(f, 1 - s / n)), steps)
+        assert lrs(lambda o, n=steps, w=warm, f=floor: warmup_decay(o, n, w, f), steps) == want
     assert lrs(constant_schedule, 5) == [1e-3] * 5
 
 

@@ -4,25 +4,27 @@ One built-in setting, a handful of methods side by side on the same budget, one 
 the full protocol is ``drpost bench quality``). Prints one line per method and then the table, and writes
 ``metrics.json`` (one record per method) and ``config.yaml`` into the output directory.
 
+With a real model (``drpost demo --model smollm2-135m-instruct``, after ``make model``) the same comparison runs
+on the real-model benchmark's chat rendering of a world setting (``drpost.bench.real``), LoRA r8, with the untrained
+model as the first row and smaller evaluation sets: a few minutes on two CPU cores.
+
 Options read (``drpost demo --help``): output_dir, seed, steps, methods, verbose, data.setting, model.size,
-general_batch_size, target_batch_size, optim.lr, optim.weight_decay, optim.warmup_ratio, optim.max_grad_norm; any
-other option set to a non-default value is refused by name. Without ``verbose=true`` the libraries' warnings, info
+model.name_or_path, general_batch_size, target_batch_size, optim.lr, optim.weight_decay (world model only),
+optim.warmup_ratio, optim.max_grad_norm; any other option set to a non-default value is refused by name. Without ``verbose=true`` the libraries' warnings, info
 logs and progress bars are hidden so that nothing prints between the lines of the table.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from drpost.bench.quality import METHODS, markdown_table, run_one, summarize
+from drpost.bench.quiet import quiet_libraries
 from drpost.config import refuse_unread
 from drpost.trainers.sft import SFTRecipe
 
@@ -30,44 +32,17 @@ DEMO_SETTING = "distribution_shift"
 DEMO_KNOBS = {"mixing": 0.1, "dsir": 0.05, "less": 0.05, "global_subset": 0.5, "layerwise_subset": 0.5,
               "capped_simplex": 4}
 READ = frozenset({"output_dir", "seed", "steps", "methods", "verbose", "data.setting", "model.size",
-                  "general_batch_size", "target_batch_size", "optim.lr", "optim.weight_decay", "optim.warmup_ratio",
-                  "optim.max_grad_norm"})
-
-
-@contextlib.contextmanager
-def quiet_libraries(verbose: bool):
-    """Hide warnings, transformers/datasets info logs and progress bars (weight loading) unless ``verbose``."""
-    if verbose:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    old_env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    root_level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-        if old_env is None:
-            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
-        else:
-            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = old_env
-        logging.getLogger().setLevel(root_level)
+                  "model.name_or_path", "general_batch_size", "target_batch_size", "optim.lr", "optim.weight_decay",
+                  "optim.warmup_ratio", "optim.max_grad_norm"})
+REAL_DEMO_METHODS = ["full_training", "dsir", "layerwise_subset"]
+REAL_DEMO_STEPS = 25
 
 
 def run(config) -> list[dict]:
     """``drpost demo``: train and evaluate each of ``config.methods`` once; print and return the records."""
     refuse_unread(config, READ, "demo")
+    if config.model.name_or_path != "world":
+        return run_real(config)
     setting = DEMO_SETTING if config.data.setting == "default" else config.data.setting
     methods = list(config.methods)
     for m in methods:
@@ -80,7 +55,8 @@ def run(config) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(os.environ.get("DRPOST_THREADS", 1)))  # tiny models: 1 thread is fastest on 2 cores
     o = config.optim
-    budget = SFTRecipe(steps=config.steps, seed=config.seed, general_batch_size=config.general_batch_size,
+    steps = config.steps or 200
+    budget = SFTRecipe(steps=steps, seed=config.seed, general_batch_size=config.general_batch_size,
                        target_batch_size=config.target_batch_size, lr=o.lr, weight_decay=o.weight_decay,
                        warmup_ratio=o.warmup_ratio, max_grad_norm=o.max_grad_norm)
     t0 = time.perf_counter()
@@ -95,7 +71,53 @@ def run(config) -> list[dict]:
             records.append(r)
     (out / "metrics.json").write_text(json.dumps(records, indent=1))
     print()
-    print(markdown_table(summarize(records), f"drpost demo (setting {setting}, {config.steps} steps, "
+    print(markdown_table(summarize(records), f"drpost demo (setting {setting}, {steps} steps, "
                                              f"seed {config.seed})"))
+    print(f"total {time.perf_counter() - t0:.0f}s; records in {out / 'metrics.json'}")
+    return records
+
+
+def run_real(config) -> list[dict]:
+    """The demo on a real model: ``base`` (untrained) then each method, one seed, the real benchmark's recipe."""
+    from dataclasses import replace
+
+    from drpost.bench.real import REAL_FIXED, REAL_RECIPE, RealSizes, Worker, real_settings
+    from drpost.bench.real_report import markdown as real_markdown
+    from drpost.bench.real_report import summarize as real_summarize
+    from drpost.config import ConfigError, DemoConfig
+    from drpost.models import resolve_model
+
+    if config.model.size != DemoConfig().model.size:
+        raise ConfigError("option 'model.size' sizes the built-in world model; it is not used with "
+                          f"model.name_or_path={config.model.name_or_path!r}")
+    setting = "sparse_related" if config.data.setting == "default" else config.data.setting
+    if setting not in real_settings():
+        raise ConfigError(f"option 'data.setting': {setting!r} is not a real-model setting; choose from "
+                          f"{', '.join(real_settings())}")
+    if config.optim.weight_decay != DemoConfig().optim.weight_decay:
+        raise ConfigError("option 'optim.weight_decay' is not used by the real-model demo (the real benchmark's "
+                          "recipe has none)")
+    methods = list(config.methods) if list(config.methods) != DemoConfig().methods else REAL_DEMO_METHODS
+    resolve_model(config.model.name_or_path)  # a missing model fails here, saying what to run
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    o = config.optim
+    recipe = replace(REAL_RECIPE, steps=config.steps or REAL_DEMO_STEPS, lr=o.lr, warmup_ratio=o.warmup_ratio,
+                     max_grad_norm=o.max_grad_norm, general_batch_size=config.general_batch_size,
+                     target_batch_size=config.target_batch_size)
+    sizes = RealSizes(n_pool=2000, n_val=16, n_test=100, n_retention=4)
+    t0 = time.perf_counter()
+    records = []
+    with quiet_libraries(config.verbose):
+        worker = Worker(config.model.name_or_path, sizes, recipe)
+        for m in ["base", *methods]:
+            r = worker.run(setting, m, REAL_FIXED.get(m), config.seed)
+            print(f"  {r['label']:<22} target EM {r['target_em']:.3f}  retention EM {r['retention_em']:.3f}  "
+                  f"({r['wall_seconds']:.0f}s)", flush=True)
+            records.append(r)
+    (out / "metrics.json").write_text(json.dumps(records, indent=1))
+    print()
+    print(real_markdown(real_summarize(records), f"drpost demo --model {config.model.name_or_path} (setting "
+                                                 f"{setting}, {recipe.steps} steps, seed {config.seed})"))
     print(f"total {time.perf_counter() - t0:.0f}s; records in {out / 'metrics.json'}")
     return records

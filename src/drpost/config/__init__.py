@@ -35,6 +35,7 @@ from drpost.config.schema import (  # noqa: F401
     BenchConfig,
     BenchMesoConfig,
     BenchMethod,
+    BenchRealConfig,
     BenchSystemConfig,
     ConfigError,
     DataConfig,
@@ -57,4 +58,4 @@ from drpost.config.schema import (  # noqa: F401
     SFTConfig,
 )
 
-__all__ = ['BENCH_CONFIGS', 'Baseline', 'BenchConfig', 'BenchMesoConfig', 'BenchMethod', 'BenchSystemConfig', 'CONFIGS', 'ConfigError', 'DPOConfig', 'DPOParams', 'DataConfig', 'DataFormat', 'DemoConfig', 'GROUPS', 'GRPOParams', 'LogConfig', 'Method', 'ModelConfig', 'OptimConfig', 'PPOParams', 'RLHFConfig', 'RLVRConfig', 'RegularizerConfig', 'RunConfig', 'SFTConfig', 'SamplerConfig', 'Scoring', 'command_of', 'config_reference_markdown', 'help_text', 'leaf_options', 'load_yaml', 'main', 'parse_config', 'refuse_unread', 'save_resolved', 'to_dict', 'validate']
+__all__ = ['BENCH_CONFIGS', 'Baseline', 'BenchConfig', 'BenchMesoConfig', 'BenchRealConfig', 'BenchMethod', 'BenchSystemConfig', 'CONFIGS', 'ConfigError', 'DPOConfig', 'DPOParams', 'DataConfig', 'DataFormat', 'DemoConfig', 'GROUPS', 'GRPOParams', 'LogConfig', 'Method', 'ModelConfig', 'OptimConfig', 'PPOParams', 'RLHFConfig', 'RLVRConfig', 'RegularizerConfig', 'RunConfig', 'SFTConfig', 'SamplerConfig', 'Scoring', 'command_of', 'config_reference_markdown', 'help_text', 'leaf_options', 'load_yaml', 'main', 'parse_config', 'refuse_unread', 'save_resolved', 'to_dict', 'validate']

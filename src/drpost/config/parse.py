@@ -272,6 +272,9 @@ def _set(config: Any, name: str, value: Any, origin: str) -> None:
                     _set(config, f"{name}.{k}", v, origin)
                 return
             first = dataclasses.fields(tp)[0].name
+            if part == "model" and first == "name_or_path" and isinstance(value, str):
+                _set(config, f"{name}.name_or_path", value, origin)  # '--model X' is model.name_or_path=X
+                return
             raise ConfigError(f"option '{name}' is a group of options, not a value (from {origin}); set one of its "
                               f"fields, e.g. {name}.{first}=...")
         setattr(obj, part, _coerce_option(value, tp, f, name, origin))

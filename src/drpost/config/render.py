@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from drpost.config.parse import _fields, _format_value, _is_group, _type_name
-from drpost.config.schema import CONFIGS, GROUPS, BenchMesoConfig, BenchSystemConfig
+from drpost.config.schema import BENCH_CONFIGS, CONFIGS, GROUPS, BenchConfig
 
 # ----------------------------------------------------------------------------------------------------------------
 # Output.
@@ -32,7 +32,7 @@ def to_dict(config: Any) -> dict:
 
 def command_of(config_or_cls: Any) -> str | None:
     cls = config_or_cls if isinstance(config_or_cls, type) else type(config_or_cls)
-    if cls in (BenchSystemConfig, BenchMesoConfig):
+    if cls in BENCH_CONFIGS.values() and cls is not BenchConfig:
         return f"bench {cls.kind}"
     return next((name for name, c in CONFIGS.items() if c is cls), None)
 
@@ -123,7 +123,7 @@ def config_reference_markdown() -> str:
         lines += _md_table([(f"{prefix}.{f.name}", tp, getattr(inst, f.name), f) for f, tp in _fields(group)])
         lines.append("")
     lines += ["## Commands", ""]
-    for command, cls in [*CONFIGS.items(), ("bench system", BenchSystemConfig), ("bench meso", BenchMesoConfig)]:
+    for command, cls in [*CONFIGS.items(), *((f"bench {k}", c) for k, c in BENCH_CONFIGS.items() if k != "quality")]:
         inst = cls()
         lines += [f"### `drpost {command}` ({cls.__name__})", "", " ".join((cls.__doc__ or "").split()), ""]
         allowed = getattr(cls, "allowed_formats", None)

@@ -344,7 +344,8 @@ class DemoConfig(RunConfig):
     """The world demo: SFT of the tiny world model with a few regularizers side by side, on two CPU cores."""
 
     output_dir: str = _opt("runs/demo", "Directory for config.yaml, metrics.json, checkpoints and logs.")
-    steps: int = _opt(200, "Optimizer steps per method.", min=1)
+    steps: int | None = _opt(None, "Optimizer steps per method; none = 200 on the world model, 25 on a real model "
+                                   "(model.name_or_path, e.g. --model smollm2-135m-instruct).", min=1)
     eval_every: int = _opt(0, "The demo evaluates each method once, at the end (0); other values are refused.",
                            min=0)
     methods: list[BenchMethod] = _opt(
@@ -429,7 +430,43 @@ class BenchMesoConfig:
     seeds: list[int] = _opt(factory=lambda: [0, 1], help="Seeds, comma-separated.", min=0)
 
 
+@dataclass
+class BenchRealConfig:
+    """Real-model SFT benchmark ('drpost bench real'): world settings as chat turns on a pretrained LLM (LoRA),
+    methods x settings x seeds, one record per finished run (re-running skips finished runs), tables and plots."""
+
+    kind: ClassVar[str] = "real"  # the first positional argument of 'drpost bench'
+
+    output_dir: str = _opt("results/real/sft", "Directory for raw/ (one JSON record per run), summary.json, "
+                                               "tables.md and the target-vs-retention plots.")
+    model: str = _opt("smollm2-135m-instruct", "The model post-trained: an alias set up by 'drpost model fetch', a "
+                                               "local Hugging Face folder, or a hub name where a hub is reachable.")
+    settings: list[str] = _opt(factory=lambda: ["sparse_related", "format_shift"],
+                               help="Real-model settings (drpost.bench.real.real_settings), comma-separated.")
+    methods: list[str] = _opt(
+        factory=lambda: ["base", "full_training", "target_only", "dsir", "global_subset", "layerwise_subset", "hull"],
+        help="Methods, comma-separated: 'base' (the untrained model) and any method of 'drpost bench quality'.")
+    seeds: list[int] = _opt(factory=lambda: [0, 1, 2], help="Seeds, comma-separated; each seed draws the data "
+                                                             "(pool, 16 targets, validation/test) and the training.",
+                            min=0)
+    steps: int = _opt(40, "Optimizer steps per run.", min=1)
+    general_batch_size: int = _opt(8, "General rows per step.", min=1)
+    target_batch_size: int = _opt(1, "Target rows per step.", min=1)
+    max_length: int = _opt(128, "Longest tokenized row (prompt + answer).", min=8)
+    lr: float = _opt(1e-3, "Peak learning rate (AdamW, linear warm-up and decay).", gt=0, max=10)
+    warmup_ratio: float = _opt(0.03, "Fraction of the steps spent in linear warm-up.", min=0, max=1)
+    max_grad_norm: float | None = _opt(1.0, "Clip the update's global norm; none = no clipping.", gt=0)
+    lora_r: int = _opt(8, "LoRA rank (adapters on every linear layer).", min=1)
+    lora_alpha: float = _opt(16.0, "LoRA alpha.", gt=0)
+    bf16: bool = _opt(False, "Forward and backward under bf16 autocast (weights and optimizer state stay fp32); off "
+                             "by default: on these CPUs it made a real-model step 18x slower.")
+    workers: int = _opt(2, "Runs in parallel, one process and one torch thread each; 1 = this process with torch's "
+                           "thread setting.", min=1)
+    rewrite: bool = _opt(False, "Only rebuild summary.json, tables.md and the plots from the records in raw/.")
+
+
 # 'drpost bench' takes its config class from its first positional argument; CONFIGS["bench"] is the quality one.
-BENCH_CONFIGS: dict[str, type] = {"quality": BenchConfig, "system": BenchSystemConfig, "meso": BenchMesoConfig}
+BENCH_CONFIGS: dict[str, type] = {"quality": BenchConfig, "system": BenchSystemConfig, "meso": BenchMesoConfig,
+                                   "real": BenchRealConfig}
 
 GROUPS: tuple[type, ...] = (ModelConfig, RegularizerConfig, OptimConfig, DataConfig, LogConfig)

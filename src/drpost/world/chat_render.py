@@ -131,24 +131,27 @@ def user_message(example: dict, phrasing: str | None = None) -> str:
     return CHAT_TEMPLATES[phrasing].format(instruction=instruction, input=text)
 
 
-def to_chat(example: dict, phrasing: str | None = None) -> dict:
-    """``{"messages": [user, assistant], **metadata, "phrasing"}``: a record ``drpost sft`` trains on (loss on the
-    assistant turn through the tokenizer's chat template)."""
+def to_chat(example: dict, phrasing: str | None = None, system: str | None = None) -> dict:
+    """``{"messages": [(system,) user, assistant], **metadata, "phrasing"}``: a record ``drpost sft`` trains on
+    (loss on the assistant turn through the tokenizer's chat template). ``system`` None: no system turn (the
+    template may add its default one); a string (even empty): that system turn."""
     phrasing = phrasing or example.get("phrasing") or example["format"]
     meta = {k: v for k, v in example.items() if k not in ("prompt", "completion", "messages")}
-    return {"messages": [{"role": "user", "content": user_message(example, phrasing)},
-                         {"role": "assistant", "content": example["completion"]}], **meta, "phrasing": phrasing}
+    head = [] if system is None else [{"role": "system", "content": system}]
+    return {"messages": head + [{"role": "user", "content": user_message(example, phrasing)},
+                                {"role": "assistant", "content": example["completion"]}], **meta, "phrasing": phrasing}
 
 
-def chat_prompt(tokenizer, example: dict, phrasing: str | None = None) -> str:
-    """Generation prompt text: the user turn through the chat template plus the assistant header."""
-    return chat.render_prompt(tokenizer, [{"role": "user", "content": user_message(example, phrasing)}])
+def chat_prompt(tokenizer, example: dict, phrasing: str | None = None, system: str | None = None) -> str:
+    """Generation prompt text: the (system and) user turn through the chat template plus the assistant header."""
+    return chat.render_prompt(tokenizer, to_chat(example, phrasing, system)["messages"][:-1])
 
 
-def chat_prompt_completion(tokenizer, example: dict, phrasing: str | None = None) -> tuple[str, str, bool]:
+def chat_prompt_completion(tokenizer, example: dict, phrasing: str | None = None,
+                           system: str | None = None) -> tuple[str, str, bool]:
     """(prompt text, completion text, add_eos) with the loss on the assistant turn (``chat.split_conversation``)."""
-    msgs = to_chat(example, phrasing)["messages"]
-    return chat.split_conversation(tokenizer, msgs[:1], msgs[1:])
+    msgs = to_chat(example, phrasing, system)["messages"]
+    return chat.split_conversation(tokenizer, msgs[:-1], msgs[-1:])
 
 
 _WRAPS = (('"', '"'), ("'", "'"), ("`", "`"), ("**", "**"))
@@ -196,8 +199,9 @@ def make_eval_set(n: int, families: Sequence[str] = FAMILY_NAMES, phrasings: Seq
 
 @torch.no_grad()
 def generate_replies(model, tokenizer, examples: list[dict], batch_size: int = 64, max_new_tokens: int = 24,
-                     bf16: bool = False, progress: bool = False) -> list[str]:
-    """Greedy replies (left-padded batches, stops at EOS), decoded without special tokens."""
+                     bf16: bool = False, progress: bool = False, system: str | None = None) -> list[str]:
+    """Greedy replies (left-padded batches, stops at EOS), decoded without special tokens; ``system`` as in
+    ``to_chat``."""
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
     side = tokenizer.padding_side
@@ -206,7 +210,7 @@ def generate_replies(model, tokenizer, examples: list[dict], batch_size: int = 6
     replies: list[str] = []
     try:
         for i in range(0, len(examples), batch_size):
-            texts = [chat_prompt(tokenizer, e) for e in examples[i:i + batch_size]]
+            texts = [chat_prompt(tokenizer, e, system=system) for e in examples[i:i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=chat.adds_bos(tokenizer))
             enc = {k: v.to(dev) for k, v in enc.items()}  # input_ids, attention_mask: [B, T]
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):

@@ -1,0 +1,334 @@
+"""The real-model SFT benchmark: the world's settings as chat turns on a pretrained instruction-tuned LLM.
+
+``drpost bench real`` post-trains a real causal LM (default ``smollm2-135m-instruct``, set up once by
+``make model``) with LoRA on world settings rendered through the model's chat template
+(``drpost.world.chat_render``: the user turn in the example's own world format, the loss on the assistant turn),
+and scores greedy replies with the world's verifiers (strict: the reply's first line must be the answer).
+
+Protocol (the same for every method of a setting):
+- the seed draws the data (``build_setting(setting, seed)``: the pool, the 16 target examples, validation, test
+  and retention sets; ``REAL_SIZES`` trims the split sizes to what 2 CPU cores can evaluate) and the training;
+- every method trains the same LoRA (r, alpha, all linear layers) for the same steps, batch (n general + m target
+  rows per step), learning rate and schedule, in bf16 autocast (weights and optimizer state fp32);
+- a method with knobs (``REAL_KNOBS``) runs on the first seed with each value; the best *validation* exact match
+  (ties: lower validation loss) is kept for the other seeds; the test set chooses nothing;
+- ``base`` is the untrained model, evaluated on each seed's data: a method that does not beat it taught nothing.
+
+Resumable: one JSON record per finished run in ``output_dir/raw/``; running the command again skips finished runs
+(a sweep longer than one sitting finishes across several), then rewrites ``summary.json``, ``README.md`` tables
+and the target-vs-retention plots from every record on disk (``drpost.bench.real_report``).
+
+    drpost bench real                                            # the committed sweep (results/real/sft)
+    drpost bench real settings=sparse_related seeds=0 methods=base,full_training,layerwise_subset steps=20
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from drpost.bench.quality import METHODS
+from drpost.trainers.sft import SFTRecipe, encode_examples, train_sft
+
+MODEL_DEFAULT = "smollm2-135m-instruct"
+# knob values searched on the first seed's validation split (the mechanism of ``drpost bench quality``). Empty by
+# default: on 2 CPU cores a real-model run costs ~5 CPU-minutes, so the knobs are the ones the world benchmark
+# chose on its validation splits (``REAL_FIXED``), and the sweep fits in a few CPU hours.
+REAL_KNOBS: dict[str, list] = {}
+REAL_FIXED: dict[str, object] = {"dsir": 0.02, "layerwise_subset": 0.25, "global_subset": 0.5, "mixing": 0.2,
+                                 "less": 0.1, "capped_simplex": 4}
+REAL_METHODS = ["base", "full_training", "target_only", "dsir", "global_subset", "layerwise_subset", "hull"]
+# every chat turn starts with an empty system turn: the template's default system sentence would add 16 tokens to
+# each of the rows trained and evaluated (about 40% of a row here), for nothing the tasks need
+SYSTEM = ""
+
+
+@dataclass(frozen=True)
+class RealSizes:
+    """Split sizes of a real-model setting (the world's defaults are sized for a 0.87M model)."""
+
+    n_pool: int = 4000
+    n_val: int = 48
+    n_test: int = 200
+    n_retention: int = 8  # per held-out pool family (12-15 families: ~100-120 prompts)
+    max_new_tokens: int = 8  # the answers are a few tokens; a sentence fails on its first line anyway
+
+
+REAL_SIZES = RealSizes()
+
+# fp32: CPU bf16 autocast measured 18x *slower* per step here (1 thread: 97-105 s vs 5.5-6.0 s for 9 rows)
+REAL_RECIPE = SFTRecipe(steps=40, general_batch_size=8, target_batch_size=1, lr=1e-3, warmup_ratio=0.03,
+                        max_grad_norm=1.0, max_length=128, finetuning="lora", lora_r=8, lora_alpha=16, bf16=False)
+
+
+def real_settings() -> dict:
+    """The settings of the real-model benchmark: world settings whose target answers are a few tokens long.
+
+    - ``sparse_related`` (LESS mix -> TyDiQA-like): the world's own; target sum_list in the bracket format, 6% of
+      the pool is the target skill (in the target format), 8% related list skills, the rest unrelated, 10% noise.
+    - ``format_shift`` (Alpaca -> SAMSum-like): every family in the pool; the target max_list in the arrow format,
+      which the pool carries only in the qa/inst formats; 5% noise.
+    """
+    from drpost.world.settings import SETTINGS, Setting, _uniform
+    from drpost.world.tasks import FAMILY_NAMES, Difficulty
+
+    fmt_shift = Setting(
+        name="format_shift", pool_families=_uniform(FAMILY_NAMES), target_family="max_list", target_format="arrow",
+        pool_formats=(("qa", 0.4), ("inst", 0.4), ("arrow", 0.2)),
+        family_pool_formats=(("max_list", (("qa", 0.5), ("inst", 0.5))),), noise=0.05,
+        pool_difficulty=Difficulty(min_len=3, max_len=7), target_difficulty=Difficulty(min_len=3, max_len=7),
+        description="alpaca->samsum-like: the target skill is in the pool, only in other formats")
+    return {s.name: s for s in (SETTINGS["sparse_related"], fmt_shift)}
+
+
+def sized(setting, sizes: RealSizes = REAL_SIZES):
+    return replace(setting, n_pool=sizes.n_pool, n_val=sizes.n_val, n_test=sizes.n_test,
+                   n_retention=sizes.n_retention)
+
+
+def chat_examples(tokenizer, examples: list[dict]) -> list[dict]:
+    """World examples as chat-template prompt/completion pairs (loss on the assistant turn), metadata kept."""
+    from drpost.world.chat_render import chat_prompt_completion
+
+    out = []
+    for e in examples:
+        prompt, completion, add_eos = chat_prompt_completion(tokenizer, e, system=SYSTEM)
+        out.append({**e, "prompt": prompt, "completion": completion, "add_eos": add_eos})
+    return out
+
+
+def chat_exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int) -> float:
+    """Share of greedy replies whose first line is the answer (``chat_render.verify_chat``)."""
+    from drpost.world.chat_render import generate_replies, verify_chat
+
+    if not examples:
+        return float("nan")
+    model.eval()
+    replies = generate_replies(model, tokenizer, examples, batch_size=64, max_new_tokens=max_new_tokens,
+                               system=SYSTEM)
+    return sum(verify_chat(e["family"], r, e["answer"]) for e, r in zip(examples, replies)) / len(examples)
+
+
+@torch.no_grad()
+def token_mean_loss(model, tokenizer, rows: list[dict], batch_size: int = 32) -> float:
+    """Token-mean loss of ``rows`` (encoded prompt/completion rows) under ``model``."""
+    from drpost.data.collate import collate
+    from drpost.objectives.sft import causal_lm_loss
+
+    model.eval()
+    dev = next(model.parameters()).device
+    total = count = 0.0
+    for s in range(0, len(rows), batch_size):
+        batch = {k: v.to(dev) for k, v in collate(rows[s:s + batch_size], tokenizer.pad_token_id).items()}
+        sums, counts = causal_lm_loss(model, batch)
+        total, count = total + float(sums.sum()), count + float(counts.sum())
+    return total / max(count, 1.0)
+
+
+def evaluate(model, tokenizer, data, rows: dict, sizes: RealSizes) -> dict:
+    """Target test/validation exact match, validation loss, and retention (mean over the held-out pool families)."""
+    k = sizes.max_new_tokens
+    out = {"target_em": chat_exact_match(model, tokenizer, data.target_test, k),
+           "val_em": chat_exact_match(model, tokenizer, data.target_val, k),
+           "val_loss": token_mean_loss(model, tokenizer, rows["val"])}
+    ret = {f: chat_exact_match(model, tokenizer, ex, k) for f, ex in data.retention.items()
+           if f != data.setting.target_family}
+    out["retention_em"] = sum(ret.values()) / max(1, len(ret))
+    out["retention_by_family"] = ret
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- one run
+def record_name(setting: str, method: str, knob, seed: int) -> str:
+    return f"{setting}__{method}__k{knob}__s{seed}.json"
+
+
+class Worker:
+    """Holds the base model and each (setting, seed)'s data for the runs of one process."""
+
+    def __init__(self, model_name: str, sizes: RealSizes, recipe: SFTRecipe):
+        from drpost.models import load_pretrained
+
+        self.model_name, self.sizes, self.recipe = model_name, sizes, recipe
+        self.base, self.tok = load_pretrained(model_name)
+        if self.tok.pad_token_id is None:
+            from drpost.data.chat import ensure_pad_token
+
+            ensure_pad_token(self.tok)
+        self._data: dict = {}
+
+    def data(self, setting: str, seed: int) -> dict:
+        from drpost.world.settings import build_setting
+
+        key = (setting, seed)
+        if key not in self._data:
+            built = build_setting(sized(real_settings()[setting], self.sizes), seed)
+            max_len = self.recipe.max_length
+            self._data[key] = {
+                "data": built, "cache": {},
+                "general": chat_examples(self.tok, built.general),
+                "target": chat_examples(self.tok, built.target_train),
+                "rows": {"val": encode_examples(self.tok, chat_examples(self.tok, built.target_val), max_len)}}
+            d = self._data[key]
+            d["g_rows"] = encode_examples(self.tok, d["general"], max_len)
+            d["t_rows"] = encode_examples(self.tok, d["target"], max_len)
+        return self._data[key]
+
+    def run(self, setting: str, method: str, knob, seed: int) -> dict:
+        """Train (unless ``base``) and evaluate one (setting, method, knob, seed); returns the record."""
+        from drpost.bench.quality import _selection
+
+        d = self.data(setting, seed)
+        data = d["data"]
+        t0 = time.perf_counter()
+        recipe = replace(self.recipe, seed=seed)
+        steps_s = None
+        weight = {}
+        if method == "base":
+            model, label = self.base, "base (untrained)"
+        else:
+            label, build, _ = METHODS[method]
+            selected = _selection(method, knob, self.base, self.tok, data, d["g_rows"], d["t_rows"], seed,
+                                  d["cache"])
+            t1 = time.perf_counter()
+            metrics = train_sft(copy.deepcopy(self.base), self.tok, d["general"], d["target"], build(knob), recipe,
+                                selected=selected, general_rows=d["g_rows"])
+            steps_s = (time.perf_counter() - t1) / recipe.steps
+            model, weight = metrics.pop("model"), metrics["family_weight"]
+        ev = evaluate(model, self.tok, data, d["rows"], self.sizes)
+        return {"setting": setting, "method": method, "label": label, "knob": knob, "seed": seed,
+                "model": self.model_name, "paradigm": "sft", **ev,
+                "family_weight": weight, "target_family": data.setting.target_family,
+                "seconds_per_step": steps_s, "wall_seconds": time.perf_counter() - t0,
+                "budget": asdict(recipe) if method != "base" else None, "sizes": asdict(self.sizes)}
+
+
+_WORKER: Worker | None = None
+
+
+def _init_worker(model_name, sizes, recipe, threads):
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = Worker(model_name, sizes, recipe)
+
+
+def _job(args):
+    job, out_dir = args
+    rec = _WORKER.run(*job)
+    path = Path(out_dir) / "raw" / record_name(*job)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    tmp.replace(path)  # a record appears whole or not at all
+    print(f"[bench real] {rec['setting']} {rec['label']} knob={rec['knob']} seed={rec['seed']}: target EM "
+          f"{rec['target_em']:.3f}, val EM {rec['val_em']:.3f}, retention {rec['retention_em']:.3f} "
+          f"({rec['wall_seconds']:.0f}s)", flush=True)
+    return rec
+
+
+def run_jobs(jobs: list[tuple], out_dir: Path, model_name: str, sizes: RealSizes, recipe: SFTRecipe,
+             workers: int) -> None:
+    """Run the jobs whose record is missing; ``workers`` processes with one torch thread each (or this process)."""
+    todo = [j for j in jobs if not (out_dir / "raw" / record_name(*j)).exists()]
+    if not todo:
+        return
+    if workers <= 1:
+        _init_worker(model_name, sizes, recipe, torch.get_num_threads())
+        for j in todo:
+            _job((j, out_dir))
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(min(workers, len(todo)), _init_worker,
+                                      (model_name, sizes, recipe, 1)) as pool:
+        for _ in pool.imap_unordered(_job, [(j, out_dir) for j in todo]):
+            pass
+
+
+def load_records(out_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out_dir / "raw").glob("*.json"))]
+
+
+def knob_values(method: str) -> list:
+    return REAL_KNOBS.get(method) or [REAL_FIXED.get(method)]
+
+
+def best_knobs(records: list[dict], setting: str, seed: int) -> dict:
+    """Per method, the knob with the best validation EM (ties: lower validation loss) on ``seed``."""
+    best: dict = {}
+    for r in records:
+        if r["setting"] == setting and r["seed"] == seed:
+            cur = best.get(r["method"])
+            if cur is None or (r["val_em"], -r["val_loss"]) > (cur["val_em"], -cur["val_loss"]):
+                best[r["method"]] = r
+    return {m: r["knob"] for m, r in best.items()}
+
+
+def sweep(settings: list[str], methods: list[str], seeds: list[int], out_dir: str | Path,
+          model_name: str = MODEL_DEFAULT, sizes: RealSizes = REAL_SIZES, recipe: SFTRecipe = REAL_RECIPE,
+          workers: int = 2) -> list[dict]:
+    """Tuning runs (first seed, every knob value), then the other seeds with the chosen knobs; returns every
+    record on disk for these settings/methods/seeds."""
+    out = Path(out_dir)
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    for s in settings:  # setting by setting, so that an interrupted sweep leaves whole settings behind
+        run_jobs([(s, m, k, seeds[0]) for m in methods for k in knob_values(m)], out, model_name, sizes, recipe,
+                 workers)
+        chosen = best_knobs(load_records(out), s, seeds[0])
+        run_jobs([(s, m, chosen.get(m, knob_values(m)[0]), seed) for seed in seeds[1:] for m in methods], out,
+                 model_name, sizes, recipe, workers)
+    return [r for r in load_records(out) if r["setting"] in settings and r["method"] in methods
+            and r["seed"] in seeds]
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+def recipe_of(config) -> SFTRecipe:
+    """The shared training recipe of a ``BenchRealConfig`` (LoRA on every linear layer)."""
+    return replace(REAL_RECIPE, steps=config.steps, general_batch_size=config.general_batch_size,
+                   target_batch_size=config.target_batch_size, max_length=config.max_length, lr=config.lr,
+                   warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm, lora_r=config.lora_r,
+                   lora_alpha=config.lora_alpha, bf16=config.bf16)
+
+
+def run(config) -> list[dict]:
+    """``drpost bench real``: the sweep (resumable), then the tables and plots from every record on disk."""
+    from drpost.bench.quiet import quiet_libraries
+    from drpost.bench.real_report import write_report
+    from drpost.config import ConfigError
+
+    known = real_settings()
+    for s in config.settings:
+        if s not in known:
+            raise ConfigError(f"option 'settings': {s!r} is not a real-model setting; choose from {', '.join(known)}")
+    for m in config.methods:
+        if m != "base" and m not in METHODS:
+            raise ConfigError(f"option 'methods': {m!r} is not a method; choose from base, {', '.join(METHODS)}")
+    out = Path(config.output_dir)
+    if not config.rewrite:
+        from drpost.models import resolve_model
+
+        resolve_model(config.model)  # a missing model fails here, saying what to run
+        with quiet_libraries(False):
+            sweep(list(config.settings), list(config.methods), [int(s) for s in config.seeds], out,
+                  config.model, REAL_SIZES, recipe_of(config), config.workers)
+    records = load_records(out)
+    if not records:
+        raise ConfigError(f"option 'output_dir': no records in {out / 'raw'}")
+    return write_report(records, out, command())
+
+
+def command() -> str:
+    import sys
+
+    if sys.argv and sys.argv[0].endswith("drpost"):
+        return "drpost " + " ".join(sys.argv[1:])
+    return "drpost bench real"
+
+
+__all__ = ["MODEL_DEFAULT", "REAL_FIXED", "REAL_KNOBS", "REAL_METHODS", "REAL_RECIPE", "REAL_SIZES", "RealSizes",
+           "Worker", "best_knobs", "chat_examples", "chat_exact_match", "evaluate", "load_records", "real_settings",
+           "run", "sweep"]
