@@ -90,7 +90,7 @@ def test_rewrite_rebuilds_a_results_directory_keeping_command_and_notes(tmp_path
         code = cli.main(["bench", "quality", "--paradigm", paradigm, "rewrite=true", f"output_dir={dst}"])
         assert code == 0
         new = (dst / "README.md").read_text()
-        assert new.splitlines()[:4] == old.splitlines()[:4]  # title and command kept
+        assert new.splitlines()[:6] == old.splitlines()[:6]  # note above the title, title and command kept
         assert old.rstrip().splitlines()[-1] == new.rstrip().splitlines()[-1]  # the notes (or verdict) kept
         assert list(dst.glob("*.png"))
     capsys.readouterr()

@@ -369,7 +369,11 @@ def rewrite(out_dir: str | Path, paradigm: str, notes: str | None = None) -> dic
         lines = old.splitlines()
         at = next((i for i, line in enumerate(lines) if line.startswith("Best Dr method:")), None)
         notes = "\n".join(lines[at + 1:]).strip() if at is not None else ""
-    return write_rl_results(paradigm, records, out, command, notes)
+    table = write_rl_results(paradigm, records, out, command, notes)
+    head = old.split("\n# ", 1)[0] if "\n# " in old and not old.startswith("# ") else ""
+    if head.strip():  # a note above the title (e.g. how old the tables are) is kept
+        (out / "README.md").write_text(head.rstrip() + "\n\n" + (out / "README.md").read_text())
+    return table
 
 
 READ = frozenset({"paradigm", "output_dir", "steps", "methods", "settings", "seeds", "model.size", "rewrite"})
