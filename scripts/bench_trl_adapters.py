@@ -9,7 +9,7 @@ as this process's CPU time (all its threads; steadier than wall time on a shared
 over ``--repeats`` rounds to spread machine noise; the table gives the median over rounds and the ratio to the plain
 trainer. GRPO's step includes generation (and the adapter's generation for its target prompts).
 
-Run (the figures in the docstring of drpost/integrations/trl.py):
+Run (the figures in the docstring of drpost/integrations/trl/__init__.py):
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_trl_adapters.py --repeats 2 --steps 4 --warmup 1 --precision fp32
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_trl_adapters.py --repeats 1 --steps 4 --warmup 1 --trainers sft,dpo
 Options: ``--hidden 256 --layers 4 --vocab 8192 --seq 64 --batch 8 --steps 6 --warmup 2 --repeats 3
