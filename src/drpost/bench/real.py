@@ -61,7 +61,8 @@ class RealSizes:
 
 REAL_SIZES = RealSizes()
 
-# fp32: CPU bf16 autocast measured 18x *slower* per step here (1 thread: 97-105 s vs 5.5-6.0 s for 9 rows)
+# fp32: these CPUs (AMD EPYC, AVX2, no AVX512-BF16) emulate bf16; under bf16 autocast a LoRA step took 97-105 s
+# against 5.5-6.0 s in fp32 (1 thread, 9 rows). Where the CPU has AVX512-BF16/AMX or on a GPU, bf16=true pays.
 REAL_RECIPE = SFTRecipe(steps=40, general_batch_size=8, target_batch_size=1, lr=1e-3, warmup_ratio=0.03,
                         max_grad_norm=1.0, max_length=128, finetuning="lora", lora_r=8, lora_alpha=16, bf16=False)
 

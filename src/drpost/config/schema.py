@@ -459,7 +459,7 @@ class BenchRealConfig:
     lora_r: int = _opt(8, "LoRA rank (adapters on every linear layer).", min=1)
     lora_alpha: float = _opt(16.0, "LoRA alpha.", gt=0)
     bf16: bool = _opt(False, "Forward and backward under bf16 autocast (weights and optimizer state stay fp32); off "
-                             "by default: on these CPUs it made a real-model step 18x slower.")
+                             "by default: CPUs without AVX512-BF16 emulate bf16 (a real-model step was 18x slower).")
     workers: int = _opt(2, "Runs in parallel, one process and one torch thread each; 1 = this process with torch's "
                            "thread setting.", min=1)
     rewrite: bool = _opt(False, "Only rebuild summary.json, tables.md and the plots from the records in raw/.")
