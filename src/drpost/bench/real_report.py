@@ -20,6 +20,11 @@ DR_METHODS = {"global_subset", "layerwise_subset", "hull", "capped_simplex", "ba
 SELECTION = {"dsir", "less", "greats", "random_subset"}
 
 
+def is_dr(method: str) -> bool:
+    """A Dr-family method: a feasible set, alone or composed with a guided sampler or an offline prefilter."""
+    return method in DR_METHODS or method.startswith("guided_") or "_prefilter_" in method
+
+
 def chosen_records(records: list[dict]) -> list[dict]:
     """Drop tuning-only runs: per (setting, method), keep the knob that was run on the most seeds (the chosen one;
     ties: best validation EM on the first seed)."""
@@ -77,7 +82,7 @@ def verdict(rows: dict) -> str:
         cands = [(rows[m]["target_em"][0], m) for m in names if m in rows]
         return max(cands) if cands else None
 
-    dr, sel = best(DR_METHODS), best(SELECTION)
+    dr, sel = best([m for m in rows if is_dr(m)]), best(SELECTION)
     if dr is None:
         return "No Dr method in this table."
     parts = [f"Best Dr method: {rows[dr[1]]['label']} ({dr[0]:.3f})"]
@@ -120,7 +125,7 @@ def plots(table: dict, out: Path) -> None:
         fig, ax = plt.subplots(figsize=(6.4, 4.8))
         for m, r in rows.items():
             (x, xe), (y, ye) = r["retention_em"], r["target_em"]
-            color = "tab:red" if m in DR_METHODS else "tab:blue" if m in SELECTION else "tab:gray"
+            color = "tab:red" if is_dr(m) else "tab:blue" if m in SELECTION else "tab:gray"
             ax.errorbar(x, y, xerr=0 if xe != xe else xe, yerr=0 if ye != ye else ye, fmt="o", color=color,
                         mfc=color if r["pareto"] else "white", capsize=2)
             ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
@@ -147,4 +152,4 @@ def write_report(records: list[dict], out_dir: str | Path, command: str) -> dict
     return table
 
 
-__all__ = ["chosen_records", "markdown", "pareto_front", "plots", "summarize", "verdict", "write_report"]
+__all__ = ["chosen_records", "is_dr", "markdown", "pareto_front", "plots", "summarize", "verdict", "write_report"]
