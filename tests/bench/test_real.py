@@ -111,3 +111,14 @@ def test_real_demo_prints_base_and_methods(tiny_folder, tmp_path, capsys):
     assert [r["method"] for r in records] == ["base", "layerwise_subset"]
     assert cli.main(["demo", "--model", tiny_folder, "model.size=micro", f"output_dir={out}"]) == 2
     assert "'model.size'" in capsys.readouterr().err
+
+
+def test_default_methods_agree_and_have_their_knobs():
+    from drpost.bench.quality import METHODS
+    from drpost.config import BenchRealConfig
+
+    assert BenchRealConfig().methods == real.REAL_METHODS
+    for m in real.REAL_METHODS[1:]:
+        assert m in METHODS
+        if METHODS[m][2] is not None:  # a method with a knob runs with a fixed or a tuned value, never None
+            assert real.knob_values(m) != [None], m

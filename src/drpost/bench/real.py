@@ -44,7 +44,8 @@ REAL_FIXED: dict[str, object] = {"dsir": 0.02, "layerwise_subset": 0.25, "global
                                  "less": 0.1, "capped_simplex": 4,
                                  # composed (offline prefilter, then the Dr step within it): keep 10% of the pool
                                  "dsir_prefilter_layerwise_subset": 0.1, "dsir_prefilter_hull": 0.1}
-REAL_METHODS = ["base", "full_training", "target_only", "dsir", "global_subset", "layerwise_subset", "hull"]
+REAL_METHODS = ["base", "full_training", "target_only", "dsir", "global_subset", "layerwise_subset", "hull",
+                "dsir_prefilter_hull"]
 # every chat turn starts with an empty system turn: the template's default system sentence would add 16 tokens to
 # each of the rows trained and evaluated (about 40% of a row here), for nothing the tasks need
 SYSTEM = ""

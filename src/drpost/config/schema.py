@@ -444,7 +444,8 @@ class BenchRealConfig:
     settings: list[str] = _opt(factory=lambda: ["sparse_related", "format_shift"],
                                help="Real-model settings (drpost.bench.real.real_settings), comma-separated.")
     methods: list[str] = _opt(
-        factory=lambda: ["base", "full_training", "target_only", "dsir", "global_subset", "layerwise_subset", "hull"],
+        factory=lambda: ["base", "full_training", "target_only", "dsir", "global_subset", "layerwise_subset", "hull",
+                         "dsir_prefilter_hull"],
         help="Methods, comma-separated: 'base' (the untrained model) and any method of 'drpost bench quality'.")
     seeds: list[int] = _opt(factory=lambda: [0, 1, 2], help="Seeds, comma-separated; each seed draws the data "
                                                              "(pool, 16 targets, validation/test) and the training.",
