@@ -59,20 +59,28 @@ def run(config) -> list[dict]:
     budget = SFTRecipe(steps=steps, seed=config.seed, general_batch_size=config.general_batch_size,
                        target_batch_size=config.target_batch_size, lr=o.lr, weight_decay=o.weight_decay,
                        warmup_ratio=o.warmup_ratio, max_grad_norm=o.max_grad_norm)
-    t0 = time.perf_counter()
     ctx: dict = {}
+    return _demo_loop(
+        config, out, methods,
+        lambda m: run_one(setting, m, DEMO_KNOBS.get(m), config.seed, budget, base_size=config.model.size, n_val=50,
+                          _ctx=ctx),
+        lambda r: f"{r['label']:<22} target EM {r['target_em']:.3f}  target loss {r['target_loss']:.3f}  ",
+        lambda rs: markdown_table(summarize(rs), f"drpost demo (setting {setting}, {steps} steps, seed {config.seed})"))
+
+
+def _demo_loop(config, out: Path, methods: list[str], run, line, table) -> list[dict]:
+    """Run each method (``run(method) -> record``) with the libraries quiet, print one line per record and then
+    ``table(records)``; write the records to ``out/metrics.json``."""
+    t0 = time.perf_counter()
     records = []
     with quiet_libraries(config.verbose):
         for m in methods:
-            r = run_one(setting, m, DEMO_KNOBS.get(m), config.seed, budget, base_size=config.model.size, n_val=50,
-                        _ctx=ctx)
-            print(f"  {METHODS[m][0]:<22} target EM {r['target_em']:.3f}  target loss {r['target_loss']:.3f}  "
-                  f"retention EM {r['retention_em']:.3f}  ({r['wall_seconds']:.0f}s)", flush=True)
+            r = run(m)
+            print(f"  {line(r)}retention EM {r['retention_em']:.3f}  ({r['wall_seconds']:.0f}s)", flush=True)
             records.append(r)
     (out / "metrics.json").write_text(json.dumps(records, indent=1))
     print()
-    print(markdown_table(summarize(records), f"drpost demo (setting {setting}, {steps} steps, "
-                                             f"seed {config.seed})"))
+    print(table(records))
     print(f"total {time.perf_counter() - t0:.0f}s; records in {out / 'metrics.json'}")
     return records
 
@@ -106,18 +114,13 @@ def run_real(config) -> list[dict]:
                      max_grad_norm=o.max_grad_norm, general_batch_size=config.general_batch_size,
                      target_batch_size=config.target_batch_size)
     sizes = RealSizes(n_pool=2000, n_val=16, n_test=100, n_retention=4)
-    t0 = time.perf_counter()
-    records = []
-    with quiet_libraries(config.verbose):
-        worker = Worker(config.model.name_or_path, sizes, recipe)
-        for m in ["base", *methods]:
-            r = worker.run(setting, m, REAL_FIXED.get(m), config.seed)
-            print(f"  {r['label']:<22} target EM {r['target_em']:.3f}  retention EM {r['retention_em']:.3f}  "
-                  f"({r['wall_seconds']:.0f}s)", flush=True)
-            records.append(r)
-    (out / "metrics.json").write_text(json.dumps(records, indent=1))
-    print()
-    print(real_markdown(real_summarize(records), f"drpost demo --model {config.model.name_or_path} (setting "
-                                                 f"{setting}, {recipe.steps} steps, seed {config.seed})"))
-    print(f"total {time.perf_counter() - t0:.0f}s; records in {out / 'metrics.json'}")
-    return records
+    workers: list = []  # built on the first run, inside the quiet block (weight loading prints progress bars)
+
+    def run(m):
+        if not workers:
+            workers.append(Worker(config.model.name_or_path, sizes, recipe))
+        return workers[0].run(setting, m, REAL_FIXED.get(m), config.seed)
+
+    title = f"drpost demo --model {config.model.name_or_path} (setting {setting}, {recipe.steps} steps, seed {config.seed})"
+    return _demo_loop(config, out, ["base", *methods], run, lambda r: f"{r['label']:<22} target EM {r['target_em']:.3f}  ",
+                      lambda rs: real_markdown(real_summarize(rs), title))
