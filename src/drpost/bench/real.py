@@ -328,8 +328,8 @@ def run(config) -> list[dict]:
 def command() -> str:
     import sys
 
-    if sys.argv and sys.argv[0].endswith("drpost"):
-        return "drpost " + " ".join(sys.argv[1:])
+    if sys.argv and sys.argv[0].endswith("drpost"):  # the command that made the records: rewrite=... left out
+        return "drpost " + " ".join(a for a in sys.argv[1:] if not a.lstrip("-").startswith("rewrite"))
     return "drpost bench real"
 
 
