@@ -36,6 +36,7 @@ from drpost.bench.quality_methods import (  # noqa: F401  (re-exported: the meth
     prefilter_of,
 )
 from drpost.bench.quality_report import markdown_table, plots, rewrite, summarize, write_results  # noqa: F401
+from drpost.bench.stats import best_by_validation
 from drpost.trainers.sft import SFTRecipe, encode_examples, train_sft
 
 
@@ -63,7 +64,7 @@ def _evaluator(tokenizer, data, n_val: int, n_retention: int = 50):
     return final
 
 
-def _selection(name, knob, base, tokenizer, data, g_rows, t_rows, seed, cache):
+def offline_selection(name, knob, base, tokenizer, data, g_rows, t_rows, seed, cache):
     """Offline-selected pool indices for DSIR / LESS and the ``<selector>_prefilter_*`` methods: the top ``knob``
     fraction of the **whole** pool for both selectors (LESS scores every pool row; scores cached per seed)."""
     sel = prefilter_of(name)
@@ -106,7 +107,7 @@ def run_one(setting, name: str, knob, seed: int, budget: SFTRecipe, base_size: s
     label, build, _ = METHODS[name]
     spec = build(knob)
     t0 = time.perf_counter()
-    selected = _selection(name, knob, base, tok, data, sd["g_rows"], sd["t_rows"], seed, sd["cache"])
+    selected = offline_selection(name, knob, base, tok, data, sd["g_rows"], sd["t_rows"], seed, sd["cache"])
     recipe = replace(budget, seed=seed)
     metrics = train_sft(copy.deepcopy(base), tok, data.general, data.target_train, spec, recipe,
                         selected=selected, general_rows=sd["g_rows"])
@@ -177,11 +178,7 @@ def run_quality(setting, methods: list[str] | None = None, seeds: list[int] | No
             raise ValueError(f"unknown method {m!r}; choose from {sorted(METHODS)}")
     tune_jobs = [(m, k, seeds[0]) for m in methods for k in (METHODS[m][2] or [None])]
     tuned = _run_jobs(setting, tune_jobs, budget, base_size, n_val, workers, progress)
-    best: dict[str, dict] = {}
-    for r in tuned:
-        cur = best.get(r["method"])
-        if cur is None or (r["val_em"], -r["val_loss"]) > (cur["val_em"], -cur["val_loss"]):
-            best[r["method"]] = r
+    best = best_by_validation(tuned)
     for r in tuned:
         r["tuning_only"] = r is not best[r["method"]]
     rest = [(m, best[m]["knob"], s) for m in methods for s in seeds[1:]]

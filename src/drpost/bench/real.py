@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from drpost.bench.quality import METHODS
+from drpost.bench.quality import METHODS, offline_selection
+from drpost.bench.stats import best_by_validation
 from drpost.trainers.sft import SFTRecipe, encode_examples, train_sft
 
 MODEL_DEFAULT = "smollm2-135m-instruct"
@@ -185,8 +186,6 @@ class Worker:
 
     def run(self, setting: str, method: str, knob, seed: int) -> dict:
         """Train (unless ``base``) and evaluate one (setting, method, knob, seed); returns the record."""
-        from drpost.bench.quality import _selection
-
         d = self.data(setting, seed)
         data = d["data"]
         t0 = time.perf_counter()
@@ -197,7 +196,7 @@ class Worker:
             model, label = self.base, "base (untrained)"
         else:
             label, build, _ = METHODS[method]
-            selected = _selection(method, knob, self.base, self.tok, data, d["g_rows"], d["t_rows"], seed,
+            selected = offline_selection(method, knob, self.base, self.tok, data, d["g_rows"], d["t_rows"], seed,
                                   d["cache"])
             t1 = time.perf_counter()
             metrics = train_sft(copy.deepcopy(self.base), self.tok, d["general"], d["target"], build(knob), recipe,
@@ -216,9 +215,13 @@ _WORKER: Worker | None = None
 
 
 def _init_worker(model_name, sizes, recipe, threads):
+    """This process's worker; one already built for the same model, sizes and recipe is kept (in-process sweeps
+    call this once per phase: the model and each seed's data load once)."""
     global _WORKER
     torch.set_num_threads(threads)
-    _WORKER = Worker(model_name, sizes, recipe)
+    w = _WORKER
+    if w is None or (w.model_name, w.sizes, w.recipe) != (model_name, sizes, recipe):
+        _WORKER = Worker(model_name, sizes, recipe)
 
 
 def _job(args):
@@ -263,13 +266,8 @@ def knob_values(method: str) -> list:
 
 def best_knobs(records: list[dict], setting: str, seed: int) -> dict:
     """Per method, the knob with the best validation EM (ties: lower validation loss) on ``seed``."""
-    best: dict = {}
-    for r in records:
-        if r["setting"] == setting and r["seed"] == seed:
-            cur = best.get(r["method"])
-            if cur is None or (r["val_em"], -r["val_loss"]) > (cur["val_em"], -cur["val_loss"]):
-                best[r["method"]] = r
-    return {m: r["knob"] for m, r in best.items()}
+    runs = [r for r in records if r["setting"] == setting and r["seed"] == seed]
+    return {m: r["knob"] for m, r in best_by_validation(runs).items()}
 
 
 def sweep(settings: list[str], methods: list[str], seeds: list[int], out_dir: str | Path,

@@ -13,7 +13,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from drpost.bench.stats import mean_se
+from drpost.bench.stats import best_by_validation, mean_se
 
 DR_METHODS = {"global_subset", "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem",
               "layerwise_hull_slack", "cone", "span", "halfspace"}
@@ -27,14 +27,16 @@ def is_dr(method: str) -> bool:
 
 def chosen_records(records: list[dict]) -> list[dict]:
     """Drop tuning-only runs: per (setting, method), keep the knob that was run on the most seeds (the chosen one;
-    ties: best validation EM on the first seed)."""
+    ties, as while only the tuning seed has run: the sweep's own rule, ``best_by_validation`` on the first seed)."""
     by: dict = defaultdict(lambda: defaultdict(list))
     for r in records:
         by[(r["setting"], r["method"])][json.dumps(r["knob"])].append(r)
     out = []
     for groups in by.values():
-        best = max(groups.values(), key=lambda rs: (len(rs), max(x["val_em"] for x in rs)))
-        out += best
+        runs = [r for rs in groups.values() for r in rs]
+        first = min(r["seed"] for r in runs)
+        tuned = best_by_validation([r for r in runs if r["seed"] == first])[runs[0]["method"]]["knob"]
+        out += max(groups.values(), key=lambda rs: (len(rs), rs[0]["knob"] == tuned))
     return out
 
 
