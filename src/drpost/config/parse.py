@@ -272,8 +272,9 @@ def _set(config: Any, name: str, value: Any, origin: str) -> None:
                     _set(config, f"{name}.{k}", v, origin)
                 return
             first = dataclasses.fields(tp)[0].name
-            if part == "model" and first == "name_or_path" and isinstance(value, str):
-                _set(config, f"{name}.name_or_path", value, origin)  # '--model X' is model.name_or_path=X
+            short = getattr(tp, "shorthand", None)  # a group may take one plain value: '--model X'
+            if short and isinstance(value, str):
+                _set(config, f"{name}.{short}", value, origin)
                 return
             raise ConfigError(f"option '{name}' is a group of options, not a value (from {origin}); set one of its "
                               f"fields, e.g. {name}.{first}=...")

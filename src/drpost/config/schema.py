@@ -52,6 +52,8 @@ def _opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = d
 class ModelConfig:
     """Which model to post-train and how its weights are made trainable."""
 
+    shorthand: ClassVar[str] = "name_or_path"  # 'model=X' / '--model X' sets model.name_or_path
+
     name_or_path: str = _opt("world", "Hugging Face model id or local directory of a causal LM; 'world' = the "
                                       "built-in tiny Llama-style base model of the benchmark world (see model.size); "
                                       "an alias set up by 'drpost model fetch' (smollm2-135m-instruct); or a local "
