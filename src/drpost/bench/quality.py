@@ -4,7 +4,7 @@ Python entry point (what the CLI writes, as records):
 
     from drpost.bench.quality import run_quality
     records = run_quality(setting, methods=["full_training", "layerwise_subset"], seeds=[0, 1, 2],
-                          budget=SFTRecipe(steps=200))
+                          budget=SFTRecipe(steps=200), out_dir="runs/sft")  # resumable: one JSON per run
 
 ``setting`` is a ``drpost.world.settings.Setting`` (or a built-in name). Each record is one (setting, method, seed):
 target test exact match and loss, general retention, the chosen knob, the Dr weight share by family, wall time.
@@ -15,7 +15,9 @@ training randomness. A method with a knob (``METHODS``) is run on the first seed
 with the best *validation* exact match (ties: lower validation loss) is kept and run on the remaining seeds. The test set is never used to choose anything.
 
 CLI: ``drpost bench quality --paradigm sft`` writes ``results/sft/`` (raw JSON per run, summary.json, README.md
-table, PNG plots).
+table, PNG plots). Resumable (``drpost.bench.records``): each run's record is written to ``raw/`` as it finishes and a
+re-run skips the runs that have one, so a sweep longer than one sitting finishes across several; LESS scores are
+cached per (setting, seed) in ``cache/``. Workers: ``DRPOST_WORKERS`` processes (default 2), one torch thread each.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from drpost.bench.quality_methods import (  # noqa: F401  (re-exported: the meth
     prefilter_of,
 )
 from drpost.bench.quality_report import markdown_table, plots, rewrite, summarize, write_results  # noqa: F401
-from drpost.bench.stats import best_by_validation
+from drpost.bench.records import mark_tuning, tuned_sweep, write_record
 from drpost.trainers.sft import SFTRecipe, encode_examples, train_sft
 
 
@@ -85,9 +87,15 @@ def offline_selection(name, knob, base, tokenizer, data, g_rows, t_rows, seed, c
     return less_select(cache[key], knob)
 
 
+def _less_cache_file(ctx: dict, setting: str, seed: int) -> Path | None:
+    return Path(ctx["cache_dir"]) / f"less__{setting}__s{seed}.pt" if ctx.get("cache_dir") else None
+
+
 def run_one(setting, name: str, knob, seed: int, budget: SFTRecipe, base_size: str = "tiny",
             n_val: int = 100, _ctx: dict | None = None) -> dict:
-    """Train and evaluate one (setting, method, knob, seed); returns a flat record."""
+    """Train and evaluate one (setting, method, knob, seed); returns a flat record. ``_ctx`` keeps the base model
+    and each (setting, seed)'s data between calls; with ``_ctx["cache_dir"]`` set, LESS scores (the costly part:
+    4 warm-up checkpoints x every pool row) are kept on disk per (setting, seed) and shared by every LESS run."""
     from drpost.world.model import load_base_model
     from drpost.world.settings import build_setting
 
@@ -97,17 +105,27 @@ def run_one(setting, name: str, knob, seed: int, budget: SFTRecipe, base_size: s
         ctx["base"], ctx["tok"] = load_base_model(base_size)
         ctx["by_seed"] = {}
     base, tok = ctx["base"], ctx["tok"]
-    if seed not in ctx["by_seed"]:  # the seed draws the data (pool, 16 targets, val/test) as well as training
+    key = (setting.name, seed)
+    if key not in ctx["by_seed"]:  # the seed draws the data (pool, 16 targets, val/test) as well as training
         built = build_setting(setting, seed)
-        ctx["by_seed"][seed] = {"data": built, "cache": {},
-                                "g_rows": encode_examples(tok, built.general, budget.max_length),
-                                "t_rows": encode_examples(tok, built.target_train, budget.max_length)}
-    sd = ctx["by_seed"][seed]
+        ctx["by_seed"][key] = {"data": built, "cache": {},
+                               "g_rows": encode_examples(tok, built.general, budget.max_length),
+                               "t_rows": encode_examples(tok, built.target_train, budget.max_length)}
+    sd = ctx["by_seed"][key]
     data = sd["data"]
     label, build, _ = METHODS[name]
     spec = build(knob)
     t0 = time.perf_counter()
+    less_file = _less_cache_file(ctx, setting.name, seed) if prefilter_of(name) == "less" else None
+    if less_file is not None and ("less", seed) not in sd["cache"] and less_file.exists():
+        saved = torch.load(less_file)
+        sd["cache"][("less", seed)], sd["cache"][("less_seconds", seed)] = saved["scores"], saved["seconds"]
     selected = offline_selection(name, knob, base, tok, data, sd["g_rows"], sd["t_rows"], seed, sd["cache"])
+    if less_file is not None and not less_file.exists():
+        less_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"scores": sd["cache"][("less", seed)], "seconds": sd["cache"][("less_seconds", seed)]},
+                   less_file.with_suffix(".tmp"))
+        less_file.with_suffix(".tmp").replace(less_file)
     recipe = replace(budget, seed=seed)
     metrics = train_sft(copy.deepcopy(base), tok, data.general, data.target_train, spec, recipe,
                         selected=selected, general_rows=sd["g_rows"])
@@ -135,37 +153,64 @@ def _downsample(xs: list[float], points: int = 50) -> list[float]:
     return [sum(xs[int(i * w):int((i + 1) * w)]) / max(1, len(xs[int(i * w):int((i + 1) * w)])) for i in range(points)]
 
 
-def _jobs_worker(args):
-    setting, jobs, budget, base_size, n_val, threads, progress = args
+_CTX: dict = {}  # this process's base model and data (run_one's _ctx), kept across tasks
+
+
+def _task(args) -> list[dict]:
+    """Run one task (jobs that share the costly LESS scores, or a single job), writing each record as it
+    finishes."""
+    jobs, settings, budget, base_size, n_val, out_dir, threads = args
     torch.set_num_threads(threads)
-    ctx: dict = {}
+    _CTX["cache_dir"] = str(Path(out_dir) / "cache")
     out = []
-    for name, knob, seed in jobs:
-        r = run_one(setting, name, knob, seed, budget, base_size, n_val, ctx)
-        if progress:  # one plain line per finished run (workers share the terminal)
-            print(f"[bench quality] {r['setting']} {r['label']} knob={knob} seed={seed}: target EM "
-                  f"{r['target_em']:.3f}, val EM {r['val_em']:.3f} ({r['wall_seconds']:.0f}s)", flush=True)
+    for setting, name, knob, seed in jobs:
+        r = run_one(settings[setting], name, knob, seed, budget, base_size, n_val, _CTX)
+        write_record(out_dir, r)
+        print(f"[bench quality] {r['setting']} {r['label']} knob={knob} seed={seed}: target EM "
+              f"{r['target_em']:.3f}, val EM {r['val_em']:.3f}, retention {r['retention_em']:.3f} "
+              f"({r['wall_seconds']:.0f}s)", flush=True)
         out.append(r)
     return out
 
 
-def _run_jobs(setting, jobs, budget, base_size, n_val, workers, progress=False):
-    if workers <= 1 or len(jobs) <= 1:
-        return _jobs_worker((setting, jobs, budget, base_size, n_val, torch.get_num_threads(), progress))
+def run_jobs(jobs: list[tuple], settings: dict, out_dir: str | Path, budget: SFTRecipe, base_size: str = "tiny",
+             n_val: int = 100, workers: int = 1) -> None:
+    """Run ``jobs`` ((setting name, method, knob, seed)), each record written to ``out_dir/raw`` as it finishes;
+    ``workers`` processes with one torch thread each (or this process). The LESS runs of one (setting, seed) form one
+    task, so that one process scores the pool for them (and caches the scores on disk)."""
+    less = {}
+    tasks = []
+    for j in jobs:
+        if prefilter_of(j[1]) == "less":
+            less.setdefault((j[0], j[3]), []).append(j)
+        else:
+            tasks.append([j])
+    tasks = list(less.values()) + tasks  # the long LESS tasks first
+    if workers <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            _task((t, settings, budget, base_size, n_val, str(out_dir), torch.get_num_threads()))
+        return
     import multiprocessing as mp
 
-    chunks = [jobs[i::workers] for i in range(workers)]
-    with mp.get_context("spawn").Pool(workers) as pool:
-        parts = pool.map(_jobs_worker, [(setting, c, budget, base_size, n_val, 1, progress) for c in chunks if c])
-    return [r for p in parts for r in p]
+    with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        args = [(t, settings, budget, base_size, n_val, str(out_dir), 1) for t in tasks]
+        for _ in pool.imap_unordered(_task, args):
+            pass
+
+
+def knob_values(name: str) -> list:
+    return METHODS[name][2] or [None]
 
 
 def run_quality(setting, methods: list[str] | None = None, seeds: list[int] | None = None,
                 budget: SFTRecipe | None = None, base_size: str = "tiny", n_val: int = 100,
-                workers: int = 1, progress: bool = False) -> list[dict]:
+                workers: int = 1, out_dir: str | Path | None = None) -> list[dict]:
     """Records of one setting: knobs tuned on validation (first seed), then every method on every seed.
 
-    ``progress`` prints one line per finished run."""
+    Resumable: each run's record goes to ``out_dir/raw`` as it finishes, and runs whose record exists are skipped
+    (``drpost.bench.records.tuned_sweep``); without ``out_dir`` the records go to a temporary directory."""
+    import tempfile
+
     setting = _setting(setting)
     methods = methods or DEFAULT_METHODS
     seeds = seeds or [0, 1, 2]
@@ -176,13 +221,12 @@ def run_quality(setting, methods: list[str] | None = None, seeds: list[int] | No
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {sorted(METHODS)}")
-    tune_jobs = [(m, k, seeds[0]) for m in methods for k in (METHODS[m][2] or [None])]
-    tuned = _run_jobs(setting, tune_jobs, budget, base_size, n_val, workers, progress)
-    best = best_by_validation(tuned)
-    for r in tuned:
-        r["tuning_only"] = r is not best[r["method"]]
-    rest = [(m, best[m]["knob"], s) for m in methods for s in seeds[1:]]
-    return tuned + _run_jobs(setting, rest, budget, base_size, n_val, workers, progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(out_dir) if out_dir is not None else Path(tmp)
+        records = tuned_sweep([setting.name], methods, seeds, out, knob_values,
+                              lambda jobs: run_jobs(jobs, {setting.name: setting}, out, budget, base_size, n_val,
+                                                    workers))
+    return mark_tuning(records)
 
 
 # options of ``drpost bench quality --paradigm sft`` that change the run (the others are refused if set)
@@ -229,9 +273,9 @@ def run(config) -> dict:
     out_dir = config.output_dir
     workers = int(os.environ.get("DRPOST_WORKERS", "2"))
     records = []
-    for s in settings:
+    for s in settings:  # tables rewritten after each setting; a re-run skips the finished runs
         records += run_quality(s, methods, seeds, budget, base_size=config.model.size, workers=workers,
-                               progress=True)
+                               out_dir=out_dir)
         write_results(records, out_dir, _command())
     table = write_results(records, out_dir, _command())
     print(markdown_table(table, _command()))

@@ -74,7 +74,9 @@ DR_METHODS = {"global_subset", "layerwise_subset", "hull", "capped_simplex", "ba
               "layerwise_hull_slack"} | COMPOSED
 SELECTION_BASELINES = {"dsir", "less", "greats", "random_subset"}
 DEFAULT_METHODS = ["full_training", "target_only", "mixing", "random_subset", "dsir", "less", "greats", "global_subset",
-                   "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem", "layerwise_hull_slack"]
+                   "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem", "layerwise_hull_slack",
+                   "guided_global_subset", "guided_layerwise_subset", "guided_hull", "dsir_prefilter_layerwise_subset",
+                   "dsir_prefilter_hull", "less_prefilter_layerwise_subset"]
 
 
 def prefilter_of(name: str) -> str | None:

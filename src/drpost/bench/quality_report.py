@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from drpost.bench.quality_methods import DR_METHODS, METHODS, SELECTION_BASELINES
+from drpost.bench.records import load_records, mark_tuning, record_path, write_record
 from drpost.bench.stats import mean_se
 
 
@@ -167,11 +168,16 @@ def plots(records: list[dict], table: dict, out: Path) -> None:
 
 
 def write_results(records: list[dict], out_dir: str | Path, command: str) -> dict:
+    """Write every record to ``raw/`` (if not there yet), then summary.json, README.md and the plots; the rows follow
+    the method table's order, and the runs that only served the knob tuning are marked (``mark_tuning``)."""
     out = Path(out_dir)
-    (out / "raw").mkdir(parents=True, exist_ok=True)
+    settings = list(dict.fromkeys(r["setting"] for r in records))  # the settings in the order given
+    order = {m: i for i, m in enumerate(METHODS)}
+    records = sorted(mark_tuning(records), key=lambda r: (settings.index(r["setting"]), order.get(r["method"], 1e9),
+                                                          json.dumps(r["knob"]), r["seed"]))
     for r in records:
-        name = f"{r['setting']}__{r['method']}__k{r['knob']}__s{r['seed']}.json"
-        (out / "raw" / name).write_text(json.dumps(r, indent=1))
+        if not record_path(out, (r["setting"], r["method"], r["knob"], r["seed"])).exists():
+            write_record(out, r)
     (out / "summary.json").write_text(json.dumps(
         [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in records], indent=1))
     table = summarize(records)
@@ -181,9 +187,11 @@ def write_results(records: list[dict], out_dir: str | Path, command: str) -> dic
 
 
 def rewrite(out_dir: str | Path, command: str) -> dict:
-    """Rebuild summary.json, README.md and the plots of ``out_dir`` from its raw per-run JSON records."""
+    """Rebuild summary.json, README.md and the plots of ``out_dir`` from every raw per-run JSON record (settings in
+    the order of the previous summary.json, if any)."""
     out = Path(out_dir)
-    order = json.loads((out / "summary.json").read_text())  # the run's record order (tables follow it)
-    records = [json.loads((out / "raw" / f"{r['setting']}__{r['method']}__k{r['knob']}__s{r['seed']}.json")
-                          .read_text()) for r in order]
+    old = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else []
+    first = list(dict.fromkeys(r["setting"] for r in old))
+    records = load_records(out)
+    records.sort(key=lambda r: first.index(r["setting"]) if r["setting"] in first else len(first))
     return write_results(records, out_dir, command)

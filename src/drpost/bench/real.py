@@ -25,7 +25,6 @@ and the target-vs-retention plots from every record on disk (``drpost.bench.real
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 from drpost.bench.quality import METHODS, offline_selection
-from drpost.bench.stats import best_by_validation
+from drpost.bench.records import best_knobs, load_records, missing, record_name, tuned_sweep, write_record
 from drpost.trainers.sft import SFTRecipe, encode_examples, train_sft
 
 MODEL_DEFAULT = "smollm2-135m-instruct"
@@ -149,10 +148,6 @@ def evaluate(model, tokenizer, data, rows: dict, sizes: RealSizes) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- one run
-def record_name(setting: str, method: str, knob, seed: int) -> str:
-    return f"{setting}__{method}__k{knob}__s{seed}.json"
-
-
 class Worker:
     """Holds the base model and each (setting, seed)'s data for the runs of one process."""
 
@@ -227,10 +222,7 @@ def _init_worker(model_name, sizes, recipe, threads):
 def _job(args):
     job, out_dir = args
     rec = _WORKER.run(*job)
-    path = Path(out_dir) / "raw" / record_name(*job)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    tmp.replace(path)  # a record appears whole or not at all
+    write_record(out_dir, rec)
     print(f"[bench real] {rec['setting']} {rec['label']} knob={rec['knob']} seed={rec['seed']}: target EM "
           f"{rec['target_em']:.3f}, val EM {rec['val_em']:.3f}, retention {rec['retention_em']:.3f} "
           f"({rec['wall_seconds']:.0f}s)", flush=True)
@@ -240,7 +232,7 @@ def _job(args):
 def run_jobs(jobs: list[tuple], out_dir: Path, model_name: str, sizes: RealSizes, recipe: SFTRecipe,
              workers: int) -> None:
     """Run the jobs whose record is missing; ``workers`` processes with one torch thread each (or this process)."""
-    todo = [j for j in jobs if not (out_dir / "raw" / record_name(*j)).exists()]
+    todo = missing(jobs, out_dir)
     if not todo:
         return
     if workers <= 1:
@@ -256,35 +248,18 @@ def run_jobs(jobs: list[tuple], out_dir: Path, model_name: str, sizes: RealSizes
             pass
 
 
-def load_records(out_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out_dir / "raw").glob("*.json"))]
-
-
 def knob_values(method: str) -> list:
     return REAL_KNOBS.get(method) or [REAL_FIXED.get(method)]
-
-
-def best_knobs(records: list[dict], setting: str, seed: int) -> dict:
-    """Per method, the knob with the best validation EM (ties: lower validation loss) on ``seed``."""
-    runs = [r for r in records if r["setting"] == setting and r["seed"] == seed]
-    return {m: r["knob"] for m, r in best_by_validation(runs).items()}
 
 
 def sweep(settings: list[str], methods: list[str], seeds: list[int], out_dir: str | Path,
           model_name: str = MODEL_DEFAULT, sizes: RealSizes = REAL_SIZES, recipe: SFTRecipe = REAL_RECIPE,
           workers: int = 2) -> list[dict]:
-    """Tuning runs (first seed, every knob value), then the other seeds with the chosen knobs; returns every
-    record on disk for these settings/methods/seeds."""
+    """Tuning runs (first seed, every knob value), then the other seeds with the chosen knobs
+    (``drpost.bench.records.tuned_sweep``); returns every record on disk for these settings/methods/seeds."""
     out = Path(out_dir)
-    (out / "raw").mkdir(parents=True, exist_ok=True)
-    for s in settings:  # setting by setting, so that an interrupted sweep leaves whole settings behind
-        run_jobs([(s, m, k, seeds[0]) for m in methods for k in knob_values(m)], out, model_name, sizes, recipe,
-                 workers)
-        chosen = best_knobs(load_records(out), s, seeds[0])
-        run_jobs([(s, m, chosen.get(m, knob_values(m)[0]), seed) for seed in seeds[1:] for m in methods], out,
-                 model_name, sizes, recipe, workers)
-    return [r for r in load_records(out) if r["setting"] in settings and r["method"] in methods
-            and r["seed"] in seeds]
+    return tuned_sweep(settings, methods, seeds, out, knob_values,
+                       lambda jobs: run_jobs(jobs, out, model_name, sizes, recipe, workers))
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -333,4 +308,4 @@ def command() -> str:
 
 __all__ = ["MODEL_DEFAULT", "REAL_FIXED", "REAL_KNOBS", "REAL_METHODS", "REAL_RECIPE", "REAL_SIZES", "RealSizes",
            "Worker", "best_knobs", "chat_examples", "chat_exact_match", "evaluate", "load_records", "real_settings",
-           "run", "sweep"]
+           "record_name", "run", "sweep"]

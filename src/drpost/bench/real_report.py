@@ -13,7 +13,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from drpost.bench.stats import best_by_validation, mean_se
+from drpost.bench.records import mark_tuning
+from drpost.bench.stats import mean_se
 
 DR_METHODS = {"global_subset", "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem",
               "layerwise_hull_slack", "cone", "span", "halfspace"}
@@ -26,18 +27,8 @@ def is_dr(method: str) -> bool:
 
 
 def chosen_records(records: list[dict]) -> list[dict]:
-    """Drop tuning-only runs: per (setting, method), keep the knob that was run on the most seeds (the chosen one;
-    ties, as while only the tuning seed has run: the sweep's own rule, ``best_by_validation`` on the first seed)."""
-    by: dict = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        by[(r["setting"], r["method"])][json.dumps(r["knob"])].append(r)
-    out = []
-    for groups in by.values():
-        runs = [r for rs in groups.values() for r in rs]
-        first = min(r["seed"] for r in runs)
-        tuned = best_by_validation([r for r in runs if r["seed"] == first])[runs[0]["method"]]["knob"]
-        out += max(groups.values(), key=lambda rs: (len(rs), rs[0]["knob"] == tuned))
-    return out
+    """Drop tuning-only runs (``drpost.bench.records.mark_tuning``: the knob run on the most seeds is the chosen one)."""
+    return [r for r in mark_tuning(records) if not r["tuning_only"]]
 
 
 def summarize(records: list[dict]) -> dict:

@@ -374,8 +374,9 @@ class BenchConfig(RunConfig):
     methods: list[BenchMethod] = _opt(
         factory=lambda: ["full_training", "target_only", "mixing", "random_subset", "dsir", "less", "greats",
                          "global_subset", "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem",
-                         "layerwise_hull_slack"],
-        help="Methods compared, comma-separated (feasible sets and baselines).")
+                         "layerwise_hull_slack", "guided_global_subset", "guided_layerwise_subset", "guided_hull",
+                         "dsir_prefilter_layerwise_subset", "dsir_prefilter_hull", "less_prefilter_layerwise_subset"],
+        help="Methods compared, comma-separated (feasible sets, baselines, and their compositions).")
     settings: list[str] = _opt(factory=lambda: ["format_shift", "sparse_related", "distribution_shift"],
                                help="World settings, comma-separated (quality).")
     seeds: list[int] = _opt(factory=lambda: [0, 1, 2], help="Seeds, comma-separated; each seed draws the data "

@@ -1,0 +1,88 @@
+"""Resumable sweeps: one JSON record per finished run, written atomically; a re-run skips finished runs.
+
+Shared by the world SFT benchmark (``drpost.bench.quality``) and the real-model benchmark (``drpost.bench.real``).
+A run is named by ``(setting, method, knob, seed)``; its record lives at ``out_dir/raw/<setting>__<method>__k<knob>
+__s<seed>.json``. ``tuned_sweep`` runs the knob-tuning runs (every knob value, first seed) of a setting, chooses each
+method's knob by validation (``stats.best_by_validation``), then runs the other seeds with it, so an interrupted sweep
+resumes exactly where it stopped. ``mark_tuning`` tells the tables which records only served the tuning.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from drpost.bench.stats import best_by_validation
+
+Job = tuple  # (setting, method, knob, seed)
+
+
+def record_name(setting: str, method: str, knob, seed: int) -> str:
+    return f"{setting}__{method}__k{knob}__s{seed}.json"
+
+
+def record_path(out_dir: str | Path, job: Job) -> Path:
+    return Path(out_dir) / "raw" / record_name(*job)
+
+
+def write_record(out_dir: str | Path, rec: dict) -> Path:
+    """Write ``rec`` to its raw/ file; it appears whole or not at all (a temporary file, then a rename)."""
+    path = record_path(out_dir, (rec["setting"], rec["method"], rec["knob"], rec["seed"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_records(out_dir: str | Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((Path(out_dir) / "raw").glob("*.json"))]
+
+
+def missing(jobs: list[Job], out_dir: str | Path) -> list[Job]:
+    """The jobs without a record yet, in order."""
+    return [j for j in jobs if not record_path(out_dir, j).exists()]
+
+
+def best_knobs(records: list[dict], setting: str, seed: int) -> dict:
+    """Per method, the knob with the best validation EM (ties: lower validation loss) on ``seed``."""
+    runs = [r for r in records if r["setting"] == setting and r["seed"] == seed]
+    return {m: r["knob"] for m, r in best_by_validation(runs).items()}
+
+
+def tuned_sweep(settings: list[str], methods: list[str], seeds: list[int], out_dir: str | Path,
+                knob_values: Callable[[str], list], run_jobs: Callable[[list[Job]], None]) -> list[dict]:
+    """Setting by setting: every knob value of every method on ``seeds[0]``, then the other seeds with the knob
+    chosen on validation. ``run_jobs(jobs)`` runs the given jobs (only missing ones are passed) and writes their
+    records. Returns every record on disk for these settings, methods and seeds."""
+    for s in settings:  # an interrupted sweep leaves whole settings behind
+        todo = missing([(s, m, k, seeds[0]) for m in methods for k in knob_values(m)], out_dir)
+        if todo:
+            run_jobs(todo)
+        chosen = best_knobs(load_records(out_dir), s, seeds[0])
+        todo = missing([(s, m, chosen.get(m, knob_values(m)[0]), seed) for seed in seeds[1:] for m in methods],
+                       out_dir)
+        if todo:
+            run_jobs(todo)
+    return [r for r in load_records(out_dir) if r["setting"] in settings and r["method"] in methods
+            and r["seed"] in seeds]
+
+
+def mark_tuning(records: list[dict]) -> list[dict]:
+    """Set ``tuning_only`` on every record: per (setting, method) whose runs carry several knob values, the knob
+    run on the most seeds is the chosen one (ties, as while only the tuning seed has run: the best on validation
+    on the first seed); the other knobs' runs only served the tuning."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["setting"], r["method"]), []).append(r)
+    for runs in groups.values():
+        by_knob: dict[str, list[dict]] = {}
+        for r in runs:
+            by_knob.setdefault(json.dumps(r["knob"]), []).append(r)
+        first = min(r["seed"] for r in runs)
+        tuned = json.dumps(best_by_validation([r for r in runs if r["seed"] == first])[runs[0]["method"]]["knob"])
+        chosen = max(by_knob, key=lambda k: (len(by_knob[k]), k == tuned))
+        for r in runs:
+            r["tuning_only"] = json.dumps(r["knob"]) != chosen
+    return records

@@ -1,0 +1,94 @@
+"""Resumable sweeps (``drpost.bench.records``) and the world SFT benchmark on top of them: one record per finished
+run, a re-run runs only the missing runs, knobs are chosen on the first seed's validation, tuning-only runs are
+marked. The fake runner makes the protocol checks instant; one small real sweep checks the SFT benchmark end to end.
+"""
+
+from __future__ import annotations
+
+import json
+
+from drpost.bench import quality, records
+from drpost.trainers.sft import SFTRecipe
+from tests.bench.test_quality import tiny_setting
+
+KNOBS = {"a": [1, 2], "b": [None]}
+
+
+def fake_runner(out, ran):
+    def run_jobs(jobs):
+        for setting, method, knob, seed in jobs:
+            ran.append((setting, method, knob, seed))
+            val = {1: 0.1, 2: 0.3, None: 0.2}[knob]  # knob 2 wins validation
+            records.write_record(out, {"setting": setting, "method": method, "knob": knob, "seed": seed,
+                                       "val_em": val, "val_loss": 1.0})
+    return run_jobs
+
+
+def test_tuned_sweep_tunes_on_the_first_seed_and_resumes(tmp_path):
+    ran: list = []
+    recs = records.tuned_sweep(["s"], ["a", "b"], [3, 4], tmp_path, KNOBS.get, fake_runner(tmp_path, ran))
+    assert ran == [("s", "a", 1, 3), ("s", "a", 2, 3), ("s", "b", None, 3), ("s", "a", 2, 4), ("s", "b", None, 4)]
+    assert len(recs) == 5 and len(list((tmp_path / "raw").glob("*.json"))) == 5
+    marked = {(r["method"], r["knob"], r["seed"]): r["tuning_only"] for r in records.mark_tuning(recs)}
+    assert marked == {("a", 1, 3): True, ("a", 2, 3): False, ("b", None, 3): False, ("a", 2, 4): False,
+                      ("b", None, 4): False}
+    # an interrupted sweep: drop two records; the re-run runs exactly those
+    (tmp_path / "raw" / records.record_name("s", "a", 2, 4)).unlink()
+    (tmp_path / "raw" / records.record_name("s", "a", 1, 3)).unlink()
+    ran.clear()
+    records.tuned_sweep(["s"], ["a", "b"], [3, 4], tmp_path, KNOBS.get, fake_runner(tmp_path, ran))
+    assert ran == [("s", "a", 1, 3), ("s", "a", 2, 4)]
+
+
+def test_mark_tuning_while_only_the_tuning_seed_has_run():
+    recs = [{"setting": "s", "method": "a", "knob": k, "seed": 0, "val_em": v, "val_loss": 1.0}
+            for k, v in ((1, 0.5), (2, 0.4))]
+    assert [r["tuning_only"] for r in records.mark_tuning(recs)] == [False, True]
+
+
+def test_write_record_is_whole_or_absent(tmp_path):
+    rec = {"setting": "s", "method": "a", "knob": 0.5, "seed": 1, "x": [1, 2]}
+    path = records.write_record(tmp_path, rec)
+    assert json.loads(path.read_text()) == rec and not list((tmp_path / "raw").glob("*.tmp"))
+
+
+def test_quality_sweep_writes_one_record_per_run_and_skips_finished_runs(tmp_path, monkeypatch):
+    budget = SFTRecipe(steps=1, eval_every=0)
+    calls = []
+    real_run_one = quality.run_one
+
+    def counting(setting, name, knob, seed, *a, **kw):
+        calls.append((name, knob, seed))
+        return real_run_one(setting, name, knob, seed, *a, **kw)
+
+    monkeypatch.setattr(quality, "run_one", counting)
+    methods = ["full_training", "layerwise_subset"]
+    recs = quality.run_quality(tiny_setting(), methods, [0, 1], budget, n_val=2, out_dir=tmp_path)
+    assert len(calls) == 5 and len(recs) == 5  # full_training x 2 seeds; layerwise: 2 knobs on seed 0, then seed 1
+    assert sum(r["tuning_only"] for r in recs) == 1
+    assert len(list((tmp_path / "raw").glob("*.json"))) == 5
+    calls.clear()
+    again = quality.run_quality(tiny_setting(), methods, [0, 1], budget, n_val=2, out_dir=tmp_path)
+    assert calls == [] and sorted(json.dumps(r, sort_keys=True) for r in again) == \
+        sorted(json.dumps(r, sort_keys=True) for r in recs)
+
+
+def test_less_scores_are_computed_once_per_seed_and_cached_on_disk(tmp_path, monkeypatch):
+    from drpost.baselines import less
+
+    budget = SFTRecipe(steps=1, eval_every=0)
+    scored = []
+    real_scores = less.less_scores
+
+    def counting(*a, **kw):
+        scored.append(kw.get("seed"))
+        return real_scores(*a, **kw)
+
+    monkeypatch.setattr(less, "less_scores", counting)
+    quality.run_quality(tiny_setting(), ["less"], [0], budget, n_val=2, out_dir=tmp_path)
+    assert scored == [0]  # both knob values share one scoring
+    assert (tmp_path / "cache" / "less__tiny_shift__s0.pt").exists()
+    (tmp_path / "raw" / records.record_name("tiny_shift", "less", 0.1, 0)).unlink()
+    quality._CTX.clear()  # a new process: only the disk cache remains
+    quality.run_quality(tiny_setting(), ["less"], [0], budget, n_val=2, out_dir=tmp_path)
+    assert scored == [0]
