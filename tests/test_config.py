@@ -144,6 +144,17 @@ def test_literal_choices_listed_and_suggested():
     assert "'layerwise_subset'" in msg and "'gem'" in msg and "did you mean 'hull'" in msg
 
 
+def test_a_list_item_of_choices_is_suggested_on_its_own():
+    from drpost.config import BenchConfig
+
+    with pytest.raises(ConfigError) as e:
+        parse_config(BenchConfig, ["methods=hull,hulk"])
+    assert "did you mean 'hull' for 'hulk'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse_config(BenchConfig, ["methods=dsir,layerwise_subsett"])
+    assert "did you mean 'layerwise_subset' for 'layerwise_subsett'" in str(e.value)
+
+
 @pytest.mark.parametrize("arg,value", [
     ("model.gradient_checkpointing=true", True), ("model.gradient_checkpointing=False", False),
     ("model.gradient_checkpointing=yes", True), ("model.gradient_checkpointing=0", False),

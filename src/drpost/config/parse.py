@@ -90,6 +90,14 @@ def _literal_choices(tp: Any) -> list[str]:
     return []
 
 
+def _item_type(tp: Any) -> Any:
+    """The element type of a list/tuple annotation (through ``| None``), else ``tp`` itself."""
+    for a in (typing.get_args(tp) if _is_union(tp) else (tp,)):
+        if typing.get_origin(a) in (list, tuple):
+            return typing.get_args(a)[0]
+    return tp
+
+
 def _format_value(v: Any) -> str:
     if v is None:
         return "none"
@@ -229,10 +237,13 @@ def _coerce_option(value: Any, tp: Any, f: dataclasses.Field, name: str, origin:
         out = _coerce(value, tp)
     except _Mismatch as e:
         msg = f"option '{name}': {e}"
-        close = difflib.get_close_matches(str(value), _literal_choices(tp), n=1, cutoff=0.5) \
-            if isinstance(value, str) else []
+        choices = _literal_choices(_item_type(tp))
+        items = [v.strip() for v in value.split(",")] if isinstance(value, str) else \
+            [str(v) for v in value] if isinstance(value, (list, tuple)) else []
+        bad = [v for v in items if v not in choices]  # a list's unknown item is matched on its own
+        close = difflib.get_close_matches(bad[0], choices, n=1, cutoff=0.5) if bad and choices else []
         if close:
-            msg += f"; did you mean '{close[0]}'?"
+            msg += f"; did you mean '{close[0]}'" + (f" for {bad[0]!r}" if len(items) > 1 else "") + "?"
         raise ConfigError(f"{msg} (from {origin})") from None
     problem = _check(out, f.metadata)
     if problem:
