@@ -20,22 +20,36 @@ and the target-vs-retention plots from every record on disk (``drpost.bench.real
 
     drpost bench real                                            # the committed sweep (results/real/sft)
     drpost bench real settings=sparse_related seeds=0 methods=base,full_training,layerwise_subset steps=20
+
+``paradigm=dpo|rlvr`` runs the DPO / RLVR sweeps on the same model and data (``drpost.bench.real_rl``); the pieces
+both share (settings and sizes, chat rendering, strict scoring) live in ``drpost.bench.real_common``.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from drpost.bench.quality import METHODS, offline_selection
+from drpost.bench.real_common import (
+    MODEL_DEFAULT,
+    REAL_SIZES,
+    RealSizes,
+    chat_exact_match,
+    chat_examples,
+    command,
+    output_dir_of,
+    real_settings,
+    sized,
+    token_mean_loss,
+)
 from drpost.bench.records import best_knobs, load_records, missing, record_name, tuned_sweep, write_record
 from drpost.trainers.sft import SFTRecipe, encode_examples, train_sft
 
-MODEL_DEFAULT = "smollm2-135m-instruct"
 # knob values searched on the first seed's validation split (the mechanism of ``drpost bench quality``). Empty by
 # default: on 2 CPU cores a real-model run costs ~5 CPU-minutes, so the knobs are the ones the world benchmark
 # chose on its validation splits (``REAL_FIXED``), and the sweep fits in a few CPU hours.
@@ -46,92 +60,10 @@ REAL_FIXED: dict[str, object] = {"dsir": 0.02, "layerwise_subset": 0.25, "global
                                  "dsir_prefilter_layerwise_subset": 0.1, "dsir_prefilter_hull": 0.1}
 REAL_METHODS = ["base", "full_training", "target_only", "dsir", "global_subset", "layerwise_subset", "hull",
                 "dsir_prefilter_hull"]
-# every chat turn starts with an empty system turn: the template's default system sentence would add 16 tokens to
-# each of the rows trained and evaluated (about 40% of a row here), for nothing the tasks need
-SYSTEM = ""
-
-
-@dataclass(frozen=True)
-class RealSizes:
-    """Split sizes of a real-model setting (the world's defaults are sized for a 0.87M model)."""
-
-    n_pool: int = 4000
-    n_val: int = 48
-    n_test: int = 200
-    n_retention: int = 8  # per held-out pool family (12-15 families: ~100-120 prompts)
-    max_new_tokens: int = 8  # the answers are a few tokens; a sentence fails on its first line anyway
-
-
-REAL_SIZES = RealSizes()
-
 # fp32: these CPUs (AMD EPYC, AVX2, no AVX512-BF16) emulate bf16; under bf16 autocast a LoRA step took 97-105 s
 # against 5.5-6.0 s in fp32 (1 thread, 9 rows). Where the CPU has AVX512-BF16/AMX or on a GPU, bf16=true pays.
 REAL_RECIPE = SFTRecipe(steps=40, general_batch_size=8, target_batch_size=1, lr=1e-3, warmup_ratio=0.03,
                         max_grad_norm=1.0, max_length=128, finetuning="lora", lora_r=8, lora_alpha=16, bf16=False)
-
-
-def real_settings() -> dict:
-    """The settings of the real-model benchmark: world settings whose target answers are a few tokens long.
-
-    - ``sparse_related`` (LESS mix -> TyDiQA-like): the world's own; target sum_list in the bracket format, 6% of
-      the pool is the target skill (in the target format), 8% related list skills, the rest unrelated, 10% noise.
-    - ``format_shift`` (Alpaca -> SAMSum-like): every family in the pool; the target max_list in the arrow format,
-      which the pool carries only in the qa/inst formats; 5% noise.
-    """
-    from drpost.world.settings import SETTINGS, Setting, _uniform
-    from drpost.world.tasks import FAMILY_NAMES, Difficulty
-
-    fmt_shift = Setting(
-        name="format_shift", pool_families=_uniform(FAMILY_NAMES), target_family="max_list", target_format="arrow",
-        pool_formats=(("qa", 0.4), ("inst", 0.4), ("arrow", 0.2)),
-        family_pool_formats=(("max_list", (("qa", 0.5), ("inst", 0.5))),), noise=0.05,
-        pool_difficulty=Difficulty(min_len=3, max_len=7), target_difficulty=Difficulty(min_len=3, max_len=7),
-        description="alpaca->samsum-like: the target skill is in the pool, only in other formats")
-    return {s.name: s for s in (SETTINGS["sparse_related"], fmt_shift)}
-
-
-def sized(setting, sizes: RealSizes = REAL_SIZES):
-    return replace(setting, n_pool=sizes.n_pool, n_val=sizes.n_val, n_test=sizes.n_test,
-                   n_retention=sizes.n_retention)
-
-
-def chat_examples(tokenizer, examples: list[dict]) -> list[dict]:
-    """World examples as chat-template prompt/completion pairs (loss on the assistant turn), metadata kept."""
-    from drpost.world.chat_render import chat_prompt_completion
-
-    out = []
-    for e in examples:
-        prompt, completion, add_eos = chat_prompt_completion(tokenizer, e, system=SYSTEM)
-        out.append({**e, "prompt": prompt, "completion": completion, "add_eos": add_eos})
-    return out
-
-
-def chat_exact_match(model, tokenizer, examples: list[dict], max_new_tokens: int) -> float:
-    """Share of greedy replies whose first line is the answer (``chat_render.verify_chat``)."""
-    from drpost.world.chat_render import generate_replies, verify_chat
-
-    if not examples:
-        return float("nan")
-    model.eval()
-    replies = generate_replies(model, tokenizer, examples, batch_size=64, max_new_tokens=max_new_tokens,
-                               system=SYSTEM)
-    return sum(verify_chat(e["family"], r, e["answer"]) for e, r in zip(examples, replies)) / len(examples)
-
-
-@torch.no_grad()
-def token_mean_loss(model, tokenizer, rows: list[dict], batch_size: int = 32) -> float:
-    """Token-mean loss of ``rows`` (encoded prompt/completion rows) under ``model``."""
-    from drpost.data.collate import collate
-    from drpost.objectives.sft import causal_lm_loss
-
-    model.eval()
-    dev = next(model.parameters()).device
-    total = count = 0.0
-    for s in range(0, len(rows), batch_size):
-        batch = {k: v.to(dev) for k, v in collate(rows[s:s + batch_size], tokenizer.pad_token_id).items()}
-        sums, counts = causal_lm_loss(model, batch)
-        total, count = total + float(sums.sum()), count + float(counts.sum())
-    return total / max(count, 1.0)
 
 
 def evaluate(model, tokenizer, data, rows: dict, sizes: RealSizes) -> dict:
@@ -264,19 +196,37 @@ def sweep(settings: list[str], methods: list[str], seeds: list[int], out_dir: st
 
 # --------------------------------------------------------------------------------------------------------- CLI
 def recipe_of(config) -> SFTRecipe:
-    """The shared training recipe of a ``BenchRealConfig`` (LoRA on every linear layer)."""
-    return replace(REAL_RECIPE, steps=config.steps, general_batch_size=config.general_batch_size,
-                   target_batch_size=config.target_batch_size, max_length=config.max_length, lr=config.lr,
+    """The shared training recipe of a ``BenchRealConfig`` (LoRA on every linear layer); ``none`` options keep
+    ``REAL_RECIPE``'s value."""
+    def given(value, default):
+        return default if value is None else value
+
+    r = REAL_RECIPE
+    return replace(r, steps=given(config.steps, r.steps),
+                   general_batch_size=given(config.general_batch_size, r.general_batch_size),
+                   target_batch_size=config.target_batch_size, max_length=config.max_length, lr=given(config.lr, r.lr),
                    warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm, lora_r=config.lora_r,
                    lora_alpha=config.lora_alpha, bf16=config.bf16)
 
 
-def run(config) -> list[dict]:
-    """``drpost bench real``: the sweep (resumable), then the tables and plots from every record on disk."""
+# the options the SFT sweep reads (the others belong to paradigm=dpo|rlvr and are refused here)
+READ = frozenset({"paradigm", "output_dir", "model", "settings", "methods", "seeds", "steps", "general_batch_size",
+                  "target_batch_size", "max_length", "lr", "warmup_ratio", "max_grad_norm", "lora_r", "lora_alpha",
+                  "bf16", "workers", "rewrite"})
+
+
+def run(config) -> list[dict] | dict:
+    """``drpost bench real``: the sweep (resumable), then the tables and plots from every record on disk;
+    ``paradigm=dpo|rlvr`` runs ``drpost.bench.real_rl``."""
     from drpost.bench.quiet import quiet_libraries
     from drpost.bench.real_report import write_report
-    from drpost.config import ConfigError
+    from drpost.config import ConfigError, refuse_unread
 
+    if config.paradigm != "sft":
+        from drpost.bench import real_rl
+
+        return real_rl.run(config)
+    refuse_unread(config, READ, "bench real paradigm=sft")
     known = real_settings()
     for s in config.settings:
         if s not in known:
@@ -284,7 +234,7 @@ def run(config) -> list[dict]:
     for m in config.methods:
         if m != "base" and m not in METHODS:
             raise ConfigError(f"option 'methods': {m!r} is not a method; choose from base, {', '.join(METHODS)}")
-    out = Path(config.output_dir)
+    out = output_dir_of(config)
     if not config.rewrite:
         from drpost.models import resolve_model
 
@@ -295,17 +245,9 @@ def run(config) -> list[dict]:
     records = load_records(out)
     if not records:
         raise ConfigError(f"option 'output_dir': no records in {out / 'raw'}")
-    return write_report(records, out, command())
-
-
-def command() -> str:
-    import sys
-
-    if sys.argv and sys.argv[0].endswith("drpost"):  # the command that made the records: rewrite=... left out
-        return "drpost " + " ".join(a for a in sys.argv[1:] if not a.lstrip("-").startswith("rewrite"))
-    return "drpost bench real"
+    return write_report(records, out, command("drpost bench real"))
 
 
 __all__ = ["MODEL_DEFAULT", "REAL_FIXED", "REAL_KNOBS", "REAL_METHODS", "REAL_RECIPE", "REAL_SIZES", "RealSizes",
-           "Worker", "best_knobs", "chat_examples", "chat_exact_match", "evaluate", "load_records", "real_settings",
-           "record_name", "run", "sweep"]
+           "READ", "Worker", "best_knobs", "chat_examples", "chat_exact_match", "evaluate", "load_records",
+           "real_settings", "record_name", "run", "sweep"]

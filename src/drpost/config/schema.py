@@ -435,35 +435,49 @@ class BenchMesoConfig:
 
 @dataclass
 class BenchRealConfig:
-    """Real-model SFT benchmark ('drpost bench real'): world settings as chat turns on a pretrained LLM (LoRA),
-    methods x settings x seeds, one record per finished run (re-running skips finished runs), tables and plots."""
+    """Real-model benchmark ('drpost bench real'): world settings as chat turns on a pretrained LLM (LoRA), SFT, DPO
+    or RLVR, methods x settings x seeds, one record per finished run (re-running skips finished runs), tables and
+    plots."""
 
     kind: ClassVar[str] = "real"  # the first positional argument of 'drpost bench'
 
-    output_dir: str = _opt("results/real/sft", "Directory for raw/ (one JSON record per run), summary.json, "
-                                               "tables.md and the target-vs-retention plots.")
+    paradigm: Literal["sft", "dpo", "rlvr"] = _opt(
+        "sft", "sft: the chat rows; dpo: pairs with the base model's own reply rejected; rlvr: GRPO with the world's "
+               "verifiers (partial credit 0.25 for the answer inside a longer first line). Options a paradigm does "
+               "not read are refused.")
+    output_dir: str = _opt("", "Directory for raw/ (one JSON record per run), cache/ (dpo: the base model's "
+                               "replies), summary.json, tables.md and the plots; empty = results/real/<paradigm>.")
     model: str = _opt("smollm2-135m-instruct", "The model post-trained: an alias set up by 'drpost model fetch', a "
                                                "local Hugging Face folder, or a hub name where a hub is reachable.")
     settings: list[str] = _opt(factory=lambda: ["sparse_related", "format_shift"],
-                               help="Real-model settings (drpost.bench.real.real_settings), comma-separated.")
+                               help="Real-model settings (drpost.bench.real_common.real_settings), comma-separated; "
+                                    "dpo and rlvr: this default means format_shift only.")
     methods: list[str] = _opt(
         factory=lambda: ["base", "full_training", "target_only", "dsir", "global_subset", "layerwise_subset", "hull",
                          "dsir_prefilter_hull"],
-        help="Methods, comma-separated: 'base' (the untrained model) and any method of 'drpost bench quality'.")
+        help="Methods, comma-separated: 'base' (the untrained model) and, sft: any method of 'drpost bench "
+             "quality'; dpo, rlvr: a method of 'drpost bench quality --paradigm dpo|rlvr' (this default means base, "
+             "full_training, target_only, global_subset, layerwise_subset, hull).")
     seeds: list[int] = _opt(factory=lambda: [0, 1, 2], help="Seeds, comma-separated; each seed draws the data "
                                                              "(pool, 16 targets, validation/test) and the training.",
                             min=0)
-    steps: int = _opt(40, "Optimizer steps per run.", min=1)
-    general_batch_size: int = _opt(8, "General rows per step.", min=1)
-    target_batch_size: int = _opt(1, "Target rows per step.", min=1)
-    max_length: int = _opt(128, "Longest tokenized row (prompt + answer).", min=8)
-    lr: float = _opt(1e-3, "Peak learning rate (AdamW, linear warm-up and decay).", gt=0, max=10)
-    warmup_ratio: float = _opt(0.03, "Fraction of the steps spent in linear warm-up.", min=0, max=1)
+    steps: int | None = _opt(None, "Optimizer steps per run; none = the paradigm's budget (sft 40, dpo 12, "
+                                   "rlvr 8).", min=1)
+    general_batch_size: int | None = _opt(None, "General rows (sft), pairs (dpo) or prompts (rlvr) per step; none "
+                                                "= the paradigm's budget (sft 8, dpo 8, rlvr 4).", min=1)
+    target_batch_size: int = _opt(1, "Target rows (sft), pairs (dpo) or prompts (rlvr) per step.", min=1)
+    max_length: int = _opt(128, "Longest tokenized row (prompt + answer; sft, dpo).", min=8)
+    lr: float | None = _opt(None, "Peak learning rate (AdamW; sft, dpo: linear warm-up and decay, rlvr: constant); "
+                                  "none = the paradigm's budget (sft 1e-3, dpo 5e-4, rlvr 5e-4).", gt=0, max=10)
+    warmup_ratio: float = _opt(0.03, "Fraction of the steps spent in linear warm-up (sft, dpo).", min=0, max=1)
+    beta: float = _opt(0.1, "DPO's beta (dpo only).", gt=0)
+    group_size: int = _opt(4, "Sampled replies per prompt, GRPO's group (rlvr only).", min=2)
     max_grad_norm: float | None = _opt(1.0, "Clip the update's global norm; none = no clipping.", gt=0)
     lora_r: int = _opt(8, "LoRA rank (adapters on every linear layer).", min=1)
     lora_alpha: float = _opt(16.0, "LoRA alpha.", gt=0)
-    bf16: bool = _opt(False, "Forward and backward under bf16 autocast (weights and optimizer state stay fp32); off "
-                             "by default: CPUs without AVX512-BF16 emulate bf16 (a real-model step was 18x slower).")
+    bf16: bool = _opt(False, "Forward and backward under bf16 autocast (weights and optimizer state stay fp32; sft "
+                             "only); off by default: CPUs without AVX512-BF16 emulate bf16 (a real-model step was "
+                             "18x slower).")
     workers: int = _opt(2, "Runs in parallel, one process and one torch thread each; 1 = this process with torch's "
                            "thread setting.", min=1)
     rewrite: bool = _opt(False, "Only rebuild summary.json, tables.md and the plots from the records in raw/.")

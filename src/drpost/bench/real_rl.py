@@ -1,0 +1,423 @@
+"""The real-model DPO and RLVR benchmarks: ``drpost bench real paradigm=dpo|rlvr``.
+
+The same model (default ``smollm2-135m-instruct``), LoRA (r 8, alpha 16, every linear layer) and data as the SFT
+sweep (``drpost.bench.real``): the seed draws the pool, the 16 target examples, validation, test and retention sets
+(``build_setting(sized(real_settings()[setting]), seed)``), every example a chat turn with an empty system turn
+(``drpost.bench.real_common``). Default setting: ``format_shift`` (target max_list in the arrow format; the base
+model partly knows max_list but answers in sentences, so it scores 0 under strict scoring).
+
+DPO (``drpost.trainers.dpo.train_dpo``). A pair is (prompt, chosen, rejected): prompt = the chat-rendered user turn
+plus the assistant header, exactly what precedes the answer in the SFT row; chosen = the SFT row's answer ending in
+end-of-turn (the example's completion, so the pool's 5% noisy labels are noisy pairs: ``flipped``); rejected = the
+*base model's own greedy reply* (``REJECT_MAX_NEW`` tokens, a sentence almost always), replaced by a corrupted wrong
+answer (``world.tasks.corrupt_answer``) when the verifier accepts it. The replies are generated once per (setting,
+seed) and cached in ``output_dir/cache/`` (json), shared by every method and by re-runs. General pairs: a seeded
+subsample of ``N_PAIRS`` = 256 pool examples (bounds the generation to ~1.2 CPU-minutes per seed; a 12-step run
+draws 96 general pairs); target pairs: the 16 targets.
+
+RLVR (``drpost.trainers.rlvr.train_rlvr``, GRPO). General prompts: the whole pool (each scored by its own family's
+verifier); target prompts: the 16 targets. Reward (``shaped_reward``): 1.0 when the reply's first line is the answer
+(strict, the scoring of target EM), ``PARTIAL`` = 0.25 when the true answer is a whole token of the first line but
+the line is more than the answer (``chat_render.answer_in_line``), else 0. The partial credit is shaping: the base
+model scores 0 strictly everywhere, so strict rewards alone would give GRPO groups of zero variance (no update).
+Pilot: even so, the base model's *sampled* replies to 16 pool prompts (4 each, temperature 1 or 0.7) all scored 0,
+against 0.03 mean reward (31-38% of groups with variance) on the targets: most general groups carry no gradient.
+
+Methods (both paradigms): ``base`` (the untrained model), FullTraining, Target-only, GlobalSubset, LayerWiseSubset,
+Hull, with the toy RL benchmark's fixed knobs (``drpost.bench.rl.METHODS``: DPO subsets keep the top half of the
+batch; RLVR subsets drop negative scores, ``filter``, ``frac=1``). Nothing is tuned (cost): every knob and the
+budgets (``BUDGETS``) are fixed in advance. Evaluation, on the first ``N_TEST`` = 100 test targets: greedy strict
+exact match (``target_em``), the KL to the base model (k3 on sampled replies, ``trainers.rl_common.evaluate_policy``),
+for RLVR the mean shaped reward of sampled replies (``target_reward``); validation EM and loss and retention (8
+prompts per held-out pool family) exactly as the SFT sweep.
+
+Resumable: one JSON record per finished run in ``output_dir/raw/`` (``drpost.bench.records``); re-running skips
+finished runs, then rewrites ``summary.json``, ``tables.md`` and the target-vs-KL plots (``bench.real_rl_report``).
+
+    drpost bench real paradigm=dpo                         # results/real/dpo
+    drpost bench real paradigm=rlvr seeds=0 methods=base,full_training,hull steps=10
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from drpost.bench.real_common import (
+    MODEL_DEFAULT,
+    REAL_SIZES,
+    SYSTEM,
+    RealSizes,
+    chat_exact_match,
+    chat_examples,
+    command,
+    output_dir_of,
+    real_settings,
+    sized,
+    token_mean_loss,
+)
+from drpost.bench.records import load_records, missing, write_record
+from drpost.bench.rl import METHODS as SPECS
+from drpost.trainers.dpo import DPORecipe
+from drpost.trainers.rlvr import RLVRRecipe
+from drpost.trainers.sft import SFTRecipe
+
+PARADIGMS = ("dpo", "rlvr")
+RL_METHODS = ["base", "full_training", "target_only", "global_subset", "layerwise_subset", "hull"]
+RL_SETTINGS = ["format_shift"]
+PARTIAL = 0.25  # reward of a reply whose first line contains the answer as a whole token but is not only the answer
+N_TEST = 100  # test target prompts evaluated (of REAL_SIZES.n_test)
+N_PAIRS = 256  # pool examples made into DPO pairs (one base-model generation each, cached)
+REJECT_MAX_NEW = 16  # tokens of the base model's rejected replies
+ROLLOUT_TOKENS = 10  # new tokens of RLVR rollouts and of the target evaluation (greedy and sampled), both paradigms
+# Fixed budgets, sized so that one run costs about 5 CPU-minutes with its evaluation. Pilot (smollm2-135m-instruct,
+# format_shift, 1 thread, fp32, 3 steps, machine shared): a DPO step (8 + 1 pairs) ~15 CPU-s (19.6 s wall), an
+# RLVR step (4 + 1 prompts x 4 replies) ~22 CPU-s (40 s wall), the evaluation ~115 CPU-s (168 s wall), the rejected
+# replies ~0.27 CPU-s per prompt (once per setting and seed). Hence DPO 12 steps (~5 CPU-min a run), RLVR 8 steps
+# (~5); RLVR's lr is the top of the LoRA range 1e-4..5e-4 because the run is short.
+BUDGETS = {
+    "dpo": DPORecipe(steps=12, general_batch_size=8, target_batch_size=1, lr=5e-4, beta=0.1, warmup_ratio=0.03,
+                     max_grad_norm=1.0, max_length=128),
+    "rlvr": RLVRRecipe(steps=8, prompts_per_step=4, target_prompts=1, group_size=4, lr=5e-4, max_grad_norm=1.0,
+                       max_new_tokens=ROLLOUT_TOKENS),
+}
+LORA = SFTRecipe(finetuning="lora", lora_r=8, lora_alpha=16)
+
+
+# ------------------------------------------------------------------------------------------------ rewards and pairs
+def strict_check(reply: str, example: dict) -> bool:
+    """Target EM's scoring: the reply's first line is the answer (``chat_render.verify_chat``)."""
+    from drpost.world.chat_render import verify_chat
+
+    return verify_chat(example["family"], reply, example["answer"])
+
+
+def shaped_reward(reply: str, example: dict) -> float:
+    """1.0 for a strict match, ``PARTIAL`` when the answer is a whole token of the first line, else 0.0."""
+    from drpost.world.chat_render import answer_in_line
+
+    if strict_check(reply, example):
+        return 1.0
+    return PARTIAL if answer_in_line(reply, example["answer"]) else 0.0
+
+
+def reward_fn(tokenizer):
+    """RLVR's reward_fn(prompt ids, response ids, examples) -> (R,) shaped rewards of the decoded replies."""
+    from drpost.trainers.rl_common import decode_response
+
+    def fn(prompts, responses, examples):
+        return torch.tensor([shaped_reward(decode_response(tokenizer, r), e) for e, r in zip(examples, responses)])
+
+    return fn
+
+
+def chosen_text(tokenizer, example: dict) -> str:
+    """The SFT row's completion without its end-of-turn token (``encode_preference`` appends EOS to each side)."""
+    text = example["completion"]
+    eos = tokenizer.eos_token
+    if not example["add_eos"] and eos and text.rstrip().endswith(eos):
+        text = text.rstrip()[:-len(eos)]
+    return text
+
+
+def dpo_pair(tokenizer, example: dict, reply: str, rng: random.Random) -> dict:
+    """A chat-rendered example (``chat_examples``) and the base model's reply -> a DPO pair (see the module doc)."""
+    from drpost.world.tasks import corrupt_answer
+
+    chosen, rejected = chosen_text(tokenizer, example), reply.strip()
+    source = "base_reply"
+    if not rejected or rejected == chosen or strict_check(rejected, example):
+        source, rejected = "corrupted", corrupt_answer(rng, example["answer"])
+        if rejected == chosen:  # a noisy example's label can be the corruption drawn
+            rejected = chosen + "x"
+    return {**example, "chosen": chosen, "rejected": rejected, "flipped": bool(example["noisy"]),
+            "rejected_source": source}
+
+
+def base_replies(model, tokenizer, examples: list[dict]) -> list[str]:
+    """Greedy replies of ``model`` to world examples (batched; ``REJECT_MAX_NEW`` tokens)."""
+    from drpost.world.chat_render import generate_replies
+
+    model.eval()
+    return generate_replies(model, tokenizer, examples, batch_size=64, max_new_tokens=REJECT_MAX_NEW, system=SYSTEM)
+
+
+def knob_of(paradigm: str, method: str):
+    """The fixed knob of a method (its options in ``bench.rl.METHODS``): None, a keep fraction, or e.g. 'filter-1.0'."""
+    opts = {} if method == "base" else SPECS[paradigm][method][1].options
+    if not opts:
+        return None
+    if set(opts) == {"frac"}:
+        return opts["frac"]
+    return "-".join(str(v) for v in opts.values())
+
+
+# ----------------------------------------------------------------------------------------------------- one process
+class RLWorker:
+    """Holds the base model (also the frozen reference) and each (setting, seed)'s data for one process's runs."""
+
+    def __init__(self, model_name: str, sizes: RealSizes, paradigm: str, recipe, lora: SFTRecipe, cache_dir):
+        from drpost.data.chat import ensure_pad_token
+        from drpost.models import load_pretrained
+
+        self.key = (model_name, sizes, paradigm, recipe, lora, str(cache_dir))
+        self.model_name, self.sizes, self.paradigm, self.recipe, self.lora = model_name, sizes, paradigm, recipe, lora
+        self.cache_dir = Path(cache_dir)
+        self.base, self.tok = load_pretrained(model_name)
+        ensure_pad_token(self.tok)
+        self.reward = reward_fn(self.tok)
+        self._data: dict = {}
+
+    def data(self, setting: str, seed: int) -> dict:
+        from drpost.trainers.sft import encode_examples
+        from drpost.world.settings import build_setting
+
+        if (setting, seed) not in self._data:
+            built = build_setting(sized(real_settings()[setting], self.sizes), seed)
+            tok = self.tok
+            d = {"built": built, "test": chat_examples(tok, built.target_test[:N_TEST]),
+                 "target": chat_examples(tok, built.target_train),
+                 "val_rows": encode_examples(tok, chat_examples(tok, built.target_val), 128),
+                 "retention": {f: ex for f, ex in built.retention.items() if f != built.setting.target_family}}
+            if self.paradigm == "rlvr":
+                d["general"] = chat_examples(tok, built.general)
+            else:  # a seeded subsample of the pool, in pool order
+                rng = random.Random(f"{seed}-{setting}-dpo-pairs")
+                keep = sorted(rng.sample(range(len(built.general)), min(N_PAIRS, len(built.general))))
+                d["general_raw"] = [built.general[i] for i in keep]
+                d["general"] = chat_examples(tok, d["general_raw"])
+            self._data[setting, seed] = d
+        return self._data[setting, seed]
+
+    def rejected_replies(self, setting: str, seed: int) -> dict[str, list[str]]:
+        """The base model's greedy replies to the general and target pair prompts: from the cache when it holds
+        this model's replies to exactly these prompts, else generated and cached (written atomically)."""
+        d = self.data(setting, seed)
+        prompts = {"general": [e["prompt"] for e in d["general"]], "target": [e["prompt"] for e in d["target"]]}
+        path = self.cache_dir / f"rejected__{setting}__s{seed}.json"
+        if path.exists():
+            c = json.loads(path.read_text())
+            if (c["model"], c["max_new_tokens"]) == (self.model_name, REJECT_MAX_NEW) and \
+                    all([x["prompt"] for x in c[k]] == prompts[k] for k in prompts):
+                return {k: [x["reply"] for x in c[k]] for k in prompts}
+        raw = {"general": d["general_raw"], "target": d["built"].target_train}
+        t0 = time.perf_counter()
+        replies = {k: base_replies(self.base, self.tok, raw[k]) for k in prompts}
+        c = {"model": self.model_name, "max_new_tokens": REJECT_MAX_NEW, "setting": setting, "seed": seed,
+             "seconds": round(time.perf_counter() - t0, 1),
+             **{k: [{"prompt": p, "reply": r} for p, r in zip(prompts[k], replies[k])] for k in prompts}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{id(self)}")
+        tmp.write_text(json.dumps(c, indent=0))
+        tmp.replace(path)
+        return replies
+
+    def pairs(self, setting: str, seed: int) -> dict[str, list[dict]]:
+        d = self.data(setting, seed)
+        if "pairs" not in d:
+            replies = self.rejected_replies(setting, seed)
+            rng = random.Random(f"{seed}-{setting}-rejected")
+            d["pairs"] = {k: [dpo_pair(self.tok, e, r, rng) for e, r in zip(d[k], replies[k])]
+                          for k in ("general", "target")}
+        return d["pairs"]
+
+    def evaluate(self, model, d: dict) -> dict:
+        from drpost.trainers.rl_common import evaluate_policy
+
+        k = self.sizes.max_new_tokens
+        ev = evaluate_policy(model, self.base, self.tok, d["test"], self.reward, ROLLOUT_TOKENS,
+                             retention=lambda m: {f: chat_exact_match(m, self.tok, ex, k)
+                                                  for f, ex in d["retention"].items()}, check=strict_check)
+        out = {"target_em": ev["em"], "kl": ev["kl"], "retention_em": ev["retention_em"],
+               "retention_by_family": ev["retention_by_family"],
+               "val_em": chat_exact_match(model, self.tok, d["built"].target_val, k),
+               "val_loss": token_mean_loss(model, self.tok, d["val_rows"])}
+        if self.paradigm == "rlvr":
+            out["target_reward"] = ev["sampled_reward"]
+        return out
+
+    def run(self, setting: str, method: str, knob, seed: int) -> dict:
+        """Train (unless ``base``) and evaluate one (setting, method, knob, seed); returns the record."""
+        from drpost.trainers.sft import prepare_model
+
+        d = self.data(setting, seed)
+        t0 = time.perf_counter()
+        recipe = replace(self.recipe, seed=seed)
+        steps_s, extra = None, {}
+        if method == "base":
+            model, label = self.base, "base (untrained)"
+        else:
+            label, spec = SPECS[self.paradigm][method]
+            pairs = self.pairs(setting, seed) if self.paradigm == "dpo" else None
+            t1 = time.perf_counter()
+            torch.manual_seed(seed)  # the LoRA initialization
+            policy = prepare_model(copy.deepcopy(self.base), self.lora)  # the reference: the frozen base model
+            if pairs is not None:
+                from drpost.trainers.dpo import train_dpo
+
+                m = train_dpo(policy, self.base, self.tok, pairs["general"], pairs["target"], spec, recipe)
+                curve, kept = m["target_loss"], m["kept_frac"]
+                fw = m["flipped_weight"]
+                extra["flipped_weight"] = sum(fw) / len(fw) if fw else None
+                extra["rejected_corrupted"] = sum(p["rejected_source"] == "corrupted" for p in pairs["general"])
+            else:
+                from drpost.trainers.rlvr import train_rlvr
+
+                m = train_rlvr(policy, self.base, self.reward, self.tok, d["general"], d["target"], spec, recipe)
+                curve = [r["target_reward"] for r in m["steps"]]
+                kept = [r["kept_frac"] for r in m["steps"] if r["kept_frac"] is not None]
+                extra["general_reward_curve"] = _downsample([r["general_reward"] for r in m["steps"]])
+            steps_s = (time.perf_counter() - t1) / recipe.steps
+            model = m["model"]
+            extra.update(curve=_downsample(curve), kept_frac=sum(kept) / len(kept) if kept else None,
+                         skipped_steps=m["skipped_steps"])
+        ev = self.evaluate(model, d)
+        budget = None if method == "base" else {**asdict(recipe), "finetuning": "lora", "lora_r": self.lora.lora_r,
+                                                 "lora_alpha": self.lora.lora_alpha}
+        return {"setting": setting, "method": method, "label": label, "knob": knob, "seed": seed,
+                "model": self.model_name, "paradigm": self.paradigm, **ev,
+                "target_family": d["built"].setting.target_family, "n_test": len(d["test"]),
+                "seconds_per_step": steps_s, "wall_seconds": time.perf_counter() - t0, "budget": budget,
+                "sizes": asdict(self.sizes), **extra}
+
+
+def _downsample(xs: list[float], points: int = 40) -> list[float]:
+    if len(xs) <= points:
+        return list(xs)
+    w = len(xs) / points
+    return [sum(xs[int(i * w):int((i + 1) * w)]) / len(xs[int(i * w):int((i + 1) * w)]) for i in range(points)]
+
+
+_WORKER: RLWorker | None = None
+
+
+def _init_worker(model_name, sizes, paradigm, recipe, lora, cache_dir, threads):
+    """This process's worker; one already built for the same arguments is kept (the model loads once)."""
+    global _WORKER
+    torch.set_num_threads(threads)
+    if _WORKER is None or _WORKER.key != (model_name, sizes, paradigm, recipe, lora, str(cache_dir)):
+        _WORKER = RLWorker(model_name, sizes, paradigm, recipe, lora, cache_dir)
+
+
+def _prepare(key):
+    _WORKER.pairs(*key)
+
+
+def _job(args):
+    job, out_dir = args
+    rec = _WORKER.run(*job)
+    write_record(out_dir, rec)
+    reward = f", target reward {rec['target_reward']:.3f}" if "target_reward" in rec else ""
+    print(f"[bench real {rec['paradigm']}] {rec['setting']} {rec['label']} seed={rec['seed']}: target EM "
+          f"{rec['target_em']:.3f}{reward}, KL {rec['kl']:.3f}, retention {rec['retention_em']:.3f} "
+          f"({rec['wall_seconds']:.0f}s)", flush=True)
+
+
+def run_jobs(jobs: list[tuple], out: Path, model_name: str, sizes: RealSizes, paradigm: str, recipe,
+             lora: SFTRecipe, workers: int) -> None:
+    """Run the jobs whose record is missing: first the DPO pairs of each (setting, seed) (one process each, so the
+    replies are generated once), then the runs; ``workers`` processes with one torch thread each (or this one)."""
+    todo = missing(jobs, out)
+    if not todo:
+        return
+    prep = sorted({(s, seed) for s, m, _, seed in todo if m != "base"}) if paradigm == "dpo" else []
+    args = (model_name, sizes, paradigm, recipe, lora, out / "cache")
+    if workers <= 1:
+        _init_worker(*args, torch.get_num_threads())
+        for key in prep:
+            _prepare(key)
+        for j in todo:
+            _job((j, out))
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(min(workers, len(todo)), _init_worker, (*args, 1)) as pool:
+        for _ in pool.imap_unordered(_prepare, prep):
+            pass
+        for _ in pool.imap_unordered(_job, [(j, out) for j in todo]):
+            pass
+
+
+def sweep(paradigm: str, settings: list[str], methods: list[str], seeds: list[int], out_dir: str | Path,
+          model_name: str = MODEL_DEFAULT, sizes: RealSizes = REAL_SIZES, recipe=None, lora: SFTRecipe = LORA,
+          workers: int = 2) -> list[dict]:
+    """Every (setting, method, seed) run of ``paradigm`` whose record is missing (knobs fixed: no tuning runs);
+    returns every record on disk for these settings, methods and seeds."""
+    out = Path(out_dir)
+    recipe = recipe or BUDGETS[paradigm]
+    for s in settings:  # setting by setting, so that an interrupted sweep leaves whole settings behind
+        run_jobs([(s, m, knob_of(paradigm, m), seed) for seed in seeds for m in methods], out, model_name, sizes,
+                 paradigm, recipe, lora, workers)
+    return [r for r in load_records(out) if r.get("paradigm") == paradigm and r["setting"] in settings
+            and r["method"] in methods and r["seed"] in seeds]
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+READ_COMMON = frozenset({"paradigm", "output_dir", "model", "settings", "methods", "seeds", "steps",
+                         "general_batch_size", "target_batch_size", "lr", "max_grad_norm", "lora_r", "lora_alpha",
+                         "workers", "rewrite"})
+READ = {"dpo": READ_COMMON | {"max_length", "warmup_ratio", "beta"}, "rlvr": READ_COMMON | {"group_size"}}
+
+
+def recipe_of(config):
+    """The paradigm's budget (``BUDGETS``) with the options given; ``none`` options keep the budget's value."""
+    b = BUDGETS[config.paradigm]
+
+    def given(value, default):
+        return default if value is None else value
+
+    common = {"steps": given(config.steps, b.steps), "lr": given(config.lr, b.lr),
+              "max_grad_norm": config.max_grad_norm}
+    if config.paradigm == "dpo":
+        return replace(b, general_batch_size=given(config.general_batch_size, b.general_batch_size),
+                       target_batch_size=config.target_batch_size, max_length=config.max_length,
+                       warmup_ratio=config.warmup_ratio, beta=config.beta, **common)
+    return replace(b, prompts_per_step=given(config.general_batch_size, b.prompts_per_step),
+                   target_prompts=config.target_batch_size, group_size=config.group_size, **common)
+
+
+def run(config) -> dict:
+    """``drpost bench real paradigm=dpo|rlvr`` (called by ``drpost.bench.real.run``): the sweep, then the report.
+
+    ``settings`` / ``methods`` left at their (SFT) defaults mean this paradigm's (``RL_SETTINGS``, ``RL_METHODS``);
+    options the paradigm does not read (``READ``) are refused by name."""
+    from drpost.bench.quiet import quiet_libraries
+    from drpost.bench.real_rl_report import write_report
+    from drpost.config import BenchRealConfig, ConfigError, refuse_unread
+
+    p = config.paradigm
+    refuse_unread(config, READ[p], f"bench real paradigm={p}")
+    default = BenchRealConfig()
+    settings = list(RL_SETTINGS) if config.settings == default.settings else list(config.settings)
+    known = real_settings()
+    for s in settings:
+        if s not in known:
+            raise ConfigError(f"option 'settings': {s!r} is not a real-model setting; choose from {', '.join(known)}")
+    methods = list(RL_METHODS) if config.methods == default.methods else list(config.methods)
+    for m in methods:
+        if m != "base" and m not in SPECS[p]:
+            raise ConfigError(f"option 'methods': {m!r} is not a {p} method; choose from base, {', '.join(SPECS[p])}")
+    out = output_dir_of(config)
+    if not config.rewrite:
+        from drpost.models import resolve_model
+
+        resolve_model(config.model)  # a missing model fails here, saying what to run
+        lora = replace(LORA, lora_r=config.lora_r, lora_alpha=config.lora_alpha)
+        with quiet_libraries(False):
+            sweep(p, settings, methods, [int(s) for s in config.seeds], out, config.model, REAL_SIZES,
+                  recipe_of(config), lora, config.workers)
+    records = [r for r in load_records(out) if r.get("paradigm") == p]
+    if not records:
+        raise ConfigError(f"option 'output_dir': no {p} records in {out / 'raw'}")
+    return write_report(records, out, command(f"drpost bench real paradigm={p}"))
+
+
+__all__ = ["BUDGETS", "N_PAIRS", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS", "RL_SETTINGS",
+           "chosen_text", "dpo_pair", "knob_of", "recipe_of", "reward_fn", "run", "shaped_reward", "strict_check",
+           "sweep"]
