@@ -1,0 +1,197 @@
+"""``drpost bench real paradigm=dpo|rlvr`` on a small local copy of the real-model path (a tiny Llama with a ChatML
+template, converted from a GGUF the test writes; ``tests/test_models.write_tiny_gguf``), never the real model.
+
+Checks: one record per run with the real-model schema plus ``kl`` (and ``target_reward`` for RLVR), re-runs run
+only what is missing, the base model's rejected replies are cached per (setting, seed) and regenerated when the
+cache is not this model's, the reward shaping (1 / 0.25 / 0), the DPO pair construction, the per-paradigm budgets
+and the refusal of every option a paradigm does not read. Run: ``pytest -q -p no:xdist tests/bench/test_real_rl.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import typing
+
+import pytest
+
+from drpost import cli, models
+from drpost.bench import real, real_rl
+from drpost.bench.real_common import RealSizes, chat_examples
+from drpost.bench.records import record_name
+from drpost.config import BenchRealConfig, ConfigError, leaf_options
+
+SMALL = RealSizes(n_pool=60, n_val=4, n_test=6, n_retention=2, max_new_tokens=4)
+SCHEMA = {"setting", "method", "label", "knob", "seed", "model", "paradigm", "target_em", "retention_em", "val_em",
+          "val_loss", "seconds_per_step", "wall_seconds", "budget", "kl"}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from tests.test_models import write_tiny_gguf
+
+    d = tmp_path_factory.mktemp("tinyrl")
+    write_tiny_gguf(d / "tiny.gguf")
+    return str(models.convert_gguf(d / "tiny.gguf", d / "converted"))
+
+
+@pytest.fixture
+def small(monkeypatch):
+    monkeypatch.setattr(real_rl, "REAL_SIZES", SMALL)
+    monkeypatch.setattr(real_rl, "N_PAIRS", 10)
+    monkeypatch.setattr(real_rl, "_WORKER", None)  # each test loads its own worker
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_folder)
+
+
+def _bench(folder, out, paradigm, *extra):
+    return cli.main(["bench", "real", f"paradigm={paradigm}", f"model={folder}", f"output_dir={out}", "workers=1",
+                     "steps=2", *extra])
+
+
+def _names(methods, paradigm, seeds):
+    return sorted(record_name("format_shift", m, real_rl.knob_of(paradigm, m), s) for m in methods for s in seeds)
+
+
+def test_dpo_sweep_records_caches_rejected_replies_and_resumes(tiny_folder, tmp_path, small, monkeypatch):
+    out = tmp_path / "dpo"
+    methods = ("base", "full_training", "layerwise_subset")
+    assert _bench(tiny_folder, out, "dpo", "seeds=0", f"methods={','.join(methods)}") == 0
+    assert sorted(p.name for p in (out / "raw").glob("*.json")) == _names(methods, "dpo", [0])
+    rec = json.loads((out / "raw" / record_name("format_shift", "layerwise_subset", 0.5, 0)).read_text())
+    assert SCHEMA <= set(rec) and "target_reward" not in rec
+    assert rec["paradigm"] == "dpo" and rec["model"] == tiny_folder and rec["knob"] == 0.5
+    assert rec["budget"]["steps"] == 2 and rec["budget"]["beta"] == 0.1 and rec["budget"]["finetuning"] == "lora"
+    assert rec["budget"]["lora_r"] == 8 and rec["seconds_per_step"] > 0 and rec["kl"] >= 0.0
+    assert rec["target_family"] not in rec["retention_by_family"]
+    base = json.loads((out / "raw" / record_name("format_shift", "base", None, 0)).read_text())
+    assert base["kl"] == 0.0 and base["budget"] is None and base["seconds_per_step"] is None
+    cache = json.loads((out / "cache" / "rejected__format_shift__s0.json").read_text())
+    assert cache["model"] == tiny_folder and len(cache["general"]) == 10 and len(cache["target"]) == 16
+    table = (out / "tables.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "method" not in line]
+    assert rows[0].startswith("| base (untrained)") and len(rows) == 3 and "| KL |" in table
+    assert len(json.loads((out / "summary.json").read_text())) == 3
+    assert (out / "target_vs_kl_format_shift.png").stat().st_size > 0
+
+    # a re-run trains only what is missing, and the cached replies of seed 0 are read, not generated again
+    (out / "raw" / record_name("format_shift", "full_training", None, 0)).unlink()
+    runs, generated = [], []
+    run_orig, gen_orig = real_rl.RLWorker.run, real_rl.base_replies
+
+    def spy_run(self, *job):
+        runs.append(job)
+        return run_orig(self, *job)
+
+    def spy_gen(model, tokenizer, examples):
+        generated.append(len(examples))
+        return gen_orig(model, tokenizer, examples)
+
+    monkeypatch.setattr(real_rl.RLWorker, "run", spy_run)
+    monkeypatch.setattr(real_rl, "base_replies", spy_gen)
+    monkeypatch.setattr(real_rl, "_WORKER", None)
+    assert _bench(tiny_folder, out, "dpo", "seeds=0,1", f"methods={','.join(methods)}") == 0
+    assert sorted(runs) == sorted([("format_shift", "full_training", None, 0)]
+                                  + [("format_shift", m, real_rl.knob_of("dpo", m), 1) for m in methods])
+    assert generated == [10, 16]  # seed 1's general and target prompts only
+
+    # a cache made by another model is not used
+    path = out / "cache" / "rejected__format_shift__s0.json"
+    path.write_text(json.dumps({**cache, "model": "another-model"}))
+    (out / "raw" / record_name("format_shift", "full_training", None, 0)).unlink()
+    monkeypatch.setattr(real_rl, "_WORKER", None)
+    generated.clear()
+    assert _bench(tiny_folder, out, "dpo", "seeds=0", "methods=full_training") == 0
+    assert generated == [10, 16] and json.loads(path.read_text())["model"] == tiny_folder
+
+
+def test_rlvr_sweep_records_reward_and_kl(tiny_folder, tmp_path, small):
+    out = tmp_path / "rlvr"
+    assert _bench(tiny_folder, out, "rlvr", "seeds=0", "methods=base,layerwise_subset", "group_size=2") == 0
+    assert sorted(p.name for p in (out / "raw").glob("*.json")) == _names(("base", "layerwise_subset"), "rlvr", [0])
+    rec = json.loads((out / "raw" / record_name("format_shift", "layerwise_subset", "filter-1.0", 0)).read_text())
+    assert SCHEMA <= set(rec) and rec["paradigm"] == "rlvr" and 0.0 <= rec["target_reward"] <= 1.0
+    assert rec["budget"]["group_size"] == 2 and rec["budget"]["prompts_per_step"] == 4 and rec["kl"] >= 0.0
+    assert rec["n_test"] == SMALL.n_test and len(rec["curve"]) == 2
+    assert not (out / "cache").exists()  # RLVR generates nothing up front
+    assert "| target reward |" in (out / "tables.md").read_text()
+
+
+def test_reward_shaping(tok):
+    ex = {"family": "max_list", "answer": "42"}
+    cases = {"42": 1.0, '"42"': 1.0, "42.": 1.0, "42\nThe largest.": 1.0, "The largest is 42.": real_rl.PARTIAL,
+             "It is 42, the largest": real_rl.PARTIAL, "The largest is 142": 0.0, "43": 0.0, "": 0.0}
+    for reply, want in cases.items():
+        assert real_rl.shaped_reward(reply, ex) == want, reply
+    assert real_rl.PARTIAL == 0.25
+    fn = real_rl.reward_fn(tok)
+    replies = ["42", "The largest is 42.", "43"]
+    got = fn(None, [tok.encode(r, add_special_tokens=False) + [tok.eos_token_id] for r in replies], [ex] * 3)
+    assert got.tolist() == [1.0, 0.25, 0.0]
+
+
+def test_dpo_pair_is_the_sft_answer_against_the_base_reply(tok):
+    from drpost.data.collate import tokenize_prompt_completion
+    from drpost.data.prompts import encode_preference
+    from drpost.world.tasks import make_example
+
+    e = chat_examples(tok, [make_example(random.Random(0), "max_list", "arrow")])[0]
+    rng = random.Random(0)
+    pair = real_rl.dpo_pair(tok, e, "The biggest one is 3.", rng)
+    assert pair["chosen"] == e["answer"] and pair["rejected"] == "The biggest one is 3."
+    assert pair["rejected_source"] == "base_reply" and pair["flipped"] is False
+    chosen, _ = encode_preference(tok, pair)
+    sft = tokenize_prompt_completion(tok, e["prompt"], e["completion"], add_eos=e["add_eos"])
+    n = len(chosen["labels"])  # the SFT row's answer and end-of-turn (the SFT row adds the template's newline)
+    assert chosen["input_ids"] == sft["input_ids"][:n] and chosen["labels"][-1] == tok.eos_token_id
+    for correct in (e["answer"], f"{e['answer']}.", ""):  # a reply the verifier accepts (or none) is replaced
+        p = real_rl.dpo_pair(tok, e, correct, rng)
+        assert p["rejected_source"] == "corrupted" and not real_rl.strict_check(p["rejected"], e)
+        assert p["rejected"] != p["chosen"]
+
+
+def test_budgets_defaults_and_help_agree():
+    dpo, rlvr = BenchRealConfig(paradigm="dpo"), BenchRealConfig(paradigm="rlvr")
+    assert real_rl.recipe_of(dpo) == real_rl.BUDGETS["dpo"] and real_rl.recipe_of(rlvr) == real_rl.BUDGETS["rlvr"]
+    assert real.recipe_of(BenchRealConfig()) == real.REAL_RECIPE  # sft: none keeps today's budget
+    r = real_rl.recipe_of(BenchRealConfig(paradigm="rlvr", steps=3, general_batch_size=2, lr=1e-4, group_size=6))
+    assert (r.steps, r.prompts_per_step, r.lr, r.group_size) == (3, 2, 1e-4, 6)
+    from drpost.bench.real_common import output_dir_of
+
+    assert str(output_dir_of(dpo)) == "results/real/dpo" and str(output_dir_of(BenchRealConfig())) == \
+        "results/real/sft"
+    helps = {name: f.metadata["help"] for name, f, _ in leaf_options(BenchRealConfig)}
+    b = real_rl.BUDGETS
+    assert f"sft {real.REAL_RECIPE.steps}, dpo {b['dpo'].steps}, rlvr {b['rlvr'].steps}" in helps["steps"]
+    assert f"dpo {b['dpo'].general_batch_size}, rlvr {b['rlvr'].prompts_per_step}" in helps["general_batch_size"]
+    assert f"dpo {b['dpo'].lr:.0e}, rlvr {b['rlvr'].lr:.0e}".replace("e-04", "e-4") in helps["lr"]
+    assert BenchRealConfig().beta == b["dpo"].beta and BenchRealConfig().group_size == b["rlvr"].group_size
+
+
+@pytest.mark.parametrize("paradigm", ["sft", "dpo", "rlvr"])
+def test_options_a_paradigm_does_not_read_are_refused(paradigm, tmp_path):
+    from tests.test_options_read import _other_value
+
+    read = real.READ if paradigm == "sft" else real_rl.READ[paradigm]
+    refused = [name for name, _, _ in leaf_options(BenchRealConfig) if name not in read]
+    assert refused, paradigm
+    for name in refused:
+        config = BenchRealConfig(paradigm=paradigm, output_dir=str(tmp_path))
+        hint = typing.get_type_hints(BenchRealConfig)[name]
+        setattr(config, name, _other_value(getattr(config, name), hint))
+        with pytest.raises(ConfigError, match=f"'{name}'"):
+            real.run(config)
+
+
+def test_bad_method_and_setting_are_named(tmp_path, capsys):
+    assert cli.main(["bench", "real", "paradigm=dpo", "methods=dsir", f"output_dir={tmp_path}"]) == 2
+    assert "'methods'" in capsys.readouterr().err
+    assert cli.main(["bench", "real", "paradigm=rlvr", "settings=nope", f"output_dir={tmp_path}"]) == 2
+    assert "'settings'" in capsys.readouterr().err
+    assert cli.main(["bench", "real", "paradigm=rlvr", "rewrite=true", f"output_dir={tmp_path}"]) == 2
+    assert "no rlvr records" in capsys.readouterr().err
