@@ -112,14 +112,63 @@ def test_dpo_sweep_records_caches_rejected_replies_and_resumes(tiny_folder, tmp_
 
 def test_rlvr_sweep_records_reward_and_kl(tiny_folder, tmp_path, small):
     out = tmp_path / "rlvr"
-    assert _bench(tiny_folder, out, "rlvr", "seeds=0", "methods=base,layerwise_subset", "group_size=2") == 0
+    assert _bench(tiny_folder, out, "rlvr", "seeds=0", "methods=base,layerwise_subset", "group_size=2",
+                  "warm_start=none") == 0
     assert sorted(p.name for p in (out / "raw").glob("*.json")) == _names(("base", "layerwise_subset"), "rlvr", [0])
     rec = json.loads((out / "raw" / record_name("format_shift", "layerwise_subset", "filter-1.0", 0)).read_text())
     assert SCHEMA <= set(rec) and rec["paradigm"] == "rlvr" and 0.0 <= rec["target_reward"] <= 1.0
     assert rec["budget"]["group_size"] == 2 and rec["budget"]["prompts_per_step"] == 4 and rec["kl"] >= 0.0
     assert rec["n_test"] == SMALL.n_test and len(rec["curve"]) == 2
-    assert not (out / "cache").exists()  # RLVR generates nothing up front
+    assert not (out / "cache").exists()  # RLVR from the base model generates nothing up front
+    assert rec["start"] == "base"
     assert "| target reward |" in (out / "tables.md").read_text()
+
+
+def test_rlvr_starts_from_the_cached_sft_warm_start(tiny_folder, tmp_path, small, monkeypatch):
+    import dataclasses
+
+    from drpost.trainers import sft
+
+    monkeypatch.setattr(real_rl, "REAL_RECIPE", dataclasses.replace(real_rl.REAL_RECIPE, steps=2))
+    trained = []
+    train_orig = sft.train_sft
+
+    def spy(*a, **kw):
+        trained.append(a[4].name)
+        return train_orig(*a, **kw)
+
+    monkeypatch.setattr(sft, "train_sft", spy)
+    out = tmp_path / "rlvr_warm"
+    assert _bench(tiny_folder, out, "rlvr", "seeds=0", "methods=base,warm_start,full_training", "group_size=2") == 0
+    assert trained == ["SFT warm start"]  # once per (setting, seed), shared by every run
+    warm_dir = out / "cache" / "warm__format_shift__s0"
+    assert (warm_dir / "adapter_config.json").exists()
+    assert json.loads((warm_dir / "warm_start.json").read_text())["recipe"]["steps"] == 2
+    recs = {m: json.loads((out / "raw" / record_name("format_shift", m, None, 0)).read_text())
+            for m in ("base", "warm_start", "full_training")}
+    assert all(r["start"] == "sft_warm_start" for r in recs.values())
+    assert recs["warm_start"]["kl"] == 0.0 and recs["warm_start"]["budget"] is None  # its own reference
+    assert recs["base"]["label"] == "base (untrained)" and recs["full_training"]["kl"] >= 0.0
+    # the warm start changed the model: the base row and the warm-start row are two different models
+    start = real_rl._WORKER.start("format_shift", 0)
+    diffs = [float((a - b).abs().max()) for a, b in zip(start.state_dict().values(),
+                                                         real_rl._WORKER.base.state_dict().values())]
+    assert max(diffs) > 0
+    # a new process reads the cached adapter instead of training again
+    (out / "raw" / record_name("format_shift", "full_training", None, 0)).unlink()
+    monkeypatch.setattr(real_rl, "_WORKER", None)
+    assert _bench(tiny_folder, out, "rlvr", "seeds=0", "methods=base,warm_start,full_training", "group_size=2") == 0
+    assert trained == ["SFT warm start"]
+    # a warm start made by another model is trained again
+    meta = json.loads((warm_dir / "warm_start.json").read_text())
+    (warm_dir / "warm_start.json").write_text(json.dumps({**meta, "model": "another-model"}))
+    (out / "raw" / record_name("format_shift", "full_training", None, 0)).unlink()
+    monkeypatch.setattr(real_rl, "_WORKER", None)
+    assert _bench(tiny_folder, out, "rlvr", "seeds=0", "methods=full_training", "group_size=2") == 0
+    assert trained == ["SFT warm start"] * 2
+    assert json.loads((warm_dir / "warm_start.json").read_text())["model"] == tiny_folder
+    assert cli.main(["bench", "real", "paradigm=dpo", "methods=warm_start", f"model={tiny_folder}",
+                     f"output_dir={tmp_path / 'x'}"]) == 2  # dpo starts from the base model by default
 
 
 def test_reward_shaping(tok):

@@ -37,6 +37,7 @@ import torch
 from drpost.bench.quality import METHODS, offline_selection
 from drpost.bench.real_common import (
     MODEL_DEFAULT,
+    REAL_RECIPE,
     REAL_SIZES,
     RealSizes,
     chat_exact_match,
@@ -60,10 +61,6 @@ REAL_FIXED: dict[str, object] = {"dsir": 0.02, "layerwise_subset": 0.25, "global
                                  "dsir_prefilter_layerwise_subset": 0.1, "dsir_prefilter_hull": 0.1}
 REAL_METHODS = ["base", "full_training", "target_only", "dsir", "global_subset", "layerwise_subset", "hull",
                 "dsir_prefilter_hull"]
-# fp32: these CPUs (AMD EPYC, AVX2, no AVX512-BF16) emulate bf16; under bf16 autocast a LoRA step took 97-105 s
-# against 5.5-6.0 s in fp32 (1 thread, 9 rows). Where the CPU has AVX512-BF16/AMX or on a GPU, bf16=true pays.
-REAL_RECIPE = SFTRecipe(steps=40, general_batch_size=8, target_batch_size=1, lr=1e-3, warmup_ratio=0.03,
-                        max_grad_norm=1.0, max_length=128, finetuning="lora", lora_r=8, lora_alpha=16, bf16=False)
 
 
 def evaluate(model, tokenizer, data, rows: dict, sizes: RealSizes) -> dict:

@@ -20,8 +20,13 @@ verifier); target prompts: the 16 targets. Reward (``shaped_reward``): 1.0 when 
 (strict, the scoring of target EM), ``PARTIAL`` = 0.25 when the true answer is a whole token of the first line but
 the line is more than the answer (``chat_render.answer_in_line``), else 0. The partial credit is shaping: the base
 model scores 0 strictly everywhere, so strict rewards alone would give GRPO groups of zero variance (no update).
-Pilot: even so, the base model's *sampled* replies to 16 pool prompts (4 each, temperature 1 or 0.7) all scored 0,
-against 0.03 mean reward (31-38% of groups with variance) on the targets: most general groups carry no gradient.
+Even so, the base model's *sampled* replies to 16 pool prompts (4 each, temperature 1 or 0.7) all scored 0, against
+0.03 mean reward (31-38% of groups with variance) on the targets: from the base model most general groups carry no
+gradient. So RLVR starts, as usual, from an SFT model (``warm_start=auto`` = ``sft`` for RLVR): FullTraining SFT on
+the seed's pool with the SFT sweep's recipe (LoRA r8, 40 steps, ``REAL_RECIPE``), merged into the weights, trained
+once per (setting, seed) and cached in ``output_dir/cache/warm__<setting>__s<seed>/``. Every method starts there, it
+is the reference of the KL, and it is a row of the tables (``warm_start``) beside the untrained ``base``. DPO starts
+from the base model (its replies are the rejected side); ``warm_start=sft`` moves it too.
 
 Methods (both paradigms): ``base`` (the untrained model), FullTraining, Target-only, GlobalSubset, LayerWiseSubset,
 Hull, with the toy RL benchmark's fixed knobs (``drpost.bench.rl.METHODS``: DPO subsets keep the top half of the
@@ -51,6 +56,7 @@ import torch
 
 from drpost.bench.real_common import (
     MODEL_DEFAULT,
+    REAL_RECIPE,
     REAL_SIZES,
     SYSTEM,
     RealSizes,
@@ -70,6 +76,11 @@ from drpost.trainers.sft import SFTRecipe
 
 PARADIGMS = ("dpo", "rlvr")
 RL_METHODS = ["base", "full_training", "target_only", "global_subset", "layerwise_subset", "hull"]
+UNTRAINED = ("base", "warm_start")  # rows evaluated without training: the base model, the SFT warm start
+# where each paradigm starts (``warm_start=auto``): RLVR from the SFT warm start (the usual SFT-then-RL pipeline: the
+# base model earns no reward on the pool, so GRPO would get no signal from it), DPO from the base model (its own
+# replies are the rejected side)
+WARM_DEFAULT = {"dpo": "none", "rlvr": "sft"}
 RL_SETTINGS = ["format_shift"]
 PARTIAL = 0.25  # reward of a reply whose first line contains the answer as a whole token but is not only the answer
 N_TEST = 100  # test target prompts evaluated (of REAL_SIZES.n_test)
@@ -150,7 +161,7 @@ def base_replies(model, tokenizer, examples: list[dict]) -> list[str]:
 
 def knob_of(paradigm: str, method: str):
     """The fixed knob of a method (its options in ``bench.rl.METHODS``): None, a keep fraction, or e.g. 'filter-1.0'."""
-    opts = {} if method == "base" else SPECS[paradigm][method][1].options
+    opts = {} if method in UNTRAINED else SPECS[paradigm][method][1].options
     if not opts:
         return None
     if set(opts) == {"frac"}:
@@ -162,12 +173,14 @@ def knob_of(paradigm: str, method: str):
 class RLWorker:
     """Holds the base model (also the frozen reference) and each (setting, seed)'s data for one process's runs."""
 
-    def __init__(self, model_name: str, sizes: RealSizes, paradigm: str, recipe, lora: SFTRecipe, cache_dir):
+    def __init__(self, model_name: str, sizes: RealSizes, paradigm: str, recipe, lora: SFTRecipe, cache_dir,
+                 warm: str = "none"):
         from drpost.data.chat import ensure_pad_token
         from drpost.models import load_pretrained
 
-        self.key = (model_name, sizes, paradigm, recipe, lora, str(cache_dir))
+        self.key = (model_name, sizes, paradigm, recipe, lora, str(cache_dir), warm)
         self.model_name, self.sizes, self.paradigm, self.recipe, self.lora = model_name, sizes, paradigm, recipe, lora
+        self.warm = warm
         self.cache_dir = Path(cache_dir)
         self.base, self.tok = load_pretrained(model_name)
         ensure_pad_token(self.tok)
@@ -227,11 +240,52 @@ class RLWorker:
                           for k in ("general", "target")}
         return d["pairs"]
 
-    def evaluate(self, model, d: dict) -> dict:
+    def start(self, setting: str, seed: int):
+        """The model RL starts from and is anchored to (the reference of the KL and of the losses): the base model
+        (``warm_start=none``), or the SFT warm start: FullTraining SFT on this seed's pool with the SFT sweep's
+        recipe (``REAL_RECIPE``: LoRA r8, 40 steps), merged into the weights. The warm-start adapter is trained once
+        per (setting, seed) and cached in ``cache/warm__<setting>__s<seed>/`` (with the recipe it was made with)."""
+        if self.warm == "none":
+            return self.base
+        d = self.data(setting, seed)
+        if "start" not in d:
+            d["start"] = self._warm_start(setting, seed, d)
+        return d["start"]
+
+    def _warm_start(self, setting: str, seed: int, d: dict):
+        from peft import PeftModel
+
+        from drpost.trainers.sft import MethodSpec, train_sft
+
+        path = self.cache_dir / f"warm__{setting}__s{seed}"
+        recipe = replace(REAL_RECIPE, seed=seed)
+        meta = {"model": self.model_name, "recipe": asdict(recipe), "sizes": asdict(self.sizes)}
+        saved = json.loads((path / "warm_start.json").read_text()) if (path / "warm_start.json").exists() else {}
+        if {k: saved.get(k) for k in meta} != meta:  # missing, or made by another model / recipe / sizes
+            t0 = time.perf_counter()
+            m = train_sft(copy.deepcopy(self.base), self.tok, chat_examples(self.tok, d["built"].general), d["target"],
+                          MethodSpec("SFT warm start", "full_training"), recipe)
+            tmp = path.with_name(f"{path.name}.tmp{id(self)}")
+            m["model"].save_pretrained(str(tmp))
+            (tmp / "warm_start.json").write_text(json.dumps({**meta, "seconds": round(time.perf_counter() - t0, 1)}))
+            if path.exists():
+                import shutil
+
+                shutil.rmtree(path)
+            tmp.replace(path)
+            print(f"[bench real {self.paradigm}] {setting} seed={seed}: SFT warm start trained "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        start = PeftModel.from_pretrained(copy.deepcopy(self.base), str(path)).merge_and_unload()
+        start.eval()
+        for p in start.parameters():
+            p.requires_grad_(False)
+        return start
+
+    def evaluate(self, model, d: dict, ref) -> dict:
         from drpost.trainers.rl_common import evaluate_policy
 
         k = self.sizes.max_new_tokens
-        ev = evaluate_policy(model, self.base, self.tok, d["test"], self.reward, ROLLOUT_TOKENS,
+        ev = evaluate_policy(model, ref, self.tok, d["test"], self.reward, ROLLOUT_TOKENS,
                              retention=lambda m: {f: chat_exact_match(m, self.tok, ex, k)
                                                   for f, ex in d["retention"].items()}, check=strict_check)
         out = {"target_em": ev["em"], "kl": ev["kl"], "retention_em": ev["retention_em"],
@@ -250,18 +304,23 @@ class RLWorker:
         t0 = time.perf_counter()
         recipe = replace(self.recipe, seed=seed)
         steps_s, extra = None, {}
+        start = self.start(setting, seed)
         if method == "base":
             model, label = self.base, "base (untrained)"
+        elif method == "warm_start":
+            if self.warm == "none":
+                raise ValueError("method 'warm_start' needs warm_start=sft")
+            model, label = start, "SFT warm start (RL starts here)"
         else:
             label, spec = SPECS[self.paradigm][method]
             pairs = self.pairs(setting, seed) if self.paradigm == "dpo" else None
             t1 = time.perf_counter()
             torch.manual_seed(seed)  # the LoRA initialization
-            policy = prepare_model(copy.deepcopy(self.base), self.lora)  # the reference: the frozen base model
+            policy = prepare_model(copy.deepcopy(start), self.lora)  # the reference: the frozen start model
             if pairs is not None:
                 from drpost.trainers.dpo import train_dpo
 
-                m = train_dpo(policy, self.base, self.tok, pairs["general"], pairs["target"], spec, recipe)
+                m = train_dpo(policy, start, self.tok, pairs["general"], pairs["target"], spec, recipe)
                 curve, kept = m["target_loss"], m["kept_frac"]
                 fw = m["flipped_weight"]
                 extra["flipped_weight"] = sum(fw) / len(fw) if fw else None
@@ -269,7 +328,7 @@ class RLWorker:
             else:
                 from drpost.trainers.rlvr import train_rlvr
 
-                m = train_rlvr(policy, self.base, self.reward, self.tok, d["general"], d["target"], spec, recipe)
+                m = train_rlvr(policy, start, self.reward, self.tok, d["general"], d["target"], spec, recipe)
                 curve = [r["target_reward"] for r in m["steps"]]
                 kept = [r["kept_frac"] for r in m["steps"] if r["kept_frac"] is not None]
                 extra["general_reward_curve"] = _downsample([r["general_reward"] for r in m["steps"]])
@@ -277,11 +336,12 @@ class RLWorker:
             model = m["model"]
             extra.update(curve=_downsample(curve), kept_frac=sum(kept) / len(kept) if kept else None,
                          skipped_steps=m["skipped_steps"])
-        ev = self.evaluate(model, d)
-        budget = None if method == "base" else {**asdict(recipe), "finetuning": "lora", "lora_r": self.lora.lora_r,
+        ev = self.evaluate(model, d, start if method != "base" else self.base)
+        budget = None if method in UNTRAINED else {**asdict(recipe), "finetuning": "lora", "lora_r": self.lora.lora_r,
                                                  "lora_alpha": self.lora.lora_alpha}
         return {"setting": setting, "method": method, "label": label, "knob": knob, "seed": seed,
-                "model": self.model_name, "paradigm": self.paradigm, **ev,
+                "model": self.model_name, "paradigm": self.paradigm, "start": "sft_warm_start" if self.warm == "sft"
+                else "base", **ev,
                 "target_family": d["built"].setting.target_family, "n_test": len(d["test"]),
                 "seconds_per_step": steps_s, "wall_seconds": time.perf_counter() - t0, "budget": budget,
                 "sizes": asdict(self.sizes), **extra}
@@ -297,16 +357,19 @@ def _downsample(xs: list[float], points: int = 40) -> list[float]:
 _WORKER: RLWorker | None = None
 
 
-def _init_worker(model_name, sizes, paradigm, recipe, lora, cache_dir, threads):
+def _init_worker(model_name, sizes, paradigm, recipe, lora, cache_dir, warm, threads):
     """This process's worker; one already built for the same arguments is kept (the model loads once)."""
     global _WORKER
     torch.set_num_threads(threads)
-    if _WORKER is None or _WORKER.key != (model_name, sizes, paradigm, recipe, lora, str(cache_dir)):
-        _WORKER = RLWorker(model_name, sizes, paradigm, recipe, lora, cache_dir)
+    if _WORKER is None or _WORKER.key != (model_name, sizes, paradigm, recipe, lora, str(cache_dir), warm):
+        _WORKER = RLWorker(model_name, sizes, paradigm, recipe, lora, cache_dir, warm)
 
 
 def _prepare(key):
-    _WORKER.pairs(*key)
+    """What the runs of one (setting, seed) share and cache: the SFT warm start, the DPO pairs."""
+    _WORKER.start(*key)
+    if _WORKER.paradigm == "dpo":
+        _WORKER.pairs(*key)
 
 
 def _job(args):
@@ -320,14 +383,16 @@ def _job(args):
 
 
 def run_jobs(jobs: list[tuple], out: Path, model_name: str, sizes: RealSizes, paradigm: str, recipe,
-             lora: SFTRecipe, workers: int) -> None:
-    """Run the jobs whose record is missing: first the DPO pairs of each (setting, seed) (one process each, so the
-    replies are generated once), then the runs; ``workers`` processes with one torch thread each (or this one)."""
+             lora: SFTRecipe, workers: int, warm: str = "none") -> None:
+    """Run the jobs whose record is missing: first what each (setting, seed) shares (the SFT warm start, the DPO
+    pairs; one process each, so they are made once and cached), then the runs; ``workers`` processes with one torch
+    thread each (or this one)."""
     todo = missing(jobs, out)
     if not todo:
         return
-    prep = sorted({(s, seed) for s, m, _, seed in todo if m != "base"}) if paradigm == "dpo" else []
-    args = (model_name, sizes, paradigm, recipe, lora, out / "cache")
+    prep = sorted({(s, seed) for s, m, _, seed in todo if m != "base"}) if paradigm == "dpo" or warm != "none" \
+        else []
+    args = (model_name, sizes, paradigm, recipe, lora, out / "cache", warm)
     if workers <= 1:
         _init_worker(*args, torch.get_num_threads())
         for key in prep:
@@ -346,14 +411,16 @@ def run_jobs(jobs: list[tuple], out: Path, model_name: str, sizes: RealSizes, pa
 
 def sweep(paradigm: str, settings: list[str], methods: list[str], seeds: list[int], out_dir: str | Path,
           model_name: str = MODEL_DEFAULT, sizes: RealSizes = REAL_SIZES, recipe=None, lora: SFTRecipe = LORA,
-          workers: int = 2) -> list[dict]:
-    """Every (setting, method, seed) run of ``paradigm`` whose record is missing (knobs fixed: no tuning runs);
-    returns every record on disk for these settings, methods and seeds."""
+          workers: int = 2, warm: str | None = None) -> list[dict]:
+    """Every (setting, method, seed) run of ``paradigm`` whose record is missing (knobs fixed: no tuning runs),
+    starting from the base model or the SFT warm start (``warm``: none | sft; None = ``WARM_DEFAULT``); returns every
+    record on disk for these settings, methods and seeds."""
     out = Path(out_dir)
     recipe = recipe or BUDGETS[paradigm]
+    warm = warm or WARM_DEFAULT[paradigm]
     for s in settings:  # setting by setting, so that an interrupted sweep leaves whole settings behind
         run_jobs([(s, m, knob_of(paradigm, m), seed) for seed in seeds for m in methods], out, model_name, sizes,
-                 paradigm, recipe, lora, workers)
+                 paradigm, recipe, lora, workers, warm)
     return [r for r in load_records(out) if r.get("paradigm") == paradigm and r["setting"] in settings
             and r["method"] in methods and r["seed"] in seeds]
 
@@ -361,7 +428,7 @@ def sweep(paradigm: str, settings: list[str], methods: list[str], seeds: list[in
 # --------------------------------------------------------------------------------------------------------- CLI
 READ_COMMON = frozenset({"paradigm", "output_dir", "model", "settings", "methods", "seeds", "steps",
                          "general_batch_size", "target_batch_size", "lr", "max_grad_norm", "lora_r", "lora_alpha",
-                         "workers", "rewrite"})
+                         "workers", "rewrite", "warm_start"})
 READ = {"dpo": READ_COMMON | {"max_length", "warmup_ratio", "beta"}, "rlvr": READ_COMMON | {"group_size"}}
 
 
@@ -399,10 +466,16 @@ def run(config) -> dict:
     for s in settings:
         if s not in known:
             raise ConfigError(f"option 'settings': {s!r} is not a real-model setting; choose from {', '.join(known)}")
-    methods = list(RL_METHODS) if config.methods == default.methods else list(config.methods)
+    warm = WARM_DEFAULT[p] if config.warm_start == "auto" else config.warm_start
+    methods = list(config.methods)
+    if config.methods == default.methods:  # this paradigm's own list; the warm start is a row where RL starts there
+        methods = RL_METHODS[:1] + (["warm_start"] if warm == "sft" else []) + RL_METHODS[1:]
     for m in methods:
-        if m != "base" and m not in SPECS[p]:
-            raise ConfigError(f"option 'methods': {m!r} is not a {p} method; choose from base, {', '.join(SPECS[p])}")
+        if m == "warm_start" and warm != "sft":
+            raise ConfigError("option 'methods': 'warm_start' (the SFT warm start's row) needs warm_start=sft")
+        if m not in UNTRAINED and m not in SPECS[p]:
+            raise ConfigError(f"option 'methods': {m!r} is not a {p} method; choose from base, warm_start, "
+                              f"{', '.join(SPECS[p])}")
     out = output_dir_of(config)
     if not config.rewrite:
         from drpost.models import resolve_model
@@ -411,13 +484,13 @@ def run(config) -> dict:
         lora = replace(LORA, lora_r=config.lora_r, lora_alpha=config.lora_alpha)
         with quiet_libraries(False):
             sweep(p, settings, methods, [int(s) for s in config.seeds], out, config.model, REAL_SIZES,
-                  recipe_of(config), lora, config.workers)
+                  recipe_of(config), lora, config.workers, warm)
     records = [r for r in load_records(out) if r.get("paradigm") == p]
     if not records:
         raise ConfigError(f"option 'output_dir': no {p} records in {out / 'raw'}")
     return write_report(records, out, command(f"drpost bench real paradigm={p}"))
 
 
-__all__ = ["BUDGETS", "N_PAIRS", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS", "RL_SETTINGS",
+__all__ = ["BUDGETS", "N_PAIRS", "UNTRAINED", "WARM_DEFAULT", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS", "RL_SETTINGS",
            "chosen_text", "dpo_pair", "knob_of", "recipe_of", "reward_fn", "run", "shaped_reward", "strict_check",
            "sweep"]

@@ -472,6 +472,10 @@ class BenchRealConfig:
     warmup_ratio: float = _opt(0.03, "Fraction of the steps spent in linear warm-up (sft, dpo).", min=0, max=1)
     beta: float = _opt(0.1, "DPO's beta (dpo only).", gt=0)
     group_size: int = _opt(4, "Sampled replies per prompt, GRPO's group (rlvr only).", min=2)
+    warm_start: Literal["auto", "none", "sft"] = _opt(
+        "auto", "Where dpo/rlvr start and what their KL is measured to: none = the base model; sft = the SFT warm "
+                "start (FullTraining SFT on the seed's pool with the sft recipe, merged; trained once per setting and "
+                "seed, cached in cache/, and a 'warm_start' row of the tables); auto = sft for rlvr, none for dpo.")
     max_grad_norm: float | None = _opt(1.0, "Clip the update's global norm; none = no clipping.", gt=0)
     lora_r: int = _opt(8, "LoRA rank (adapters on every linear layer).", min=1)
     lora_alpha: float = _opt(16.0, "LoRA alpha.", gt=0)
