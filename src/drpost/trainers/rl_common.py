@@ -274,23 +274,26 @@ def time_rollouts(model, tokenizer, prompts: list[str], max_new_tokens: int = 12
 @torch.no_grad()
 def evaluate_policy(policy, ref, tokenizer, examples: list[dict], reward_fn, max_new_tokens: int = 12,
                     retention: Callable[[torch.nn.Module], dict] | None = None, seed: int = 1234,
-                    check: Callable[[str, dict], float] | None = None) -> dict:
+                    check: Callable[[str, dict], float] | None = None, greedy: bool = True) -> dict:
     """Target metrics of a policy on held-out prompts.
 
     ``reward`` / ``em``: mean reward and exact match (``check(decoded response, example)``, when given) of *greedy*
-    responses; ``sampled_reward``: mean reward of temperature-1 samples (fixed generator seed);
-    ``kl``: KL(pi || ref) per response, estimated on those samples with the k3 estimator summed over tokens,
-    ``sum_t (r_t - 1 - log r_t)`` with ``r_t = ref(y_t) / pi(y_t)``: unbiased for each token's KL given its prefix
-    and never negative (the plain k1 sum ``log pi - log ref`` is unbiased too but often negative on few samples);
+    responses (left out with ``greedy=False``); ``sampled_reward``: mean reward of temperature-1 samples (fixed
+    generator seed); ``kl``: KL(pi || ref) per response, estimated on those samples with the k3 estimator summed over
+    tokens, ``sum_t (r_t - 1 - log r_t)`` with ``r_t = ref(y_t) / pi(y_t)``: unbiased for each token's KL given its
+    prefix and never negative (the plain k1 sum ``log pi - log ref`` is unbiased too but often negative on few
+    samples);
     ``retention_em`` / ``retention_by_family``: ``retention(policy)`` (family -> exact match) and its mean.
     """
     from drpost.objectives.logprobs import response_mask
 
     prompts = [encode_prompt(tokenizer, e["prompt"]) for e in examples]
-    greedy = sample_generate(policy, tokenizer, prompts, max_new_tokens, greedy=True)
-    out = {"reward": float(reward_fn(prompts, greedy, examples).float().mean())}
-    if check is not None and examples:
-        out["em"] = sum(check(decode_response(tokenizer, r), e) for e, r in zip(examples, greedy)) / len(examples)
+    out = {}
+    if greedy:
+        replies = sample_generate(policy, tokenizer, prompts, max_new_tokens, greedy=True)
+        out["reward"] = float(reward_fn(prompts, replies, examples).float().mean())
+        if check is not None and examples:
+            out["em"] = sum(check(decode_response(tokenizer, r), e) for e, r in zip(examples, replies)) / len(examples)
     gen = torch.Generator().manual_seed(seed)
     sampled = sample_generate(policy, tokenizer, prompts, max_new_tokens, generator=gen)
     out["sampled_reward"] = float(reward_fn(prompts, sampled, examples).float().mean())
