@@ -38,6 +38,8 @@ prompts per held-out pool family) exactly as the SFT sweep.
 
 Resumable: one JSON record per finished run in ``output_dir/raw/`` (``drpost.bench.records``); re-running skips
 finished runs, then rewrites ``summary.json``, ``tables.md`` and the target-vs-KL plots (``bench.real_rl_report``).
+``paradigm=rlhf`` (``drpost.bench.real_rlhf``) subclasses ``RLWorker`` (its ``train``, ``reward_of`` and
+``reward_metrics`` hooks) and runs through ``run_jobs``.
 
     drpost bench real paradigm=dpo                         # results/real/dpo
     drpost bench real paradigm=rlvr seeds=0 methods=base,full_training,hull steps=10
@@ -159,6 +161,13 @@ def base_replies(model, tokenizer, examples: list[dict]) -> list[str]:
     return generate_replies(model, tokenizer, examples, batch_size=64, max_new_tokens=REJECT_MAX_NEW, system=SYSTEM)
 
 
+def pair_pool(built, setting: str, seed: int) -> list[dict]:
+    """The pool examples made into DPO pairs: a seeded subsample of ``N_PAIRS``, in pool order."""
+    rng = random.Random(f"{seed}-{setting}-dpo-pairs")
+    keep = sorted(rng.sample(range(len(built.general)), min(N_PAIRS, len(built.general))))
+    return [built.general[i] for i in keep]
+
+
 def knob_of(paradigm: str, method: str):
     """The fixed knob of a method (its options in ``bench.rl.METHODS``): None, a keep fraction, or e.g. 'filter-1.0'."""
     opts = {} if method in UNTRAINED else SPECS[paradigm][method][1].options
@@ -198,12 +207,10 @@ class RLWorker:
                  "target": chat_examples(tok, built.target_train),
                  "val_rows": encode_examples(tok, chat_examples(tok, built.target_val), 128),
                  "retention": {f: ex for f, ex in built.retention.items() if f != built.setting.target_family}}
-            if self.paradigm == "rlvr":
+            if self.paradigm != "dpo":  # RL prompts: the whole pool
                 d["general"] = chat_examples(tok, built.general)
-            else:  # a seeded subsample of the pool, in pool order
-                rng = random.Random(f"{seed}-{setting}-dpo-pairs")
-                keep = sorted(rng.sample(range(len(built.general)), min(N_PAIRS, len(built.general))))
-                d["general_raw"] = [built.general[i] for i in keep]
+            else:
+                d["general_raw"] = pair_pool(built, setting, seed)
                 d["general"] = chat_examples(tok, d["general_raw"])
             self._data[setting, seed] = d
         return self._data[setting, seed]
@@ -285,16 +292,46 @@ class RLWorker:
         from drpost.trainers.rl_common import evaluate_policy
 
         k = self.sizes.max_new_tokens
-        ev = evaluate_policy(model, ref, self.tok, d["test"], self.reward, ROLLOUT_TOKENS,
+        ev = evaluate_policy(model, ref, self.tok, d["test"], self.reward_of(d), ROLLOUT_TOKENS,
                              retention=lambda m: {f: chat_exact_match(m, self.tok, ex, k)
                                                   for f, ex in d["retention"].items()}, check=strict_check)
         out = {"target_em": ev["em"], "kl": ev["kl"], "retention_em": ev["retention_em"],
                "retention_by_family": ev["retention_by_family"],
                "val_em": chat_exact_match(model, self.tok, d["built"].target_val, k),
                "val_loss": token_mean_loss(model, self.tok, d["val_rows"])}
-        if self.paradigm == "rlvr":
-            out["target_reward"] = ev["sampled_reward"]
-        return out
+        return out | self.reward_metrics(ev)
+
+    def reward_of(self, d: dict):
+        """The reward_fn of the evaluation's sampled replies (RLVR's shaped reward; a subclass's own)."""
+        return self.reward
+
+    def reward_metrics(self, ev: dict) -> dict:
+        """What a record keeps of ``evaluate_policy``'s rewards: RLVR the sampled replies' mean shaped reward."""
+        return {"target_reward": ev["sampled_reward"]} if self.paradigm == "rlvr" else {}
+
+    def train(self, policy, start, setting: str, seed: int, spec, recipe) -> dict:
+        """Train ``policy`` (the LoRA-wrapped start model) with the paradigm's trainer; returns {"model", "curve",
+        "kept" (kept fractions), "skipped_steps", "seconds_per_step"} and any extra fields of the record."""
+        pairs = self.pairs(setting, seed) if self.paradigm == "dpo" else None
+        t1, extra = time.perf_counter(), {}
+        if pairs is not None:
+            from drpost.trainers.dpo import train_dpo
+
+            m = train_dpo(policy, start, self.tok, pairs["general"], pairs["target"], spec, recipe)
+            curve, kept = m["target_loss"], m["kept_frac"]
+            fw = m["flipped_weight"]
+            extra["flipped_weight"] = sum(fw) / len(fw) if fw else None
+            extra["rejected_corrupted"] = sum(p["rejected_source"] == "corrupted" for p in pairs["general"])
+        else:
+            from drpost.trainers.rlvr import train_rlvr
+
+            d = self.data(setting, seed)
+            m = train_rlvr(policy, start, self.reward, self.tok, d["general"], d["target"], spec, recipe)
+            curve = [r["target_reward"] for r in m["steps"]]
+            kept = [r["kept_frac"] for r in m["steps"] if r["kept_frac"] is not None]
+            extra["general_reward_curve"] = _downsample([r["general_reward"] for r in m["steps"]])
+        return {"model": m["model"], "curve": curve, "kept": kept, "skipped_steps": m["skipped_steps"],
+                "seconds_per_step": (time.perf_counter() - t1) / recipe.steps, **extra}
 
     def run(self, setting: str, method: str, knob, seed: int) -> dict:
         """Train (unless ``base``) and evaluate one (setting, method, knob, seed); returns the record."""
@@ -313,29 +350,11 @@ class RLWorker:
             model, label = start, "SFT warm start (RL starts here)"
         else:
             label, spec = SPECS[self.paradigm][method]
-            pairs = self.pairs(setting, seed) if self.paradigm == "dpo" else None
-            t1 = time.perf_counter()
             torch.manual_seed(seed)  # the LoRA initialization
             policy = prepare_model(copy.deepcopy(start), self.lora)  # the reference: the frozen start model
-            if pairs is not None:
-                from drpost.trainers.dpo import train_dpo
-
-                m = train_dpo(policy, start, self.tok, pairs["general"], pairs["target"], spec, recipe)
-                curve, kept = m["target_loss"], m["kept_frac"]
-                fw = m["flipped_weight"]
-                extra["flipped_weight"] = sum(fw) / len(fw) if fw else None
-                extra["rejected_corrupted"] = sum(p["rejected_source"] == "corrupted" for p in pairs["general"])
-            else:
-                from drpost.trainers.rlvr import train_rlvr
-
-                m = train_rlvr(policy, start, self.reward, self.tok, d["general"], d["target"], spec, recipe)
-                curve = [r["target_reward"] for r in m["steps"]]
-                kept = [r["kept_frac"] for r in m["steps"] if r["kept_frac"] is not None]
-                extra["general_reward_curve"] = _downsample([r["general_reward"] for r in m["steps"]])
-            steps_s = (time.perf_counter() - t1) / recipe.steps
-            model = m["model"]
-            extra.update(curve=_downsample(curve), kept_frac=sum(kept) / len(kept) if kept else None,
-                         skipped_steps=m["skipped_steps"])
+            extra = self.train(policy, start, setting, seed, spec, recipe)
+            model, steps_s, kept = extra.pop("model"), extra.pop("seconds_per_step"), extra.pop("kept")
+            extra.update(curve=_downsample(extra["curve"]), kept_frac=sum(kept) / len(kept) if kept else None)
         ev = self.evaluate(model, d, start if method != "base" else self.base)
         budget = None if method in UNTRAINED else {**asdict(recipe), "finetuning": "lora", "lora_r": self.lora.lora_r,
                                                  "lora_alpha": self.lora.lora_alpha}
@@ -362,7 +381,10 @@ def _init_worker(model_name, sizes, paradigm, recipe, lora, cache_dir, warm, thr
     global _WORKER
     torch.set_num_threads(threads)
     if _WORKER is None or _WORKER.key != (model_name, sizes, paradigm, recipe, lora, str(cache_dir), warm):
-        _WORKER = RLWorker(model_name, sizes, paradigm, recipe, lora, cache_dir, warm)
+        cls = RLWorker
+        if paradigm == "rlhf":  # PPO on the cached reward model (drpost.bench.real_rlhf, which imports this module)
+            from drpost.bench.real_rlhf import RLHFWorker as cls
+        _WORKER = cls(model_name, sizes, paradigm, recipe, lora, cache_dir, warm)
 
 
 def _prepare(key):
@@ -376,7 +398,8 @@ def _job(args):
     job, out_dir = args
     rec = _WORKER.run(*job)
     write_record(out_dir, rec)
-    reward = f", target reward {rec['target_reward']:.3f}" if "target_reward" in rec else ""
+    reward = "".join(f", {name} {rec[k]:.3f}" for k, name in (("target_reward", "target reward"),
+                                                              ("rm_score", "RM score")) if k in rec)
     print(f"[bench real {rec['paradigm']}] {rec['setting']} {rec['label']} seed={rec['seed']}: target EM "
           f"{rec['target_em']:.3f}{reward}, KL {rec['kl']:.3f}, retention {rec['retention_em']:.3f} "
           f"({rec['wall_seconds']:.0f}s)", flush=True)
@@ -491,6 +514,6 @@ def run(config) -> dict:
     return write_report(records, out, command(f"drpost bench real paradigm={p}"))
 
 
-__all__ = ["BUDGETS", "N_PAIRS", "UNTRAINED", "WARM_DEFAULT", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS", "RL_SETTINGS",
-           "chosen_text", "dpo_pair", "knob_of", "recipe_of", "reward_fn", "run", "shaped_reward", "strict_check",
-           "sweep"]
+__all__ = ["BUDGETS", "N_PAIRS", "UNTRAINED", "WARM_DEFAULT", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS",
+           "RL_SETTINGS", "base_replies", "chosen_text", "dpo_pair", "knob_of", "pair_pool", "recipe_of", "reward_fn",
+           "run", "run_jobs", "shaped_reward", "strict_check", "sweep"]
