@@ -21,8 +21,9 @@ and the target-vs-retention plots from every record on disk (``drpost.bench.real
     drpost bench real                                            # the committed sweep (results/real/sft)
     drpost bench real settings=sparse_related seeds=0 methods=base,full_training,layerwise_subset steps=20
 
-``paradigm=dpo|rlvr`` runs the DPO / RLVR sweeps on the same model and data (``drpost.bench.real_rl``); the pieces
-both share (settings and sizes, chat rendering, strict scoring) live in ``drpost.bench.real_common``.
+``paradigm=dpo|rlvr`` runs the DPO / RLVR sweeps on the same model and data (``drpost.bench.real_rl``),
+``paradigm=rlhf`` PPO on a reward model learned from the setting's preferences (``drpost.bench.real_rlhf``); the
+pieces they share (settings and sizes, chat rendering, strict scoring) live in ``drpost.bench.real_common``.
 """
 
 from __future__ import annotations
@@ -214,11 +215,15 @@ READ = frozenset({"paradigm", "output_dir", "model", "settings", "methods", "see
 
 def run(config) -> list[dict] | dict:
     """``drpost bench real``: the sweep (resumable), then the tables and plots from every record on disk;
-    ``paradigm=dpo|rlvr`` runs ``drpost.bench.real_rl``."""
+    ``paradigm=dpo|rlvr`` runs ``drpost.bench.real_rl``, ``paradigm=rlhf`` ``drpost.bench.real_rlhf``."""
     from drpost.bench.quiet import quiet_libraries
     from drpost.bench.real_report import write_report
     from drpost.config import ConfigError, refuse_unread
 
+    if config.paradigm == "rlhf":
+        from drpost.bench import real_rlhf
+
+        return real_rlhf.run(config)
     if config.paradigm != "sft":
         from drpost.bench import real_rl
 

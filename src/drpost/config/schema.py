@@ -435,47 +435,56 @@ class BenchMesoConfig:
 
 @dataclass
 class BenchRealConfig:
-    """Real-model benchmark ('drpost bench real'): world settings as chat turns on a pretrained LLM (LoRA), SFT, DPO
-    or RLVR, methods x settings x seeds, one record per finished run (re-running skips finished runs), tables and
+    """Real-model benchmark ('drpost bench real'): world settings as chat turns on a pretrained LLM (LoRA), SFT, DPO,
+    RLVR or RLHF, methods x settings x seeds, one record per finished run (re-running skips finished runs), tables and
     plots."""
 
     kind: ClassVar[str] = "real"  # the first positional argument of 'drpost bench'
 
-    paradigm: Literal["sft", "dpo", "rlvr"] = _opt(
+    paradigm: Literal["sft", "dpo", "rlvr", "rlhf"] = _opt(
         "sft", "sft: the chat rows; dpo: pairs with the base model's own reply rejected; rlvr: GRPO with the world's "
-               "verifiers (partial credit 0.25 for the answer inside a longer first line). Options a paradigm does "
-               "not read are refused.")
+               "verifiers (partial credit 0.25 for the answer inside a longer first line); rlhf: PPO on a reward "
+               "model trained on the setting's preference pairs (scored on target EM and on the reward at a fixed "
+               "KL). Options a paradigm does not read are refused.")
     output_dir: str = _opt("", "Directory for raw/ (one JSON record per run), cache/ (dpo: the base model's "
-                               "replies), summary.json, tables.md and the plots; empty = results/real/<paradigm>.")
+                               "replies; rlvr, rlhf: the SFT warm starts; rlhf: the reward model), summary.json, "
+                               "tables.md and the plots; empty = results/real/<paradigm>.")
     model: str = _opt("smollm2-135m-instruct", "The model post-trained: an alias set up by 'drpost model fetch', a "
                                                "local Hugging Face folder, or a hub name where a hub is reachable.")
     settings: list[str] = _opt(factory=lambda: ["sparse_related", "format_shift"],
                                help="Real-model settings (drpost.bench.real_common.real_settings), comma-separated; "
-                                    "dpo and rlvr: this default means format_shift only.")
+                                    "dpo, rlvr and rlhf: this default means format_shift only.")
     methods: list[str] = _opt(
         factory=lambda: ["base", "full_training", "target_only", "dsir", "global_subset", "layerwise_subset", "hull",
                          "dsir_prefilter_hull"],
         help="Methods, comma-separated: 'base' (the untrained model) and, sft: any method of 'drpost bench "
-             "quality'; dpo, rlvr: a method of 'drpost bench quality --paradigm dpo|rlvr' (this default means base, "
-             "full_training, target_only, global_subset, layerwise_subset, hull).")
+             "quality'; dpo, rlvr, rlhf: a method of 'drpost bench quality --paradigm dpo|rlvr|rlhf' (this default "
+             "means base, full_training, target_only, global_subset, layerwise_subset, hull; rlhf adds iif; rlvr "
+             "and rlhf add warm_start, the SFT warm start's row, where they start there).")
     seeds: list[int] = _opt(factory=lambda: [0, 1, 2], help="Seeds, comma-separated; each seed draws the data "
                                                              "(pool, 16 targets, validation/test) and the training.",
                             min=0)
-    steps: int | None = _opt(None, "Optimizer steps per run; none = the paradigm's budget (sft 40, dpo 12, "
-                                   "rlvr 8).", min=1)
-    general_batch_size: int | None = _opt(None, "General rows (sft), pairs (dpo) or prompts (rlvr) per step; none "
-                                                "= the paradigm's budget (sft 8, dpo 8, rlvr 4).", min=1)
-    target_batch_size: int = _opt(1, "Target rows (sft), pairs (dpo) or prompts (rlvr) per step.", min=1)
+    steps: int | None = _opt(None, "Optimizer steps per run (rlhf: PPO rounds); none = the paradigm's budget (sft "
+                                   "40, dpo 12, rlvr 8, rlhf 5).", min=1)
+    general_batch_size: int | None = _opt(None, "General rows (sft), pairs (dpo) or prompts (rlvr) per step, "
+                                                "general rollouts per PPO round (rlhf); none = the paradigm's budget "
+                                                "(sft 8, dpo 8, rlvr 4, rlhf 8).", min=1)
+    target_batch_size: int = _opt(1, "Target rows (sft), pairs (dpo) or prompts (rlvr) per step (rlhf: fixed, 4 "
+                                     "target rollouts a round, 2 a step).", min=1)
     max_length: int = _opt(128, "Longest tokenized row (prompt + answer; sft, dpo).", min=8)
-    lr: float | None = _opt(None, "Peak learning rate (AdamW; sft, dpo: linear warm-up and decay, rlvr: constant); "
-                                  "none = the paradigm's budget (sft 1e-3, dpo 5e-4, rlvr 5e-4).", gt=0, max=10)
+    lr: float | None = _opt(None, "Peak learning rate (AdamW; sft, dpo: linear warm-up and decay, rlvr, rlhf: "
+                                  "constant); none = the paradigm's budget (sft 1e-3, dpo 5e-4, rlvr 5e-4, rlhf "
+                                  "5e-4).", gt=0, max=10)
     warmup_ratio: float = _opt(0.03, "Fraction of the steps spent in linear warm-up (sft, dpo).", min=0, max=1)
     beta: float = _opt(0.1, "DPO's beta (dpo only).", gt=0)
     group_size: int = _opt(4, "Sampled replies per prompt, GRPO's group (rlvr only).", min=2)
+    kl_coef: float = _opt(0.05, "PPO's KL penalty coefficient, per token, against the start model (rlhf only).",
+                          min=0)
     warm_start: Literal["auto", "none", "sft"] = _opt(
-        "auto", "Where dpo/rlvr start and what their KL is measured to: none = the base model; sft = the SFT warm "
-                "start (FullTraining SFT on the seed's pool with the sft recipe, merged; trained once per setting and "
-                "seed, cached in cache/, and a 'warm_start' row of the tables); auto = sft for rlvr, none for dpo.")
+        "auto", "Where dpo/rlvr/rlhf start and what their KL is measured to: none = the base model; sft = the SFT "
+                "warm start (FullTraining SFT on the seed's pool with the sft recipe, merged; trained once per "
+                "setting and seed, cached in cache/, and a 'warm_start' row of the tables); auto = sft for rlvr and "
+                "rlhf, none for dpo.")
     max_grad_norm: float | None = _opt(1.0, "Clip the update's global norm; none = no clipping.", gt=0)
     lora_r: int = _opt(8, "LoRA rank (adapters on every linear layer).", min=1)
     lora_alpha: float = _opt(16.0, "LoRA alpha.", gt=0)
