@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 
+from tests.bench.test_quality import tiny_setting
+
 from drpost.bench import quality, records
 from drpost.trainers.sft import SFTRecipe
-from tests.bench.test_quality import tiny_setting
 
 KNOBS = {"a": [1, 2], "b": [None]}
 

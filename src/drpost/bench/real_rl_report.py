@@ -1,8 +1,8 @@
 """Tables and plots of the real-model DPO / RLVR benchmark (``drpost bench real paradigm=dpo|rlvr``) from its records.
 
 ``write_report(records, out_dir, command)`` writes ``summary.json`` (every record), ``tables.md`` (one README-ready
-table per setting: target EM, for RLVR the sampled target reward, retention EM, KL to the base model, validation EM,
-s/step, seeds; mean ± standard error over seeds; the untrained ``base`` row first, then by target EM) and one
+table per setting: target EM, for RLVR the sampled target reward, retention EM, KL to the start model (the base
+model, or the SFT warm start for RLVR), validation EM, s/step, seeds; mean ± standard error over seeds; the untrained ``base`` row first, then by target EM) and one
 ``target_vs_kl_<setting>.png`` per setting, with the Pareto front (higher target EM at lower KL) marked.
 """
 
@@ -79,7 +79,8 @@ def markdown(table: dict, command: str) -> str:
                   f"Mean ± standard error over up to {n} seeds (the seed redraws the data). Target EM: strict greedy "
                   "exact match on the test targets"
                   + ("; target reward: mean shaped reward (1 / 0.25 / 0) of sampled replies" if reward else "")
-                  + "; KL: to the base model on the test targets (nats per reply).", "",
+                  + "; KL: to the start model (the base model, or the SFT warm start) on the test targets "
+                  "(nats per reply).", "",
                   "| method | knob | target EM |" + (" target reward |" if reward else "")
                   + " retention EM | KL | val EM | s/step | seeds |",
                   "|---|---|---|" + ("---|" if reward else "") + "---|---|---|---|---|"]
@@ -113,7 +114,7 @@ def plots(table: dict, out: Path) -> None:
             ax.plot(*zip(*front), "--", color="black", lw=0.8, label="Pareto front")
             ax.legend(loc="best", fontsize=7)
         paradigm = next(iter(rows.values()))["paradigm"].upper()
-        ax.set_xlabel("KL to the base model (test targets, nats per reply)")
+        ax.set_xlabel("KL to the start model (test targets, nats per reply)")
         ax.set_ylabel("target EM (test, greedy, strict)")
         ax.set_title(f"{paradigm} {s}: target vs KL (filled = Pareto; red Dr)", fontsize=9)
         fig.tight_layout()
