@@ -149,3 +149,35 @@ def test_fallback_module_gets_exact_per_sample_gradients_with_one_warning():
     u = ref["u"][:, col]
     assert torch.allclose(st.row_gram, u @ u.t(), rtol=1e-10)
     assert torch.allclose(st.row_scores, u @ ref["g_T"][col], rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("d_in,d_out", [(40, 4), (4, 40), (4, 4), (40, 24)])
+def test_narrow_products_match_the_plain_formulas(d_in, d_out):
+    """A narrow output (<= NARROW_COLS columns) is computed transposed: the same values as the plain products, in
+    the per-row gradients, the weighted sum and the capture functions' forward and input gradient."""
+    from drpost.geometry.factors import outer_sum, per_row
+    from drpost.geometry.functions import _LinearFn
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 5, d_in, generator=g, dtype=torch.float64)  # (R, T, d_in)
+    b = torch.randn(3, 5, d_out, generator=g, dtype=torch.float64)  # (R, T, d_out)
+    c = torch.randn(3, generator=g, dtype=torch.float64)
+    ref = torch.einsum("rtp,rtq->rpq", b, a)  # (R, d_out, d_in)
+    assert torch.allclose(per_row(b, a), ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(outer_sum(b, a, c), torch.einsum("r,rpq->pq", c, ref), rtol=1e-12, atol=1e-12)
+
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    bias = torch.randn(d_out, generator=g, dtype=torch.float64)
+
+    class Rec:
+        def record(self, x, dy):
+            self.dy = dy
+
+    for bi in (None, bias):
+        x1, x2 = a.clone().requires_grad_(), a.clone().requires_grad_()
+        y1 = _LinearFn.apply(x1, w, bi, Rec())
+        y2 = torch.nn.functional.linear(x2, w, bi)
+        assert torch.allclose(y1, y2, rtol=1e-12, atol=1e-12) and y1.is_contiguous()
+        y1.backward(b)
+        y2.backward(b)
+        assert torch.allclose(x1.grad, x2.grad, rtol=1e-12, atol=1e-12) and x1.grad.shape == a.shape

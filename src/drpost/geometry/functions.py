@@ -8,10 +8,14 @@ a layer subclass's own forward and reroutes only the calls on its weight (used b
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+
+from drpost.geometry.factors import narrow
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -24,14 +28,27 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 # --------------------------------------------------------------------------- custom autograd functions
 def _gemm_out(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     """x @ w (+ bias) for x (..., d_in), w (d_in, d_out), written into a fresh tensor that is no view: models may
-    modify a layer's output in place, which autograd forbids on a view made inside a custom function."""
+    modify a layer's output in place, which autograd forbids on a view made inside a custom function. A narrow
+    output (a LoRA A matrix's rank columns) is computed transposed and copied into place (``factors.narrow``)."""
     y = x.new_empty(*x.shape[:-1], w.shape[1])  # (..., d_out)
-    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, w.shape[1])
-    if bias is None:
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, w.shape[1])  # (N, d_in), (N, d_out)
+    if narrow(*y2.shape):
+        yt = torch.mm(w.t(), x2.t()) if bias is None else torch.addmm(bias[:, None], w.t(), x2.t())  # (d_out, N)
+        y2.copy_(yt.t())
+    elif bias is None:
         torch.mm(x2, w, out=y2)
     else:
         torch.addmm(bias, x2, w, out=y2)
     return y
+
+
+def _input_grad(dy: Tensor, w: Tensor, shape: torch.Size) -> Tensor:
+    """dy @ w for dy (..., d_out), w (d_out, d_in), as a tensor of the input's ``shape``; a narrow result (the
+    input gradient of a LoRA B matrix) is computed transposed (``factors.narrow``)."""
+    if narrow(math.prod(dy.shape[:-1]), w.shape[1]):
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (N, d_out)
+        return (w.t() @ dy2.t()).t().contiguous().view(shape)  # (d_in, N) -> (N, d_in)
+    return (dy @ w).view(shape)
 
 
 class _LinearFn(torch.autograd.Function):
@@ -53,7 +70,7 @@ class _LinearFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = dy.to(x.dtype)
         ctx.handler.record(x, dy)
-        dx = dy @ weight if ctx.needs_input_grad[0] else None
+        dx = _input_grad(dy, weight, x.shape) if ctx.needs_input_grad[0] else None
         return dx, None, None, None
 
 
@@ -76,7 +93,7 @@ class _Conv1DFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = dy.to(x.dtype)
         ctx.handler.record(x, dy)
-        dx = dy @ weight.t() if ctx.needs_input_grad[0] else None
+        dx = _input_grad(dy, weight.t(), x.shape) if ctx.needs_input_grad[0] else None
         return dx, None, None, None
 
 
