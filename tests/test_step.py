@@ -315,3 +315,18 @@ def test_gradient_checkpointing_gives_the_same_step(reentrant):
         model.eval()
     assert torch.equal(rep_plain.weights, rep_ckpt.weights)
     assert_same(ckpt, plain)
+
+
+def test_all_finite_sees_nan_inf_and_falls_back_on_overflow():
+    """The update check: one sum per tensor; a non-finite total is checked element by element, so an overflowing
+    sum of finite values is still finite, and any NaN or inf is caught."""
+    from drpost.step import all_finite
+
+    big = torch.full((4,), torch.finfo(torch.float32).max)  # finite; its sum overflows to inf
+    assert all_finite([torch.ones(3), big, torch.zeros(0)])
+    assert all_finite([])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.ones(5)
+        x[2] = bad
+        assert not all_finite([torch.ones(3), x])
+        assert not all_finite([big, x])
