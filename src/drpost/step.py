@@ -8,11 +8,14 @@ One step, as named stages over a ``MergedBatch`` (``assembly="one_pass"``, the d
   1. ``_forward``: target rows after the general rows in one batch, ``loss_fn`` -> per-row loss sums and counts;
   2. ``_backward``: back-propagate the sum of all rows' losses once, capturing each layer's (A, B)
      (geometry/capture.py, which also checks that every trainable parameter is accounted for) and skipping
-     autograd's own weight gradients;
+     autograd's own weight gradients; a weight whose per-row gradients are smaller than its factors (LoRA) gets
+     them right there, and its factors are freed;
   3. geometry (``LocalGeometry`` or, data-parallel, ``DistributedStep``): per block, scores <u_i, g_T> and the Gram
-     where the feasible set needs it, by the scoring method the cost model picks per block shape;
+     where the feasible set needs it, by the scoring method the cost model picks per block shape (blocks holding
+     per-row gradients: one GEMM each, finished together);
   4. ``_solve``: the feasible set turns them into coefficients of ``d = sum_i c_i u_i + c_T g_T`` (feasible/);
-  5. ``_assemble``: every parameter's ``d`` with one GEMM per use from the captured factors, added to ``.grad``.
+  5. ``_assemble``: every parameter's ``d`` with one GEMM per use from the captured factors (one GEMV over held
+     per-row gradients), added to ``.grad``.
 ``assembly="two_pass"`` replaces 5 by a second, ordinary forward/backward of the weighted loss (the reference).
 A non-finite loss, geometry or update skips the step: ``.grad`` and the weights are left untouched; so does a
 refusal (``UnsupportedModelError``). The math: docs/design.md.
@@ -173,6 +176,8 @@ class DataRegularizer:
         """(method, stats or None) for a block at these shapes: the fixed ``scoring``, or the cost model's choice
         (cached per shape). With ``autotune`` and the target coefficients ``tc`` (R,), the first sight of a shape
         times every exact candidate and returns the fastest together with the stats it computed."""
+        if block.rows is not None and self.scoring != "compress":
+            return "direct", None  # per-row gradients materialized in the backward: every exact method reads them
         if self.scoring != "auto":
             return self.scoring, None
         key = (block_idx, n_rows, m_rows, T, need_gram)

@@ -17,13 +17,13 @@ from drpost.step import merge_batches
 FAMILIES = ["llama", "qwen2", "gpt2"]
 
 
-def captured(model, gen, tgt):
+def captured(model, gen, tgt, materialize=True):
     """Run the capture by hand: merged forward, one backward. Returns (capture, blocks, tc, R_g)."""
     merged = merge_batches(gen, tgt, "cpu")
     R_g, R = gen["input_ids"].shape[0], merged["input_ids"].shape[0]
-    cap = Capture(model)
+    cap = Capture(model, materialize=materialize)
     with cap:
-        cap.rows = R
+        cap.start(R, merged["input_ids"].shape[1])
         loss, counts = causal_lm_loss(model, merged)
     cap.backward(loss.sum())
     blocks = cap.collect()
@@ -42,15 +42,21 @@ def block_slices(model, blocks, names):
     return [torch.cat([torch.arange(*offsets[id(p)]) for p in b.params]) for b in blocks]
 
 
-@pytest.fixture(scope="module", params=[(f, lora) for f in FAMILIES for lora in (False, True)],
-                ids=lambda x: f"{x[0]}{'-lora' if x[1] else ''}")
+@pytest.fixture(scope="module", params=[(f, lora, mat) for f in FAMILIES for lora in (False, True)
+                                        for mat in (False, True)],
+                ids=lambda x: f"{x[0]}{'-lora' if x[1] else ''}{'-rows' if x[2] else '-factors'}")
 def setup(request):
-    fam, lora = request.param
+    """``-rows``: small per-row gradients materialized in the backward (the default); ``-factors``: every kernel on
+    the factors."""
+    fam, lora, mat = request.param
     model = tiny_model(fam, lora=lora)
     gen = batch(5, seed=1, T=9)  # rows are samples here; merged per-row Gram = per-sample Gram
     tgt = batch(2, seed=2, T=7)
     ref = reference_geometry(model, gen, tgt, causal_lm_loss)
-    cap, blocks, tc, R_g = captured(model, gen, tgt)
+    cap, blocks, tc, R_g = captured(model, gen, tgt, materialize=mat)
+    held = [b for b in blocks if b.rows is not None]
+    assert bool(held) == mat  # both paths are exercised: some weights are small enough to hold, none without
+    assert all(not us for b in held for us in b.factored.values())  # held rows replace the factors
     cols = block_slices(model, blocks, ref["names"])
     return model, ref, blocks, tc, R_g, cols
 

@@ -83,8 +83,8 @@ def test_non_finite_loss_skips_one_step(bad):
 
 def test_non_finite_gram_skips_one_step(monkeypatch):
     parts = _parts()
-    real, calls = step_geometry.block_stats, {"step": -1}
-    n_blocks = len(parts.reg.blocks)
+    real, real_products, calls = step_geometry.block_stats, step_geometry.row_products, {"step": -1}
+    n_blocks = len(parts.reg.blocks)  # each block is scored once per step, by one of the two paths
 
     def faulty(*args, **kw):
         calls["step"] += 1
@@ -93,7 +93,15 @@ def test_non_finite_gram_skips_one_step(monkeypatch):
             st.row_gram = st.row_gram * float("nan")
         return st
 
+    def faulty_products(block, n_rows, tc, full):  # the batched path: row products, the Gram among them
+        calls["step"] += 1
+        P, kept = real_products(block, n_rows, tc, full)
+        if calls["step"] // n_blocks == FAULT and full:
+            P = P * float("nan")
+        return P, kept
+
     monkeypatch.setattr(step_geometry, "block_stats", faulty)
+    monkeypatch.setattr(step_geometry, "row_products", faulty_products)
     metrics, snaps = _train_with_fault(parts)
     _check_skipped_once(metrics, snaps, "non-finite scores or Gram")
 

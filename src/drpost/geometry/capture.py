@@ -46,10 +46,13 @@ class Capture:
 
     ``linear_only=True`` captures only Linear/Conv1D (and PEFT LoRA's inner Linear) layers; other trainable
     parameters are frozen for the duration of the step (the user asked for "linear layers only").
+    ``materialize=True`` (default): a Linear/Conv1D weight alone in its block whose per-row gradients take no more
+    memory than its factors (a LoRA matrix: p q <= T (p + q)) gets them computed in the backward, and its factors
+    are freed there as a plain backward frees them (``Block.rows``); False keeps every weight's factors.
     Before each forward, ``start(rows, tokens)`` tells the handlers the merged batch's shape (R, T).
     """
 
-    def __init__(self, model: nn.Module, linear_only: bool = False):
+    def __init__(self, model: nn.Module, linear_only: bool = False, materialize: bool = True):
         self.model = model
         self.rows = 0
         self.tokens = 0
@@ -83,6 +86,10 @@ class Capture:
         if not self.handlers:
             raise ValueError("the model has no trainable parameters (every requires_grad is False)")
         self.blocks = self._make_blocks()
+        alone = [self.block_of.count(self.block_of[i]) == 1 for i in range(len(self.handlers))]
+        for h, single in zip(self.handlers, alone, strict=True):  # materialize small per-row gradients in the backward
+            if isinstance(h, (LinearHandler, Conv1DHandler)):
+                h.materialize = materialize and single
         self.param_names = {p: (f"{h.name}.{n}" if h.name else n) for h in self.handlers for n, p in h.trainable.items()}
         self.checked = list({id(p): p for h in self.handlers for p in h.checked_params()}.values())
         checked = {id(p) for p in self.checked}

@@ -60,6 +60,8 @@ def method_costs(shapes, n: int, m: int, T: int, need_gram: bool, rates: Rates, 
 
 
 def choose(block: Block, n: int, m: int, T: int, need_gram: bool, rates: Rates) -> str:
+    if block.rows is not None:
+        return "direct"  # per-row gradients already materialized in the backward: reading them is all it takes
     shapes = block_shapes(block)
     if not shapes:
         return "direct"  # only small (materialized) parameters: every method is the same

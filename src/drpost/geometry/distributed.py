@@ -221,10 +221,11 @@ class DistributedStep:
                 meth = self._method(reg, l, b, R_g, R - R_g, T, need_gram or need_tgram)
                 report.scoring[b.name] = meth
                 uses = _uses(b)
-                if not uses and not b.small:  # no row touched this block's parameters: zero geometry
+                held = b.rows is not None and not uses  # per-row gradients materialized in the backward
+                if not uses and not b.small and not held:  # no row touched this block's parameters: zero geometry
                     ref = tc
                 else:
-                    ref = uses[0].b if uses else next(iter(b.small.values()))
+                    ref = uses[0].b if uses else b.rows.f if held else next(iter(b.small.values()))
                 dtype = _work_dtype(ref.dtype)
                 tcl = tc.to(dtype=dtype, device=ref.device)
                 tct = tcl[t]
@@ -259,7 +260,7 @@ class DistributedStep:
                     scores.append(Sg @ s)
                     tsq.append(sum(((v * v).sum() for v in red), torch.zeros((), dtype=dtype, device=ref.device)))
                 if need_tgram:  # sketched token-mean target-sample gradients (auto strength)
-                    sk = reg.sketcher.sketch_rows(l, b, dtype) if uses else None
+                    sk = reg.sketcher.sketch_rows(l, b, dtype) if (uses or held) else None
                     tr = torch.cat([x[t] for x in (small, sk) if x is not None], 1)
                     sketches.append(all_gather_rows((St @ tr) / n_t_local.to(dtype)[:, None], self.group,
                                                     self.m_sizes))

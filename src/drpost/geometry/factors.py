@@ -6,10 +6,12 @@ lookup. Its per-row gradient is a sum of token outer products, ``G_r = sum_t b_r
 The parameter stores either ``G`` (Linear) or ``G^T`` (Conv1D, Embedding): ``transposed`` says which. Embedding
 inputs are one-hot vectors, kept as token ids (``OneHot``) and never expanded.
 
-``Use`` holds one use's factors; a ``Block`` (a unit of layer scope) holds its weights' uses and the per-row
-gradients of its small parameters. Everything a scoring method needs is built from five operations on these factors:
-``token_dots`` (pairwise token inner products), ``outer_sum`` (sum_r c_r B_r^T A_r), ``contract``
-(<G_r, M> for a dense M), ``project`` (sketch ``A P^T``) and ``per_row`` (materialize G_r).
+``Use`` holds one use's factors; a ``Block`` (a unit of layer scope) holds its weights' uses, or their materialized
+per-row gradients (``RowGrads``), and the per-row gradients of its small parameters. Everything a scoring method
+needs is built from five operations on these factors: ``token_dots`` (pairwise token inner products), ``outer_sum``
+(sum_r c_r B_r^T A_r), ``contract`` (<G_r, M> for a dense M), ``project`` (sketch ``A P^T``) and ``per_row``
+(materialize G_r). ``outer_sum`` and ``per_row`` compute a narrow product (a LoRA rank's few columns) transposed
+(``narrow``): same values, a much faster BLAS call.
 """
 
 from __future__ import annotations
@@ -133,6 +135,44 @@ class Use:
 
 
 @dataclass
+class RowGrads:
+    """Materialized per-row gradients of a block's factored weights, flattened side by side: weight j occupies
+    columns ``spans[j] = (weight, start, end, transposed)``, in the parameter's layout or, where ``transposed``, in
+    the layout of its transpose (the same permutation for every row)."""
+
+    f: Tensor  # (R, D)
+    spans: list[tuple[nn.Parameter, int, int, bool]]
+
+    @classmethod
+    def of(cls, grads: list[tuple[nn.Parameter, Tensor]], any_order: bool = True) -> RowGrads:
+        """From per-row gradients (R, *param) of each weight, each maybe a transposed view: flattened without a copy
+        in whichever order it lies in memory (``any_order``), else in the parameter's layout."""
+        parts, spans, o = [], [], 0
+        for p, g in grads:
+            transposed = any_order and not g.is_contiguous() and g.transpose(1, 2).is_contiguous()
+            flat = (g.transpose(1, 2) if transposed else g).reshape(g.shape[0], -1)  # (R, numel)
+            spans.append((p, o, o + flat.shape[1], transposed))
+            o += flat.shape[1]
+            parts.append(flat)
+        return cls(parts[0] if len(parts) == 1 else torch.cat(parts, 1), spans)
+
+    def unflatten(self) -> list[tuple[nn.Parameter, Tensor]]:
+        """Per weight, its per-row gradients (R, *param) (a transposed view where the columns are)."""
+        R = self.f.shape[0]
+        return [(p, self.f[:, s:e].reshape(R, p.shape[1], p.shape[0]).transpose(1, 2) if transposed
+                 else self.f[:, s:e].reshape(R, *p.shape)) for p, s, e, transposed in self.spans]
+
+    def combine(self, coef: Tensor) -> dict[nn.Parameter, Tensor]:
+        """sum_r c_r G_r per weight, in the parameter's shape (a transposed view where the columns are).  coef (R,)"""
+        c = coef.to(self.f.dtype)
+        out = {}
+        for p, s, e, transposed in self.spans:
+            g = c @ self.f[:, s:e]  # (numel,) a fresh tensor per weight
+            out[p] = g.reshape(p.shape[1], p.shape[0]).t() if transposed else g.reshape(p.shape)
+        return out
+
+
+@dataclass
 class Block:
     """A unit of layer scope: its factored weights (with their uses) and its small materialized parameters."""
 
@@ -141,7 +181,12 @@ class Block:
     # small parameters: per-row gradients (R, numel) filled after the backward
     small: dict[nn.Parameter, Tensor] = field(default_factory=dict)
     params: list[nn.Parameter] = field(default_factory=list)
+    # per-row gradients of the factored weights, in place of their uses (``factored`` then keeps its weights with
+    # empty lists): materialized in the backward (a weight whose per-row gradients take less memory than its
+    # factors, handlers.py), or by ``direct`` scoring and kept for the assembly (the factors are then released)
+    rows: RowGrads | None = None
 
     def clear(self) -> None:
         self.factored = {p: [] for p in self.factored}
         self.small = {}
+        self.rows = None

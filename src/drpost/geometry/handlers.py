@@ -9,6 +9,10 @@ Owned here (``geometry/capture.py`` picks a handler per module through ``HANDLER
   overrides ``forward`` (Gemma's scaled embeddings, OPT's positional embeddings, ...) keeps its own forward, run
   under ``_Intercept`` (``geometry/functions.py``, with the autograd functions), a torch-function mode that reroutes
   only the calls on the module's own weight. Either way the model computes exactly what it computed before.
+  A weight alone in its block whose per-row gradients ``G_r = B_r^T A_r`` take no more memory than its factors (a
+  LoRA matrix: ``p q <= T (p + q)``) gets them computed right in the backward (``materialize``, set by the capture):
+  the factors are then freed as a plain backward frees them, the step's memory stays near a plain step's, and every
+  exact scoring method reads these rows (``Block.rows``).
 * ``NormHandler``: LayerNorm / RMSNorm weights and biases, ``sum_t xhat_rt * b_rt`` per row (tiny, materialized).
 * ``FallbackHandler``: any other module with trainable parameters; exact per-row gradients by vector-Jacobian
   products (a replay of the module's forward on one row's recorded inputs, then ``torch.autograd.grad``). It owns
@@ -29,13 +33,13 @@ from __future__ import annotations
 import types
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from drpost.geometry.factors import Act, Block, OneHot, Use
+from drpost.geometry.factors import Act, Block, OneHot, RowGrads, Use, per_row, work_dtype
 from drpost.geometry.functions import _Conv1DFn, _EmbeddingFn, _Intercept, _LinearFn
 
 if TYPE_CHECKING:
@@ -73,6 +77,13 @@ def _check_leaf(weight: Tensor, handler: Handler) -> None:
             "adapter that rewrites the weight), so per-sample gradients of those parameters cannot be captured. "
             "Use adapters that are separate modules (PEFT LoRA on Linear layers) or freeze them."
         )
+
+
+class _Rows(NamedTuple):
+    """One call's per-row gradients of a factored weight (parameter layout), and of its bias."""
+
+    g: Tensor  # (R, *weight), maybe a transposed view
+    bias_rows: Tensor | None  # (R, d_out)
 
 
 # --------------------------------------------------------------------------- handlers
@@ -115,7 +126,8 @@ class _FactoredHandler(Handler):
 
     def __init__(self, module, name, capture):
         super().__init__(module, name, capture)
-        self.records: list[tuple[Tensor, Tensor]] = []
+        self.records: list[tuple[Tensor, Tensor] | _Rows] = []  # per call: (x, dy), or its per-row gradients
+        self.materialize = False  # set by the capture: this weight is its block's only factored use (module docstring)
 
     def factored_params(self):
         return [self.trainable["weight"]] if "weight" in self.trainable else []
@@ -158,7 +170,26 @@ class _FactoredHandler(Handler):
         self._prev = None
 
     def record(self, x: Tensor, dy: Tensor) -> None:
-        self.records.append((x.detach(), dy.detach()))
+        x, dy = x.detach(), dy.detach()
+        rows = self._materialized(x, dy) if self.materialize else None
+        self.records.append(rows if rows is not None else (x, dy))
+
+    def _materialized(self, x: Tensor, dy: Tensor) -> _Rows | None:
+        """This call's per-row gradients, when they take no more memory than its factors (p q <= T (p + q) per row,
+        in bytes); None to keep the factors (or when the shapes are not per row: ``finish`` then says why)."""
+        w = self.trainable.get("weight")
+        if w is None:
+            return None
+        try:
+            a, b = self._act(x), rows_view(dy, self.capture, f"module {self.name!r}")  # (R, T, q), (R, T, p)
+        except UnsupportedModelError:
+            return None
+        dt = work_dtype(b.dtype)
+        p, q, T = b.shape[-1], a.shape[-1], a.shape[1]
+        if p * q * dt.itemsize > T * (p * b.element_size() + q * a.element_size()):
+            return None
+        g = per_row(b.to(dt), a.to(dt))  # (R, d_out, d_in), a transposed view for a narrow layer
+        return _Rows(g.transpose(1, 2) if self.transposed else g, b.sum(1) if "bias" in self.trainable else None)
 
     def reset(self) -> None:
         self.records = []
@@ -169,14 +200,28 @@ class _FactoredHandler(Handler):
     def finish(self, block: Block) -> None:
         w = self.trainable.get("weight")
         bias = self.trainable.get("bias")
-        bias_rows = None
-        for x, dy in self.records:
-            b = rows_view(dy, self.capture, f"module {self.name!r}")
-            if w is not None:
-                block.factored[w].append(Use(self._act(x), b, self.transposed))
-            if bias is not None:
-                br = b.sum(1)  # (R, d_out)
+        held = any(isinstance(r, _Rows) for r in self.records)  # then every call's per-row gradients are summed
+        bias_rows = g_sum = None
+        for rec in self.records:
+            if isinstance(rec, _Rows):
+                g, br = rec
+            else:
+                x, dy = rec
+                b = rows_view(dy, self.capture, f"module {self.name!r}")  # (R, T, d_out)
+                br = b.sum(1) if bias is not None else None  # (R, d_out)
+                g = None
+                if w is not None and held:  # a call the memory rule kept as factors, beside materialized ones
+                    dt = work_dtype(b.dtype)
+                    g = per_row(b.to(dt), self._act(x).to(dt))
+                    g = g.transpose(1, 2) if self.transposed else g
+                elif w is not None:
+                    block.factored[w].append(Use(self._act(x), b, self.transposed))
+            if g is not None:
+                g_sum = g if g_sum is None else g_sum + g  # (R, *weight)
+            if br is not None:
                 bias_rows = br if bias_rows is None else bias_rows + br
+        if g_sum is not None:
+            block.rows = RowGrads.of([(w, g_sum)])
         if bias is not None and bias_rows is not None:
             block.small[bias] = bias_rows
         self.records = []

@@ -6,11 +6,15 @@ with ``tc`` the target row coefficients (1/N_T on target rows). Four methods (do
 * ``full_ghost``: ``<G_r, G_q> = sum_{s,t} (a_rs . a_qt)(b_rs . b_qt)`` from token-pair products (no weight-sized
   tensors); uses of a tied weight stored transposed pair up as ``sum_{s,t} (b_rs . a_qt)(a_rs . b_qt)``.
 * ``reduced_ghost``: form ``G_T`` once (one weight-gradient GEMM), then ``s_r = sum_t b_rt . (G_T a_rt)``. Scores only.
-* ``direct``: materialize per-row gradients ``(R, *param)``; Gram = one GEMM.
+* ``direct``: materialize per-row gradients ``(R, *param)`` (``row_grads``); Gram = one GEMM. ``row_products`` is
+  the same as one GEMM per block that ``LocalGeometry`` finishes for many blocks at once.
 * ``compress``: Kronecker-factored Gaussian sketch ``(P_1 B_r^T)(A_r P_2^T)`` of shape ``k_1 x k_2`` per weight
   (seeded, fixed across steps; identity where k >= the dimension); approximate but unbiased.
 
-Small parameters (biases, norm weights, fallback modules) are always materialized per row and enter exactly.
+Small parameters (biases, norm weights, fallback modules) are always materialized per row and enter exactly. A block
+that holds its weights' per-row gradients (``Block.rows``: materialized in the backward, or by ``direct`` scoring when
+they are no larger than the factors) is scored from them by every exact method, and assembled from them with one GEMV
+per weight (``assemble``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import Tensor, nn
 from drpost.geometry.factors import (
     Block,
     OneHot,
+    RowGrads,
     Use,
     act_dim,
     contract,
@@ -32,6 +37,7 @@ from drpost.geometry.factors import (
     rows,
     to_dtype,
     token_dots,
+    work_dtype,
 )
 
 METHODS = ("full_ghost", "reduced_ghost", "direct", "compress")
@@ -45,6 +51,7 @@ class BlockStats:
     row_gram: Tensor | None = None  # (R_g, R_g)
     target_row_gram: Tensor | None = None  # (R_t, R_t)
     target_row_sketch: Tensor | None = None  # (R_t, D)
+    rows: RowGrads | None = None  # materialized per-row gradients worth keeping for the assembly (``direct``)
 
 
 def _param_layout(g: Tensor, use: Use) -> Tensor:
@@ -52,8 +59,7 @@ def _param_layout(g: Tensor, use: Use) -> Tensor:
     return g.transpose(-1, -2) if use.transposed else g
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+_work_dtype = work_dtype
 
 
 def _uses(block: Block) -> list[Use]:
@@ -99,17 +105,39 @@ def ghost_gram(block: Block, x: slice, y: slice, dtype: torch.dtype) -> Tensor:
 
 
 # --------------------------------------------------------------------------- direct and compress
-def direct_rows(block: Block, dtype: torch.dtype) -> Tensor | None:
-    """Per-row gradients of the block's factored weights, flattened.  -> (R, sum numel)"""
-    parts = []
-    for us in block.factored.values():
+def row_grads(block: Block, dtype: torch.dtype, any_order: bool = True) -> RowGrads | None:
+    """Per-row gradients of the block's factored weights, flattened side by side (``RowGrads``), or the block's own
+    where it holds them in place of its uses.
+
+    With ``any_order`` a weight's columns come in its transposed order whenever that is how its per-row gradients
+    lie in memory (``factors.narrow`` computes some transposed): the same permutation for every row, so inner
+    products between rows are unchanged, and no copy is made; otherwise in the parameter's layout."""
+    if block.rows is not None and not _uses(block):
+        rg = block.rows if any_order else RowGrads.of(block.rows.unflatten(), any_order=False)
+        return rg if rg.f.dtype == dtype else RowGrads(rg.f.to(dtype), rg.spans)
+    grads = []
+    for p, us in block.factored.items():
         g = None
         for u in us:
-            gu = _param_layout(per_row(u.b.to(dtype), to_dtype(u.a, dtype)), u)
+            gu = _param_layout(per_row(u.b.to(dtype), to_dtype(u.a, dtype)), u)  # (R, *param) maybe a view
             g = gu if g is None else g + gu
         if g is not None:
-            parts.append(g.reshape(g.shape[0], -1))
-    return torch.cat(parts, 1) if parts else None
+            grads.append((p, g))
+    return RowGrads.of(grads, any_order) if grads else None
+
+
+def direct_rows(block: Block, dtype: torch.dtype) -> Tensor | None:
+    """Per-row gradients of the block's factored weights in the parameters' layout, flattened.  -> (R, sum numel)"""
+    rg = row_grads(block, dtype, any_order=False)
+    return None if rg is None else rg.f
+
+
+def worth_keeping(block: Block, rg: RowGrads) -> bool:
+    """Keep materialized per-row gradients for the assembly when they take no more memory than the captured factors
+    they came from (p q <= T (p + q) per weight): the assembly is then one GEMV over them instead of GEMMs over the
+    factors' kept rows."""
+    held = sum(u.b.numel() + (u.a.ids.numel() if isinstance(u.a, OneHot) else u.a.numel()) for u in _uses(block))
+    return rg.f.numel() <= held
 
 
 class Sketcher:
@@ -134,6 +162,8 @@ class Sketcher:
 
     def sketch_rows(self, block_idx: int, block: Block, dtype: torch.dtype) -> Tensor | None:
         """Sketched per-row gradients of the factored weights, flattened.  -> (R, sum k_1 k_2)"""
+        if block.rows is not None and not _uses(block):
+            return self._sketch_held(block_idx, block, dtype)
         parts = []
         for j, (p, us) in enumerate(block.factored.items()):
             if not us:
@@ -156,6 +186,19 @@ class Sketcher:
                 s = su if s is None else s + su
             parts.append(s.reshape(s.shape[0], -1))
         return torch.cat(parts, 1) if parts else None
+
+    def _sketch_held(self, block_idx: int, block: Block, dtype: torch.dtype) -> Tensor:
+        """The same sketch ``P_1 G_r P_2^T`` of per-row gradients the block holds (parameter layout).  -> (R, D)"""
+        parts = []
+        js = {p: j for j, p in enumerate(block.factored)}
+        for p, g in block.rows.unflatten():  # g: (R, p1, p2)
+            g = g.to(dtype)
+            m1 = self.matrix((block_idx, js[p], 0), g.shape[1], self.k[0], g.device, dtype)
+            m2 = self.matrix((block_idx, js[p], 1), g.shape[2], self.k[1], g.device, dtype)
+            s = g if m1 is None else m1 @ g  # (R, k1, p2)
+            s = s if m2 is None else s @ m2.t()  # (R, k1, k2)
+            parts.append(s.reshape(s.shape[0], -1))
+        return torch.cat(parts, 1)
 
 
 # --------------------------------------------------------------------------- reduced ghost
@@ -199,15 +242,17 @@ def block_stats(
     if method not in METHODS:
         raise ValueError(f"option 'scoring' must be one of {METHODS} or 'auto', got {method!r}")
     uses = _uses(block)
-    if not uses and not block.small:  # parameters no row touched (unused in this forward): zero geometry
+    held = block.rows is not None and not uses  # per-row gradients in place of the factors (Block.rows)
+    if not uses and not block.small and not held:  # parameters no row touched in this forward: zero geometry
         return _zero_stats(tc, n_rows, need_gram, need_target_gram, need_target_sketch)
-    ref = uses[0].b if uses else next(iter(block.small.values()))
+    ref = uses[0].b if uses else block.rows.f if held else next(iter(block.small.values()))
     dtype = _work_dtype(ref.dtype)
     tc = tc.to(dtype=dtype, device=ref.device)
     R = tc.shape[0]
     g, t = slice(0, n_rows), slice(n_rows, R)
     tct = tc[t]
     small = _small(block, dtype)
+    kept = None
 
     scores = torch.zeros(n_rows, dtype=dtype, device=ref.device)
     target_sq = torch.zeros((), dtype=dtype, device=ref.device)
@@ -227,9 +272,19 @@ def block_stats(
     if small is not None:
         add_from_rows(small)
 
-    if uses:
+    if held:  # the rows stay for the assembly, whatever the method
+        kept = block.rows
+        if method == "compress":
+            if sketcher is None:
+                raise ValueError("compress scoring needs a sketcher")
+            add_from_rows(sketcher.sketch_rows(block_idx, block, dtype))
+        else:  # every exact method gives these inner products
+            add_from_rows(block.rows.f.to(dtype))
+    elif uses:
         if method == "direct":
-            add_from_rows(direct_rows(block, dtype))
+            rg = row_grads(block, dtype)
+            add_from_rows(rg.f)
+            kept = rg if worth_keeping(block, rg) else None
         elif method == "compress":
             if sketcher is None:
                 raise ValueError("compress scoring needs a sketcher")
@@ -255,10 +310,34 @@ def block_stats(
 
     sketch = None
     if need_target_sketch:
-        sk = sketcher.sketch_rows(block_idx, block, dtype) if (uses and sketcher is not None) else None
+        sk = sketcher.sketch_rows(block_idx, block, dtype) if ((uses or held) and sketcher is not None) else None
         parts = [x[t] for x in (small, sk) if x is not None]
         sketch = torch.cat(parts, 1)
-    return BlockStats(scores, target_sq, gram, tgram, sketch)
+    return BlockStats(scores, target_sq, gram, tgram, sketch, kept)
+
+
+def row_products(block: Block, n_rows: int, tc: Tensor, full: bool) -> tuple[Tensor, RowGrads | None]:
+    """``direct`` scoring as one GEMM per block, for ``LocalGeometry`` to finish for all blocks at once: the inner
+    products of every row's gradient (factored weights and small parameters) with each target row's (``full``: with
+    every row's).  -> ((R, R_t), or (R, R) with ``full``; the per-row gradients worth keeping for the assembly)
+
+    Scores, ``||g_T||^2`` and the Grams follow with the target coefficients ``tc`` (R,): ``P[g] tc_t``,
+    ``tc_t^T P[t] tc_t``, ``P[g, g]``, ``P[t, t]``; the same inner products as ``block_stats``'s ``direct``."""
+    uses = _uses(block)
+    held = block.rows is not None and not uses
+    ref = uses[0].b if uses else block.rows.f if held else next(iter(block.small.values()), tc)
+    dtype = _work_dtype(ref.dtype)
+    rg = row_grads(block, dtype) if (uses or held) else None
+    kept = rg if rg is not None and (held or worth_keeping(block, rg)) else None
+    R = tc.shape[0]
+    P = None
+    for f in (_small(block, dtype), None if rg is None else rg.f):  # (R, D)
+        if f is not None:
+            p = f @ (f if full else f[n_rows:]).t()
+            P = p if P is None else P.add_(p)
+    if P is None:  # parameters no row touched in this forward
+        P = torch.zeros(R, R if full else R - n_rows, dtype=dtype, device=ref.device)
+    return P, kept
 
 
 def _zero_stats(tc: Tensor, n_rows: int, need_gram: bool, need_target_gram: bool, need_sketch: bool) -> BlockStats:
@@ -319,6 +398,8 @@ def assemble(block: Block, coef: Tensor, host_coef: Tensor | None = None) -> dic
     optional CPU copy of ``coef`` used to plan that without a device sync; on CPU ``coef`` itself is used.
     A one-hot use stored transposed (an embedding lookup) is scattered straight into the gradient another use of the
     same weight already produced (a tied LM head's GEMM): no vocabulary-sized zeros, no extra sum."""
+    if block.rows is not None:  # per-row gradients kept from scoring: one GEMV per weight
+        return _with_small(block, block.rows.combine(coef), coef)
     if host_coef is None and coef.device.type == "cpu":
         host_coef = coef.detach()
     keep, uniform = _row_plan(host_coef) if host_coef is not None else (None, None)
@@ -339,6 +420,11 @@ def assemble(block: Block, coef: Tensor, host_coef: Tensor | None = None) -> dic
             g = torch.zeros(p.shape, dtype=_work_dtype(us[0].b.dtype), device=us[0].b.device)
         if g is not None:
             out[p] = g.reshape(p.shape)
+    return _with_small(block, out, coef)
+
+
+def _with_small(block: Block, out: dict[nn.Parameter, Tensor], coef: Tensor) -> dict[nn.Parameter, Tensor]:
+    """Add sum_r c_r g_r of the block's small (materialized) parameters to ``out``."""
     for p, rows_ in block.small.items():
         dtype = _work_dtype(rows_.dtype)
         g = coef.to(dtype) @ rows_.to(dtype)

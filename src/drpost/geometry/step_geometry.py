@@ -8,7 +8,8 @@ Owned here:
   ``geometry(reg, blocks, mb, lr, timer, report) -> StepGeometry | None``; the data-parallel implementation is
   ``geometry/distributed.py``'s ``DistributedStep``. Per block it picks a scoring method (``reg.scoring_method``) and
   computes the scores ``<u_i, g_T>``, ``||g_T||^2`` and, where the feasible set needs them, the Gram ``<u_i, u_j>``,
-  the target-sample Gram and sketches (``geometry/kernels.py``), then groups rows into samples;
+  the target-sample Gram and sketches (``geometry/kernels.py``), then groups rows into samples; blocks scored
+  ``direct`` (every LoRA matrix) take one GEMM each and are finished together with a few batched products;
 * ``finish_geometry``: stacks the blocks into a ``StepGeometry`` and refuses non-finite values (the step is skipped).
 
 The math is in ``docs/design.md``.
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from drpost.feasible.base import StepGeometry, ensure_finite
-from drpost.geometry.kernels import block_stats
+from drpost.geometry.kernels import block_stats, row_products
 
 
 # --------------------------------------------------------------------------- batches
@@ -160,7 +161,14 @@ class Timer:
 
 # --------------------------------------------------------------------------- the local geometry
 class LocalGeometry:
-    """One process: every block's scores (and Gram where needed) from the captured factors."""
+    """One process: every block's scores (and Gram where needed) from the captured factors.
+
+    Blocks scored ``direct`` (every block holding per-row gradients, e.g. LoRA's) take one GEMM each
+    (``kernels.row_products``) and are finished together: scores, target norms and Grams of all of them with a few
+    batched products (``batched=False``: one ``block_stats`` per block, the reference the tests compare against)."""
+
+    def __init__(self, batched: bool = True):
+        self.batched = batched
 
     def geometry(self, reg, blocks, mb: MergedBatch, lr, timer: Timer, report) -> StepGeometry | None:
         needs = reg.needs()
@@ -174,25 +182,53 @@ class LocalGeometry:
         tc[R_g:] = 1.0 / n_t.sum()
         S_g, S_t = indicator(mb.g_ids, n, n_i.dtype), indicator(mb.t_ids, m, n_i.dtype)  # (n, R_g), (m, R_t)
         any_gram = needs.gram or needs.target_gram
-        scores, tsq, grams, tgrams, sketches = [], [], [], [], []
+        scores, tsq, grams = [None] * L, [None] * L, [None] * L
+        tgrams, sketches = [], []
+        prods: dict[tuple, list[tuple[int, Tensor]]] = {}  # (dtype, device) -> [(block, (R, R_t or R))]
         with timer("scoring"):
             for l, b in enumerate(blocks):
                 meth, st = reg.scoring_method(l, b, R_g, R - R_g, mb.T, any_gram, tc=tc)
                 report.scoring[b.name] = meth
-                if st is None:
-                    st = block_stats(b, l, meth, tc, R_g, needs.gram, needs.target_gram, reg.sketcher,
-                                     need_target_sketch=needs.target_gram)
-                dt = st.row_scores.dtype
-                Sg, St = S_g.to(dt), S_t.to(dt)
-                scores.append(Sg @ st.row_scores)
-                tsq.append(st.target_sq)
-                if needs.gram:
-                    grams.append(Sg @ st.row_gram @ Sg.t())
-                if needs.target_gram:
-                    tgrams.append(St @ st.target_row_gram @ St.t())
-                    sketches.append((St @ st.target_row_sketch) / n_t.to(dt)[:, None])
-        return finish_geometry(reg.blocks, torch.stack(scores), tsq, grams, tgrams, sketches, n_i, n_t,
-                               needs.gram, needs.target_gram, lr, report)
+                if st is None and meth == "direct" and self.batched and not needs.target_gram:
+                    P, b.rows = row_products(b, R_g, tc, full=needs.gram)
+                    prods.setdefault((P.dtype, P.device), []).append((l, P))
+                else:
+                    if st is None:
+                        st = block_stats(b, l, meth, tc, R_g, needs.gram, needs.target_gram, reg.sketcher,
+                                         need_target_sketch=needs.target_gram)
+                    b.rows = st.rows  # per-row gradients kept for the assembly (or None)
+                    dt = st.row_scores.dtype
+                    Sg, St = S_g.to(dt), S_t.to(dt)
+                    scores[l], tsq[l] = Sg @ st.row_scores, st.target_sq
+                    if needs.gram:
+                        grams[l] = Sg @ st.row_gram @ Sg.t()
+                    if needs.target_gram:
+                        tgrams.append(St @ st.target_row_gram @ St.t())
+                        sketches.append((St @ st.target_row_sketch) / n_t.to(dt)[:, None])
+                if b.rows is not None:  # they replace the factors, whose memory the next blocks then reuse
+                    b.factored = {p: [] for p in b.factored}
+            for group in prods.values():
+                _finish_products(group, tc, S_g, R_g, needs.gram, scores, tsq, grams)
+        return finish_geometry(reg.blocks, torch.stack(scores), tsq, grams if needs.gram else [], tgrams, sketches,
+                               n_i, n_t, needs.gram, needs.target_gram, lr, report)
+
+
+def _finish_products(group: list[tuple[int, Tensor]], tc: Tensor, S_g: Tensor, R_g: int, need_gram: bool,
+                     scores: list, tsq: list, grams: list) -> None:
+    """Scores, ||g_T||^2 and Grams of several blocks at once from their row products (``row_products``)."""
+    idx = [l for l, _ in group]
+    P = torch.stack([p for _, p in group])  # (k, R, R_t) or (k, R, R)
+    dt = P.dtype
+    tct, Sg = tc[R_g:].to(dt), S_g.to(dt)  # (R_t,), (n, R_g)
+    Pt = P[:, :, R_g:] if need_gram else P  # (k, R, R_t): products with the target rows
+    row_scores = Pt[:, :R_g] @ tct  # (k, R_g)
+    s = row_scores @ Sg.t()  # (k, n)
+    t = (Pt[:, R_g:] @ tct) @ tct  # (k,)
+    g = Sg @ P[:, :R_g, :R_g] @ Sg.t() if need_gram else None  # (k, n, n)
+    for j, l in enumerate(idx):
+        scores[l], tsq[l] = s[j], t[j]
+        if need_gram:
+            grams[l] = g[j]
 
 
 def finish_geometry(names, scores: Tensor, tsq, grams, tgrams, sketches, counts: Tensor, tcounts: Tensor,
