@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if RUNNERS[key] not in VALIDATING_RUNNERS:
-            path = save_resolved(config, config.output_dir)
+            out = config.output_path() if hasattr(config, "output_path") else config.output_dir  # "" -> its default
+            path = save_resolved(config, out)
             logging.getLogger("drpost").info("resolved config written to %s", path)
         result = run(config)
     except KeyboardInterrupt:  # runners that train report the step and how to resume, and return 130 themselves

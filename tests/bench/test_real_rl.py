@@ -244,3 +244,11 @@ def test_bad_method_and_setting_are_named(tmp_path, capsys):
     assert "'settings'" in capsys.readouterr().err
     assert cli.main(["bench", "real", "paradigm=rlvr", "rewrite=true", f"output_dir={tmp_path}"]) == 2
     assert "no rlvr records" in capsys.readouterr().err
+
+
+def test_the_resolved_config_goes_to_the_paradigms_default_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "real", "paradigm=rlvr", "rewrite=true"]) == 2  # no records yet
+    assert "no rlvr records" in capsys.readouterr().err
+    assert not (tmp_path / "config.yaml").exists()  # not the working directory (output_dir is empty)
+    assert "paradigm: rlvr" in (tmp_path / "results" / "real" / "rlvr" / "config.yaml").read_text()

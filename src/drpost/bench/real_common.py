@@ -109,7 +109,7 @@ def token_mean_loss(model, tokenizer, rows: list[dict], batch_size: int = 32) ->
 
 def output_dir_of(config) -> Path:
     """A ``BenchRealConfig``'s output directory: ``output_dir``, or ``results/real/<paradigm>`` when it is empty."""
-    return Path(config.output_dir or f"results/real/{config.paradigm}")
+    return config.output_path()
 
 
 def command(default: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 
@@ -494,6 +495,10 @@ class BenchRealConfig:
     workers: int = _opt(2, "Runs in parallel, one process and one torch thread each; 1 = this process with torch's "
                            "thread setting.", min=1)
     rewrite: bool = _opt(False, "Only rebuild summary.json, tables.md and the plots from the records in raw/.")
+
+    def output_path(self) -> Path:
+        """Where the run writes: ``output_dir``, or ``results/real/<paradigm>`` when it is empty."""
+        return Path(self.output_dir or f"results/real/{self.paradigm}")
 
 
 # 'drpost bench' takes its config class from its first positional argument; CONFIGS["bench"] is the quality one.
