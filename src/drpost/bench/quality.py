@@ -118,7 +118,7 @@ def run_one(setting, name: str, knob, seed: int, budget: SFTRecipe, base_size: s
     t0 = time.perf_counter()
     less_file = _less_cache_file(ctx, setting.name, seed) if prefilter_of(name) == "less" else None
     if less_file is not None and ("less", seed) not in sd["cache"] and less_file.exists():
-        saved = torch.load(less_file)
+        saved = torch.load(less_file, weights_only=True)
         sd["cache"][("less", seed)], sd["cache"][("less_seconds", seed)] = saved["scores"], saved["seconds"]
     selected = offline_selection(name, knob, base, tok, data, sd["g_rows"], sd["t_rows"], seed, sd["cache"])
     if less_file is not None and not less_file.exists():

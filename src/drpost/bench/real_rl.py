@@ -38,8 +38,8 @@ prompts per held-out pool family) exactly as the SFT sweep.
 
 Resumable: one JSON record per finished run in ``output_dir/raw/`` (``drpost.bench.records``); re-running skips
 finished runs, then rewrites ``summary.json``, ``tables.md`` and the target-vs-KL plots (``bench.real_rl_report``).
-``paradigm=rlhf`` (``drpost.bench.real_rlhf``) subclasses ``RLWorker`` (its ``train``, ``reward_of`` and
-``reward_metrics`` hooks) and runs through ``run_jobs``.
+``paradigm=rlhf`` (``drpost.bench.real_rlhf``, which imports this module and never the reverse) subclasses
+``RLWorker`` (its ``train``, ``reward_of`` and ``reward_metrics`` hooks) and runs through ``run_jobs``.
 
     drpost bench real paradigm=dpo                         # results/real/dpo
     drpost bench real paradigm=rlvr seeds=0 methods=base,full_training,hull steps=10
@@ -376,14 +376,13 @@ def _downsample(xs: list[float], points: int = 40) -> list[float]:
 _WORKER: RLWorker | None = None
 
 
-def _init_worker(model_name, sizes, paradigm, recipe, lora, cache_dir, warm, threads):
-    """This process's worker; one already built for the same arguments is kept (the model loads once)."""
+def _init_worker(model_name, sizes, paradigm, recipe, lora, cache_dir, warm, cls, threads):
+    """This process's worker, an instance of ``cls`` (``RLWorker``, or a subclass such as
+    ``drpost.bench.real_rlhf.RLHFWorker``: passed in, so this module never imports its extensions); one already built
+    for the same arguments is kept (the model loads once)."""
     global _WORKER
     torch.set_num_threads(threads)
-    if _WORKER is None or _WORKER.key != (model_name, sizes, paradigm, recipe, lora, str(cache_dir), warm):
-        cls = RLWorker
-        if paradigm == "rlhf":  # PPO on the cached reward model (drpost.bench.real_rlhf, which imports this module)
-            from drpost.bench.real_rlhf import RLHFWorker as cls
+    if type(_WORKER) is not cls or _WORKER.key != (model_name, sizes, paradigm, recipe, lora, str(cache_dir), warm):
         _WORKER = cls(model_name, sizes, paradigm, recipe, lora, cache_dir, warm)
 
 
@@ -406,7 +405,7 @@ def _job(args):
 
 
 def run_jobs(jobs: list[tuple], out: Path, model_name: str, sizes: RealSizes, paradigm: str, recipe,
-             lora: SFTRecipe, workers: int, warm: str = "none") -> None:
+             lora: SFTRecipe, workers: int, warm: str = "none", worker_cls: type | None = None) -> None:
     """Run the jobs whose record is missing: first what each (setting, seed) shares (the SFT warm start, the DPO
     pairs; one process each, so they are made once and cached), then the runs; ``workers`` processes with one torch
     thread each (or this one)."""
@@ -415,7 +414,7 @@ def run_jobs(jobs: list[tuple], out: Path, model_name: str, sizes: RealSizes, pa
         return
     prep = sorted({(s, seed) for s, m, _, seed in todo if m != "base"}) if paradigm == "dpo" or warm != "none" \
         else []
-    args = (model_name, sizes, paradigm, recipe, lora, out / "cache", warm)
+    args = (model_name, sizes, paradigm, recipe, lora, out / "cache", warm, worker_cls or RLWorker)
     if workers <= 1:
         _init_worker(*args, torch.get_num_threads())
         for key in prep:

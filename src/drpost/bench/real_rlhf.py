@@ -173,7 +173,7 @@ def ensure_reward_model(model_name: str, setting: str, sizes: RealSizes, cache_d
 # ----------------------------------------------------------------------------------------------------- one process
 class RLHFWorker(RLWorker):
     """``RLWorker`` with PPO on the setting's cached reward model (``ensure_reward_model``), and its reward-vs-KL
-    curve points (``real_rl._init_worker`` builds it for ``paradigm=rlhf``)."""
+    curve points (``sweep`` hands this class to ``real_rl.run_jobs``, whose processes build it)."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -242,7 +242,7 @@ def sweep(settings: list[str], methods: list[str], seeds: list[int], out_dir: st
         jobs = [(s, m, knob_of("rlhf", m), seed) for seed in seeds for m in methods]
         if missing(jobs, out):
             ensure_reward_model(model_name, s, sizes, out / "cache")
-        real_rl.run_jobs(jobs, out, model_name, sizes, "rlhf", recipe, lora, workers, warm)
+        real_rl.run_jobs(jobs, out, model_name, sizes, "rlhf", recipe, lora, workers, warm, RLHFWorker)
     return [r for r in load_records(out) if r.get("paradigm") == "rlhf" and r["setting"] in settings
             and r["method"] in methods and r["seed"] in seeds]
 
