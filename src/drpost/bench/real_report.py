@@ -134,15 +134,21 @@ def plots(table: dict, out: Path) -> None:
         plt.close(fig)
 
 
-def write_report(records: list[dict], out_dir: str | Path, command: str) -> dict:
+def write_files(records: list[dict], out_dir: str | Path, command: str, summarize, markdown, plots) -> dict:
+    """The report files of every real-model paradigm: summary.json (every record), tables.md (``markdown`` of
+    ``summarize(records)``, also printed) and the plots (``plots(records, table, out)``); returns the table."""
     out = Path(out_dir)
     (out / "summary.json").write_text(json.dumps(records, indent=1))
     table = summarize(records)
     text = markdown(table, command)
     (out / "tables.md").write_text(text + "\n")
-    plots(table, out)
+    plots(records, table, out)
     print(text)
     return table
 
 
-__all__ = ["chosen_records", "is_dr", "markdown", "pareto_front", "plots", "summarize", "verdict", "write_report"]
+def write_report(records: list[dict], out_dir: str | Path, command: str) -> dict:
+    return write_files(records, out_dir, command, summarize, markdown, lambda recs, table, out: plots(table, out))
+
+
+__all__ = ["chosen_records", "is_dr", "markdown", "write_files", "pareto_front", "plots", "summarize", "verdict", "write_report"]

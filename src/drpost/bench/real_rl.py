@@ -471,6 +471,19 @@ def recipe_of(config):
                    target_prompts=config.target_batch_size, group_size=config.group_size, **common)
 
 
+def check_methods(methods: list[str], paradigm: str, warm: str) -> None:
+    """Refuse (ConfigError, naming 'methods') a method the paradigm does not have, or the warm-start row without
+    a warm start."""
+    from drpost.config import ConfigError
+
+    for m in methods:
+        if m == "warm_start" and warm != "sft":
+            raise ConfigError("option 'methods': 'warm_start' (the SFT warm start's row) needs warm_start=sft")
+        if m not in UNTRAINED and m not in SPECS[paradigm]:
+            raise ConfigError(f"option 'methods': {m!r} is not a {paradigm} method; choose from base, warm_start, "
+                              f"{', '.join(SPECS[paradigm])}")
+
+
 def run(config) -> dict:
     """``drpost bench real paradigm=dpo|rlvr`` (called by ``drpost.bench.real.run``): the sweep, then the report.
 
@@ -492,12 +505,7 @@ def run(config) -> dict:
     methods = list(config.methods)
     if config.methods == default.methods:  # this paradigm's own list; the warm start is a row where RL starts there
         methods = RL_METHODS[:1] + (["warm_start"] if warm == "sft" else []) + RL_METHODS[1:]
-    for m in methods:
-        if m == "warm_start" and warm != "sft":
-            raise ConfigError("option 'methods': 'warm_start' (the SFT warm start's row) needs warm_start=sft")
-        if m not in UNTRAINED and m not in SPECS[p]:
-            raise ConfigError(f"option 'methods': {m!r} is not a {p} method; choose from base, warm_start, "
-                              f"{', '.join(SPECS[p])}")
+    check_methods(methods, p, warm)
     out = output_dir_of(config)
     if not config.rewrite:
         from drpost.models import resolve_model
@@ -513,6 +521,6 @@ def run(config) -> dict:
     return write_report(records, out, command(f"drpost bench real paradigm={p}"))
 
 
-__all__ = ["BUDGETS", "N_PAIRS", "UNTRAINED", "WARM_DEFAULT", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS",
+__all__ = ["BUDGETS", "N_PAIRS", "UNTRAINED", "WARM_DEFAULT", "check_methods", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS",
            "RL_SETTINGS", "base_replies", "chosen_text", "dpo_pair", "knob_of", "pair_pool", "recipe_of", "reward_fn",
            "run", "run_jobs", "shaped_reward", "strict_check", "sweep"]

@@ -8,11 +8,10 @@ model, or the SFT warm start for RLVR), validation EM, s/step, seeds; mean ± st
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
-from drpost.bench.real_report import is_dr, pareto_front
+from drpost.bench.real_report import is_dr, pareto_front, write_files
 from drpost.bench.stats import mean_se
 
 METRICS = ("target_em", "target_reward", "retention_em", "val_em", "kl")
@@ -123,14 +122,7 @@ def plots(table: dict, out: Path) -> None:
 
 
 def write_report(records: list[dict], out_dir: str | Path, command: str) -> dict:
-    out = Path(out_dir)
-    (out / "summary.json").write_text(json.dumps(records, indent=1))
-    table = summarize(records)
-    text = markdown(table, command)
-    (out / "tables.md").write_text(text + "\n")
-    plots(table, out)
-    print(text)
-    return table
+    return write_files(records, out_dir, command, summarize, markdown, lambda recs, table, out: plots(table, out))
 
 
 __all__ = ["markdown", "ordered", "plots", "summarize", "verdict", "write_report"]

@@ -59,7 +59,6 @@ from drpost.bench.real_common import (
 )
 from drpost.bench.real_rl import LORA, RL_SETTINGS, ROLLOUT_TOKENS, UNTRAINED, RLWorker, knob_of
 from drpost.bench.records import load_records, missing
-from drpost.bench.rl import METHODS as SPECS
 from drpost.bench.stats import mean_se
 from drpost.trainers.rlhf import RLHFRecipe
 from drpost.trainers.sft import SFTRecipe
@@ -380,14 +379,9 @@ def plots(records: list[dict], table: dict, out: Path) -> None:
 
 def write_report(records: list[dict], out_dir: str | Path, command_line: str) -> dict:
     """summary.json (every record), tables.md and the reward-vs-KL plots of ``out_dir``."""
-    out = Path(out_dir)
-    (out / "summary.json").write_text(json.dumps(records, indent=1))
-    table = summarize(records)
-    text = markdown(table, command_line)
-    (out / "tables.md").write_text(text + "\n")
-    plots(records, table, out)
-    print(text)
-    return table
+    from drpost.bench.real_report import write_files
+
+    return write_files(records, out_dir, command_line, summarize, markdown, plots)
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -423,12 +417,7 @@ def run(config) -> dict:
     methods = list(config.methods)
     if config.methods == default.methods:
         methods = [m for m in RLHF_METHODS if m != "warm_start" or warm == "sft"]
-    for m in methods:
-        if m == "warm_start" and warm != "sft":
-            raise ConfigError("option 'methods': 'warm_start' (the SFT warm start's row) needs warm_start=sft")
-        if m not in UNTRAINED and m not in SPECS["rlhf"]:
-            raise ConfigError(f"option 'methods': {m!r} is not an rlhf method; choose from base, warm_start, "
-                              f"{', '.join(SPECS['rlhf'])}")
+    real_rl.check_methods(methods, "rlhf", warm)
     out = output_dir_of(config)
     if not config.rewrite:
         from drpost.models import resolve_model
