@@ -108,6 +108,21 @@ def markdown(table: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def pareto_scatter(ax, rows: dict, x_key: str, color_of) -> None:
+    """Target EM (mean ± s.e.) against ``x_key`` for every row of one setting's table (method -> row), labelled,
+    coloured by ``color_of(method)``, filled where the row is on the Pareto front, the front dashed."""
+    for m, r in rows.items():
+        (x, xe), (y, ye) = r[x_key], r["target_em"]
+        color = color_of(m)
+        ax.errorbar(x, y, xerr=0 if xe != xe else xe, yerr=0 if ye != ye else ye, fmt="o", color=color,
+                    mfc=color if r["pareto"] else "white", capsize=2)
+        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    front = sorted((r[x_key][0], r["target_em"][0]) for r in rows.values() if r["pareto"])
+    if len(front) > 1:
+        ax.plot(*zip(*front), "--", color="black", lw=0.8, label="Pareto front")
+        ax.legend(loc="best", fontsize=7)
+
+
 def plots(table: dict, out: Path) -> None:
     import matplotlib
 
@@ -116,16 +131,8 @@ def plots(table: dict, out: Path) -> None:
 
     for s, rows in table.items():
         fig, ax = plt.subplots(figsize=(6.4, 4.8))
-        for m, r in rows.items():
-            (x, xe), (y, ye) = r["retention_em"], r["target_em"]
-            color = "tab:red" if is_dr(m) else "tab:blue" if m in SELECTION else "tab:gray"
-            ax.errorbar(x, y, xerr=0 if xe != xe else xe, yerr=0 if ye != ye else ye, fmt="o", color=color,
-                        mfc=color if r["pareto"] else "white", capsize=2)
-            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        front = sorted((r["retention_em"][0], r["target_em"][0]) for r in rows.values() if r["pareto"])
-        if len(front) > 1:
-            ax.plot(*zip(*front), "--", color="black", lw=0.8, label="Pareto front")
-            ax.legend(loc="best", fontsize=7)
+        pareto_scatter(ax, rows, "retention_em",
+                       lambda m: "tab:red" if is_dr(m) else "tab:blue" if m in SELECTION else "tab:gray")
         ax.set_xlabel("retention EM (held-out pool families)")
         ax.set_ylabel("target EM (test)")
         ax.set_title(f"{s}: target vs retention (filled = Pareto; red Dr, blue selection)", fontsize=9)
@@ -151,4 +158,4 @@ def write_report(records: list[dict], out_dir: str | Path, command: str) -> dict
     return write_files(records, out_dir, command, summarize, markdown, lambda recs, table, out: plots(table, out))
 
 
-__all__ = ["chosen_records", "is_dr", "markdown", "write_files", "pareto_front", "plots", "summarize", "verdict", "write_report"]
+__all__ = ["chosen_records", "is_dr", "markdown", "pareto_scatter", "write_files", "pareto_front", "plots", "summarize", "verdict", "write_report"]

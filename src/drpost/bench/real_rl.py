@@ -471,17 +471,30 @@ def recipe_of(config):
                    target_prompts=config.target_batch_size, group_size=config.group_size, **common)
 
 
-def check_methods(methods: list[str], paradigm: str, warm: str) -> None:
-    """Refuse (ConfigError, naming 'methods') a method the paradigm does not have, or the warm-start row without
-    a warm start."""
-    from drpost.config import ConfigError
+def resolve_runs(config, default_methods: list[str], default_warm: str) -> tuple[list[str], list[str], str]:
+    """(settings, methods, warm start) of a ``BenchRealConfig`` for dpo / rlvr / rlhf: ``settings`` / ``methods``
+    left at their (SFT) defaults mean ``RL_SETTINGS`` / ``default_methods`` (the ``warm_start`` row only where RL
+    starts there), ``warm_start=auto`` means ``default_warm``. An unknown setting or method, or the warm-start row
+    without a warm start, is refused naming its option (ConfigError)."""
+    from drpost.config import BenchRealConfig, ConfigError
 
+    p, default = config.paradigm, BenchRealConfig()
+    settings = list(RL_SETTINGS) if config.settings == default.settings else list(config.settings)
+    known = real_settings()
+    for s in settings:
+        if s not in known:
+            raise ConfigError(f"option 'settings': {s!r} is not a real-model setting; choose from {', '.join(known)}")
+    warm = default_warm if config.warm_start == "auto" else config.warm_start
+    methods = list(config.methods)
+    if config.methods == default.methods:
+        methods = [m for m in default_methods if m != "warm_start" or warm == "sft"]
     for m in methods:
         if m == "warm_start" and warm != "sft":
             raise ConfigError("option 'methods': 'warm_start' (the SFT warm start's row) needs warm_start=sft")
-        if m not in UNTRAINED and m not in SPECS[paradigm]:
-            raise ConfigError(f"option 'methods': {m!r} is not a {paradigm} method; choose from base, warm_start, "
-                              f"{', '.join(SPECS[paradigm])}")
+        if m not in UNTRAINED and m not in SPECS[p]:
+            raise ConfigError(f"option 'methods': {m!r} is not a {p} method; choose from base, warm_start, "
+                              f"{', '.join(SPECS[p])}")
+    return settings, methods, warm
 
 
 def run(config) -> dict:
@@ -491,21 +504,12 @@ def run(config) -> dict:
     options the paradigm does not read (``READ``) are refused by name."""
     from drpost.bench.quiet import quiet_libraries
     from drpost.bench.real_rl_report import write_report
-    from drpost.config import BenchRealConfig, ConfigError, refuse_unread
+    from drpost.config import ConfigError, refuse_unread
 
     p = config.paradigm
     refuse_unread(config, READ[p], f"bench real paradigm={p}")
-    default = BenchRealConfig()
-    settings = list(RL_SETTINGS) if config.settings == default.settings else list(config.settings)
-    known = real_settings()
-    for s in settings:
-        if s not in known:
-            raise ConfigError(f"option 'settings': {s!r} is not a real-model setting; choose from {', '.join(known)}")
-    warm = WARM_DEFAULT[p] if config.warm_start == "auto" else config.warm_start
-    methods = list(config.methods)
-    if config.methods == default.methods:  # this paradigm's own list; the warm start is a row where RL starts there
-        methods = RL_METHODS[:1] + (["warm_start"] if warm == "sft" else []) + RL_METHODS[1:]
-    check_methods(methods, p, warm)
+    settings, methods, warm = resolve_runs(config, RL_METHODS[:1] + ["warm_start"] + RL_METHODS[1:],
+                                           WARM_DEFAULT[p])
     out = output_dir_of(config)
     if not config.rewrite:
         from drpost.models import resolve_model
@@ -521,6 +525,6 @@ def run(config) -> dict:
     return write_report(records, out, command(f"drpost bench real paradigm={p}"))
 
 
-__all__ = ["BUDGETS", "N_PAIRS", "UNTRAINED", "WARM_DEFAULT", "check_methods", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS",
-           "RL_SETTINGS", "base_replies", "chosen_text", "dpo_pair", "knob_of", "pair_pool", "recipe_of", "reward_fn",
-           "run", "run_jobs", "shaped_reward", "strict_check", "sweep"]
+__all__ = ["BUDGETS", "N_PAIRS", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS", "RL_SETTINGS", "UNTRAINED",
+           "WARM_DEFAULT", "base_replies", "chosen_text", "dpo_pair", "knob_of", "pair_pool", "recipe_of",
+           "resolve_runs", "reward_fn", "run", "run_jobs", "shaped_reward", "strict_check", "sweep"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from drpost.bench.real_report import is_dr, pareto_front, write_files
+from drpost.bench.real_report import is_dr, pareto_front, pareto_scatter, write_files
 from drpost.bench.stats import mean_se
 
 METRICS = ("target_em", "target_reward", "retention_em", "val_em", "kl")
@@ -102,16 +102,7 @@ def plots(table: dict, out: Path) -> None:
 
     for s, rows in table.items():
         fig, ax = plt.subplots(figsize=(6.4, 4.8))
-        for m, r in rows.items():
-            (x, xe), (y, ye) = r["kl"], r["target_em"]
-            color = "tab:red" if is_dr(m) else "tab:gray"
-            ax.errorbar(x, y, xerr=0 if xe != xe else xe, yerr=0 if ye != ye else ye, fmt="o", color=color,
-                        mfc=color if r["pareto"] else "white", capsize=2)
-            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        front = sorted((r["kl"][0], r["target_em"][0]) for r in rows.values() if r["pareto"])
-        if len(front) > 1:
-            ax.plot(*zip(*front), "--", color="black", lw=0.8, label="Pareto front")
-            ax.legend(loc="best", fontsize=7)
+        pareto_scatter(ax, rows, "kl", lambda m: "tab:red" if is_dr(m) else "tab:gray")
         paradigm = next(iter(rows.values()))["paradigm"].upper()
         ax.set_xlabel("KL to the start model (test targets, nats per reply)")
         ax.set_ylabel("target EM (test, greedy, strict)")

@@ -57,7 +57,7 @@ from drpost.bench.real_common import (
     real_settings,
     sized,
 )
-from drpost.bench.real_rl import LORA, RL_SETTINGS, ROLLOUT_TOKENS, UNTRAINED, RLWorker, knob_of
+from drpost.bench.real_rl import LORA, ROLLOUT_TOKENS, UNTRAINED, RLWorker, knob_of
 from drpost.bench.records import load_records, missing
 from drpost.bench.stats import mean_se
 from drpost.trainers.rlhf import RLHFRecipe
@@ -404,20 +404,10 @@ def run(config) -> dict:
     ``settings`` / ``methods`` left at their (SFT) defaults mean ``RL_SETTINGS`` / ``RLHF_METHODS``; options the
     paradigm does not read (``READ``) are refused by name."""
     from drpost.bench.quiet import quiet_libraries
-    from drpost.config import BenchRealConfig, ConfigError, refuse_unread
+    from drpost.config import ConfigError, refuse_unread
 
     refuse_unread(config, READ, "bench real paradigm=rlhf")
-    default = BenchRealConfig()
-    settings = list(RL_SETTINGS) if config.settings == default.settings else list(config.settings)
-    known = real_settings()
-    for s in settings:
-        if s not in known:
-            raise ConfigError(f"option 'settings': {s!r} is not a real-model setting; choose from {', '.join(known)}")
-    warm = "sft" if config.warm_start == "auto" else config.warm_start
-    methods = list(config.methods)
-    if config.methods == default.methods:
-        methods = [m for m in RLHF_METHODS if m != "warm_start" or warm == "sft"]
-    real_rl.check_methods(methods, "rlhf", warm)
+    settings, methods, warm = real_rl.resolve_runs(config, RLHF_METHODS, "sft")
     out = output_dir_of(config)
     if not config.rewrite:
         from drpost.models import resolve_model
