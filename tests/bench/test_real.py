@@ -11,19 +11,10 @@ import json
 
 import pytest
 
-from drpost import cli, models
+from drpost import cli
 from drpost.bench import real, real_report
 
 SMALL = real.RealSizes(n_pool=120, n_val=6, n_test=8, n_retention=2, max_new_tokens=4)
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from tests.test_models import write_tiny_gguf
-
-    d = tmp_path_factory.mktemp("tinyreal")
-    write_tiny_gguf(d / "tiny.gguf")
-    return str(models.convert_gguf(d / "tiny.gguf", d / "converted"))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import typing
 
 import pytest
 
-from drpost import cli, models
+from drpost import cli
 from drpost.bench import real, real_rl
 from drpost.bench.real_common import RealSizes, chat_examples
 from drpost.bench.records import record_name
@@ -24,15 +24,6 @@ from drpost.config import BenchRealConfig, ConfigError, leaf_options
 SMALL = RealSizes(n_pool=60, n_val=4, n_test=6, n_retention=2, max_new_tokens=4)
 SCHEMA = {"setting", "method", "label", "knob", "seed", "model", "paradigm", "target_em", "retention_em", "val_em",
           "val_loss", "seconds_per_step", "wall_seconds", "budget", "kl"}
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from tests.test_models import write_tiny_gguf
-
-    d = tmp_path_factory.mktemp("tinyrl")
-    write_tiny_gguf(d / "tiny.gguf")
-    return str(models.convert_gguf(d / "tiny.gguf", d / "converted"))
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import typing
 
 import pytest
 
-from drpost import cli, models
+from drpost import cli
 from drpost.bench import real, real_rl, real_rlhf
 from drpost.bench.real_common import RealSizes
 from drpost.bench.records import record_name
@@ -30,15 +30,6 @@ SCHEMA = {"setting", "method", "label", "knob", "seed", "model", "paradigm", "ta
           "retention_em", "val_em", "val_loss", "seconds_per_step", "wall_seconds", "budget", "start"}
 RM_SMALL = {**real_rlhf.RM_RECIPE, "steps": 2, "batch_size": 4, "n_target": 8, "held_out_general": 3,
             "held_out_target": 3, "exclude_seeds": 3}
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from tests.test_models import write_tiny_gguf
-
-    d = tmp_path_factory.mktemp("tinyrlhf")
-    write_tiny_gguf(d / "tiny.gguf")
-    return str(models.convert_gguf(d / "tiny.gguf", d / "converted"))
 
 
 @pytest.fixture
