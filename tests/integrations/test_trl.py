@@ -181,14 +181,14 @@ def test_grpo_full_training_matches_plain_grpo_on_a_fixed_batch(tok, tmp_path, l
     m.train()
     torch.manual_seed(1)
     raw = [{"prompt": p} for p in prompts(1)["prompt"] for _ in range(4)]
-    inputs = tr._generate_and_score_completions(raw)
+    inputs = tr._prepare_inputs(raw)  # the general rows and a target group, from one generate call
 
     m.zero_grad(set_to_none=True)
     GRPOTrainer.compute_loss(tr, m, inputs).backward()
     want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad(set_to_none=True)
     general = tr._dr_rows(inputs, m, target=False)
-    target = tr._dr_rows(next(iter(tr._dr_target_loader())), m, target=True)
+    target = tr._dr_rows(tr._dr_next_target(), m, target=True)
     tr._dr_backward(m, general, target)
     got = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     assert got.keys() == want.keys()

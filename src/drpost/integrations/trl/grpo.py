@@ -1,10 +1,25 @@
-"""``DrGRPOTrainer``: TRL's ``GRPOTrainer`` with the data-regularized step (one sample = one completion; target
-prompts generated and scored by TRL, each ``num_generations`` times), its option checks and the tempered GRPO loss."""
+"""``DrGRPOTrainer``: TRL's ``GRPOTrainer`` with the data-regularized step (one sample = one completion), its option
+checks and the tempered GRPO loss.
+
+Target rows at (almost) no generation cost: whenever TRL generates its generation batch (``_prepare_inputs``, once
+every ``steps_per_generation * num_iterations`` micro-steps), the target prompts of the next ``steps_per_generation``
+micro-steps (``target_batch_size`` prompts each, each repeated ``num_generations`` times) are appended to the prompts
+of TRL's own generate call (``_generate_single_turn``) and split off its output, so one ``generate`` serves both.
+The target rows are then scored by TRL's own ``_generate_and_score_completions`` on their own (the generate call
+inside it is served the stored completions): rewards, group-relative advantages over the target groups only (the
+general groups never see a target row, and vice versa), old / reference log-probs where TRL computes them, and TRL's
+reward metrics. The general rows go on through TRL's normal path (shuffle, split, buffer); each micro-step takes its
+own slice of the buffered target rows, like the general ones (reused with them when ``num_iterations > 1``). Where
+the prompts cannot share a call (a ``rollout_func``, images, or vLLM with groups spanning ranks), the
+target rows are generated in a separate call, as before."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from trl import GRPOTrainer
+from trl.trainer.utils import split_tensor_dict
 
 from drpost.integrations.trl.common import _DrMixin
 from drpost.objectives import grpo_loss_fn
@@ -49,14 +64,74 @@ class DrGRPOTrainer(_DrMixin, GRPOTrainer):
         self._dr_refuse("DrGRPOTrainer", bad)
         self._dr_init(target_dataset, dr_method, dr_options, target_batch_size)
         self.target_dataset = target_dataset
+        self._dr_pending = None  # raw target rows waiting to join TRL's next generate call
+        self._dr_served = None  # (prompt ids, completion ids, logprobs) of target rows generated with the general ones
+        self._dr_targets = None  # scored target rows, one dict per micro-step of the current generation batch
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         out = _DrMixin.training_step(self, model, inputs, num_items_in_batch)
         self._step += 1  # GRPOTrainer's own step counter (drives the generation buffer)
         return out
 
+    # ------------------------------------------------------------------ target rows generated with the general ones
+    def _prepare_inputs(self, generation_batch):
+        """TRL's ``_prepare_inputs``; in training, each time it generates, the next ``steps_per_generation`` target
+        batches join its generate call and are then scored on their own into ``_dr_targets``."""
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        spg = self.args.steps_per_generation
+        if not (self._step % (spg * self.num_iterations) == 0 or self._buffered_inputs is None
+                or self._dr_targets is None):
+            return super()._prepare_inputs(generation_batch)
+        raw = [x for _ in range(spg) for x in _DrMixin._dr_next_target(self)]
+        self._dr_pending, self._dr_served = raw, None
+        try:
+            inputs = super()._prepare_inputs(generation_batch)  # consumes _dr_pending where the call can be shared
+            self._dr_pending = None  # not shared (e.g. a rollout_func): the call below generates the target rows
+            # the generate call inside is served the stored completions (or, if nothing was stored, generates)
+            scored = self._generate_and_score_completions(raw)
+        finally:
+            self._dr_pending = self._dr_served = None
+        self._dr_targets = split_tensor_dict(scored, spg)  # contiguous slices of whole groups, one per micro-step
+        return inputs
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's generate call, with the pending target prompts appended (their completions are stored for the
+        target's scoring call, which this then serves instead of generating)."""
+        served = self._dr_served
+        if served is not None:
+            self._dr_served = None
+            t_ids, completion_ids, logprobs = served
+            if [list(x) for x in prompt_ids] != t_ids:  # pragma: no cover - internal consistency guard
+                raise RuntimeError("DrGRPOTrainer: stored target completions do not match the target prompts")
+            return completion_ids, logprobs
+        pending = self._dr_pending
+        if not pending or not self._dr_can_share(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        self._dr_pending = None
+        t_ids = [list(x) for x in self._tokenize_prompts(copy.deepcopy([x["prompt"] for x in pending]))[0]]
+        n = len(prompt_ids)
+        completion_ids, logprobs = super()._generate_single_turn(list(prompt_ids) + t_ids, images, multimodal_fields,
+                                                                 num_generations, has_tool_images)
+        self._dr_served = (t_ids, completion_ids[n:], None if logprobs is None else logprobs[n:])
+        return completion_ids[:n], None if logprobs is None else logprobs[:n]
+
+    def _dr_can_share(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images) -> bool:
+        """Whether the target prompts can join this generate call: text only, and under vLLM each rank's general
+        rows must be whole groups (server mode generates for every ``num_generations``-th gathered prompt)."""
+        if images is not None or multimodal_fields or has_tool_images:
+            return False
+        return not (self.use_vllm and len(prompt_ids) % num_generations)
+
+    def _dr_next_target(self):
+        """This micro-step's scored target rows (from the current generation batch)."""
+        return self._dr_targets[self._step % self.args.steps_per_generation]
+
     def _dr_target_loader(self):
-        """This rank's share of the target prompts, reshuffled every pass, each repeated num_generations times."""
+        """This rank's raw target batches: its share of the target prompts, reshuffled every pass, each repeated
+        num_generations times (drawn by ``_prepare_inputs``, ``steps_per_generation`` batches at a time)."""
         n = len(self.target_dataset)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         epoch = getattr(self, "_dr_epoch", 0)
@@ -70,8 +145,7 @@ class DrGRPOTrainer(_DrMixin, GRPOTrainer):
             yield [self.target_dataset[j] for j in chunk for _ in range(self.num_generations)]
 
     def _dr_rows(self, inputs, model, target: bool) -> dict:
-        if target:
-            inputs = self._generate_and_score_completions(inputs)
+        """A scored TRL batch (general: from ``_prepare_inputs``; target: from ``_dr_next_target``) -> row batch."""
         p_ids, p_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         c_ids, c_mask = inputs["completion_ids"], inputs["completion_mask"]
         ids = torch.cat([p_ids, c_ids], 1)
