@@ -7,10 +7,12 @@ optimizer steps, drops the first ``--warmup`` and reports the median wall time o
 timing ``on_step_begin`` -> ``on_step_end``: data loading, forward, backward, clipping, optimizer), as wall time and
 as this process's CPU time (all its threads; steadier than wall time on a shared machine). Variants run interleaved
 over ``--repeats`` rounds to spread machine noise; the table gives the median over rounds and the ratio to the plain
-trainer. GRPO's step includes generation (and the adapter's generation for its target prompts).
+trainer. GRPO's step includes generation (the adapter's target prompts join TRL's generate call).
 
 Run (the figures in the docstring of drpost/integrations/trl/__init__.py):
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_trl_adapters.py --repeats 2 --steps 4 --warmup 1 --precision fp32
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_trl_adapters.py --trainers grpo --repeats 3 --steps 5 --warmup 1 \
+        --precision fp32 --threads 1
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_trl_adapters.py --repeats 1 --steps 4 --warmup 1 --trainers sft,dpo
 Options: ``--hidden 256 --layers 4 --vocab 8192 --seq 64 --batch 8 --steps 6 --warmup 2 --repeats 3
 --precision bf16|fp32 --threads N --methods global_subset,layerwise_subset --json out.json``.

@@ -32,13 +32,18 @@ Cost: one pass = a forward + activation-only backward of the merged batch, plus 
 for the assembly; two passes add an ordinary forward/backward of the kept rows (about 1.7-2x a plain step). Like
 TRL's fused LM head, the LM head runs only from the batch's earliest label position on (``logits_to_keep``, where
 the model takes it: same loss and update, tested). ``scripts/bench_trl_adapters.py`` (random Llama, hidden 256,
-4 layers, vocab 8192, T=64, 8 general rows + 1 target, single process, one thread, CPU time per step, median of
-3 steps; a 2-core CPU without AVX512), adapter / plain TRL trainer, global_subset | layerwise_subset:
-fp32 (2 rounds): SFT 0.75x | 0.78x, DPO 0.78x | 0.81x, GRPO 1.56x | 1.58x; TRL's default bf16 (emulated on that CPU,
-1 round): SFT 1.32x | 1.34x, DPO 1.33x | 1.35x. A subset step assembles weight gradients for the kept rows only, so
-it can be cheaper than a plain step. GRPO's excess is mostly the target prompt's own generation call (about 0.4 s of
-1.6 s per step in an earlier run) and its 4 completions joining the step (12 rows for the plain step's 8), not a
-second pass. In emulated bf16 every extra bf16 GEMM (scoring, assembly) costs ~20x its fp32 price.
+4 layers, vocab 8192, T=64, 8 general rows + 1 target sample, single process, one thread, CPU time per step, median
+over rounds of the median step after the warm-up; a 2-core CPU without AVX512), adapter / plain TRL trainer,
+global_subset | layerwise_subset: fp32 (2 rounds, 3 timed steps): SFT 0.75x | 0.78x, DPO 0.78x | 0.81x; GRPO (fp32,
+``--trainers grpo --steps 5 --warmup 1 --threads 1``, 8 completions = 2 prompts x 4 generations, the target 1 prompt
+x 4; measured on its own, the CPU shared with other jobs): 1.03x | 1.05x over 3 rounds, 1.00x | 1.08x over 5 (it was
+1.47x | 1.47x by the same 3-round command, 1.56x | 1.58x in the earlier 2-round run, while the target prompts had a
+generate call of their own); TRL's default bf16 (emulated on that CPU, 1 round): SFT 1.32x | 1.34x, DPO 1.33x |
+1.35x. A subset step assembles weight gradients for the kept rows only, so it can be cheaper than a plain step.
+GRPO's target prompts join TRL's own generate call (module ``grpo``): one ``generate`` of 12 rows instead of the
+plain step's 8 (cProfile: 0.49 s a step, against 0.90 s in two calls before), and 12 rows in the forward/backward
+instead of 8, which is all that remains of its excess. In emulated bf16 every extra bf16 GEMM (scoring, assembly)
+costs ~20x its fp32 price.
 
 Supported features and limits (checked at construction, with a clear error):
   * SFT: padded batches of ``input_ids``/``attention_mask``/``labels``; not ``padding_free`` / packing.
@@ -47,8 +52,11 @@ Supported features and limits (checked at construction, with a clear error):
   * GRPO: ``loss_type`` in ``grpo`` (sequence mean), ``bnpo``/``dapo`` (token mean); token-level importance
     sampling, ``beta`` KL (k3) supported; no vLLM importance-sampling correction, entropy bonus / masks, off-policy
     masks, ``delta``, tools or images. Sample = one completion (TRL shuffles a generation batch, so groups are not
-    contiguous). Target prompts are generated and scored by TRL's own ``_generate_and_score_completions`` (their
-    reward metrics are logged with the general ones).
+    contiguous). Target prompts are generated in TRL's generate call for the general batch, one target batch per
+    micro-step of the generation batch (``steps_per_generation``), then scored on their own by TRL's
+    ``_generate_and_score_completions``: group-relative advantages over the target groups only (their reward and
+    completion metrics are logged with the general ones). With ``num_iterations > 1`` a micro-step's target rows are
+    reused with its general rows.
   * DPO with ``precompute_ref_log_probs=True``: the target dataset gets its reference columns precomputed like the
     train dataset, from the model before training (or ``ref_model``); a batch without them is refused.
 Metrics in the logs: TRL's own, computed on the general rows as the plain trainer computes them on its batch (SFT:
@@ -61,7 +69,8 @@ Layout: ``common`` (the shared step: target cycling, one-pass / two-pass backwar
 and TRL's metrics), ``logits`` (wrappers around the model's forward: LM head on label positions only, the logit tap
 for TRL's metrics), ``sft`` / ``dpo`` / ``grpo`` (one adapter each: batch conversion, loss, supported options).
 
-Test: ``.venv/bin/pytest -q tests/integrations/test_trl.py tests/integrations/test_trl_bf16.py``.
+Test: ``.venv/bin/pytest -q tests/integrations/test_trl.py tests/integrations/test_trl_bf16.py
+tests/integrations/test_trl_grpo.py``.
 """
 
 from __future__ import annotations
