@@ -246,3 +246,71 @@ def test_drpost_sft_guided_resume_equals_uninterrupted(tmp_path, capsys, one_thr
     shutil.copytree(a / "checkpoints" / ckpt.step_dir_name(3), b / "checkpoints" / ckpt.step_dir_name(3))
     assert run_sft([f"output_dir={b}", *argv, "resume=auto"], capsys)[0] == 0
     _assert_same_run(a, b)
+
+
+def test_drpost_sft_less_prefilter_keeps_the_top_less_rows(tmp_path, capsys, one_thread, micro_dir,  # noqa: F811
+                                                          monkeypatch):
+    """``sampler.prefilter=less``: LESS scores the *base* model (no adapters yet) on the run's pool and targets,
+    and the run's sampler draws only from the top ``prefilter_frac`` of them; a resumed run selects the same rows."""
+    from drpost.baselines import less
+    from drpost.trainers import sft
+    from tests.reliability.conftest import SMALL, run_sft
+
+    calls, kept = [], []
+    real_scores, real_sampler = less.less_scores, sft.GeneralSampler
+
+    def scores(base, tok, pool, target, **kw):
+        assert not hasattr(base, "peft_config")  # the base model, before model.finetuning=lora wraps it
+        calls.append((len(pool), len(target), kw))
+        out = real_scores(base, tok, pool, target, **kw)
+        calls[-1] += (out,)
+        return out
+
+    def sampler(spec, n_general, *a):
+        kept.append(a[3])  # (spec, n_general, n_target, batch, rng, selected, guide): the selected rows
+        return real_sampler(spec, n_general, *a)
+
+    monkeypatch.setattr(less, "less_scores", scores)
+    monkeypatch.setattr(sft, "GeneralSampler", sampler)
+    argv = [f"model.name_or_path={micro_dir}", *SMALL, "model.finetuning=lora", "regularizer.method=hull",
+            "sampler.prefilter=less", "sampler.prefilter_frac=0.25", f"output_dir={tmp_path / 'a'}"]
+    assert run_sft(argv, capsys)[0] == 0
+    n_pool, _, kw, s = calls[0]
+    assert n_pool == 32 and kw["seed"] == 0 and s.shape == (32,) and torch.isfinite(s).all()
+    assert kept[0] == sorted(torch.topk(s, 8).indices.tolist())  # the top 25% of the LESS scores
+
+
+def test_trl_sft_trainer_less_prefilter(tmp_path):
+    """``DrSFTTrainer(dr_prefilter="less")``: ``train_dataset`` keeps the top LESS rows, scored on the trainer's
+    own tokenized rows (loss on the completion), and training runs on them."""
+    pytest.importorskip("trl")
+    from trl import SFTConfig
+
+    from drpost.baselines.less import less_scores, less_select
+    from drpost.integrations.trl import DrSFTTrainer
+    from drpost.trainers.samplers import _trl_rows
+    from drpost.world.tokenizer import build_tokenizer
+    from tests.integrations.test_trl import COMMON, tiny
+    from tests.integrations.trl_data import sft_data
+
+    tok = build_tokenizer()
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=0.1,
+                     **COMMON)
+    model = tiny(tok)
+    tr = DrSFTTrainer(model=model, args=args, train_dataset=sft_data(16), processing_class=tok,
+                      target_dataset=sft_data(2, off=30), dr_method="layerwise_subset", dr_prefilter="less",
+                      dr_prefilter_frac=0.25)
+    assert len(tr.train_dataset) == 4
+    ref = DrSFTTrainer(model=tiny(tok), args=args, train_dataset=sft_data(16), processing_class=tok,
+                       target_dataset=sft_data(2, off=30), dr_method="layerwise_subset")
+    rows = _trl_rows(ref, ref.train_dataset)
+    assert any(t == -100 for t in rows[0]["labels"]) and any(t != -100 for t in rows[0]["labels"])  # prompt masked
+    fresh = tiny(tok)  # the same weights, without the trainer's capture fitted to its modules
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), ref.model.state_dict().values()))
+    keep = sorted(less_select(less_scores(fresh, tok, rows, _trl_rows(ref, ref.target_dataset), seed=args.seed),
+                              0.25))
+    assert tr.train_dataset["input_ids"] == ref.train_dataset.select(keep)["input_ids"]
+    tr.train()
+    with pytest.raises(ValueError, match="dr_prefilter"):
+        DrSFTTrainer(model=tiny(tok), args=args, train_dataset=sft_data(4), processing_class=tok,
+                     target_dataset=sft_data(2, off=30), dr_prefilter="lesss")

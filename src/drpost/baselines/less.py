@@ -43,11 +43,17 @@ class CountSketch:
         return out.index_add_(1, self.bucket, g * self.sign.to(g.dtype))
 
 
+def _batch(model, rows: list[dict], pad: int) -> dict:
+    """The padded batch of ``rows`` on the model's device."""
+    dev = next(model.parameters()).device
+    return {k: v.to(dev) for k, v in collate(rows, pad).items()}
+
+
 def _features(model, rows, pad, cap, transform, batch_size=64):
     """Per-example gradients, transformed batch by batch: yields (B, F) feature blocks (never the (N, P) matrix)."""
     for s in range(0, len(rows), batch_size):
-        g = per_sample_gradients(model, collate(rows[s:s + batch_size], pad), sample_mean_loss, cap)  # (B, P)
-        yield transform(g.float() if g.dtype in (torch.float16, torch.bfloat16) else g)
+        g = per_sample_gradients(model, _batch(model, rows[s:s + batch_size], pad), sample_mean_loss, cap)  # (B, P)
+        yield transform((g.float() if g.dtype in (torch.float16, torch.bfloat16) else g).cpu())
 
 
 def _warmup(model, params, pool_rows, pad, rng, *, warmup_frac, epochs, lr, batch_size) -> list[dict]:
@@ -61,17 +67,20 @@ def _warmup(model, params, pool_rows, pad, rng, *, warmup_frac, epochs, lr, batc
         rng.shuffle(warm)
         lrs = []
         for s in range(steps_per_epoch):
-            b = collate([pool_rows[i] for i in warm[s * batch_size:(s + 1) * batch_size]], pad)
+            b = _batch(model, [pool_rows[i] for i in warm[s * batch_size:(s + 1) * batch_size]], pad)
             loss, counts = sample_mean_loss(model, b)
             (loss.sum() / counts.sum()).backward()
             lrs.append(opt.param_groups[0]["lr"])
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        state = [opt.state[p] for p in params]
+        zero = {"exp_avg": None, "exp_avg_sq": None}  # a parameter the warm-up never reached has zero moments
+        state = [(p, opt.state[p] or zero) for p in params]
         checkpoints.append({"weights": [p.detach().clone() for p in params],
-                            "m": [s["exp_avg"].detach().clone() for s in state],
-                            "v": [s["exp_avg_sq"].detach().clone() for s in state],
+                            "m": [torch.zeros_like(p) if s["exp_avg"] is None else s["exp_avg"].detach().clone()
+                                  for p, s in state],
+                            "v": [torch.zeros_like(p) if s["exp_avg_sq"] is None else s["exp_avg_sq"].detach().clone()
+                                  for p, s in state],
                             "lr": sum(lrs) / len(lrs)})
     return checkpoints
 
@@ -84,8 +93,8 @@ def checkpoint_cosines(model, cap, params, m_list, v_list, pool_rows, target_row
     against the ``(m, F)`` target features: no ``(N, P)`` matrix is held."""
     index = {id(p): i for i, p in enumerate(params)}
     order = [p for b in cap.blocks for p in b.params]  # per_sample_gradients' column order (by block)
-    m = torch.cat([m_list[index[id(p)]].reshape(-1) for p in order])  # (P,) in capture order
-    v = torch.cat([v_list[index[id(p)]].reshape(-1) for p in order])  # (P,)
+    m = torch.cat([m_list[index[id(p)]].reshape(-1) for p in order]).cpu()  # (P,) in capture order
+    v = torch.cat([v_list[index[id(p)]].reshape(-1) for p in order]).cpu()  # (P,)
 
     def unit(g):  # (B, P) -> (B, F) L2-normalized features (F = P exact, or the sketch size)
         return torch.nn.functional.normalize(g if sketch is None else sketch(g), dim=1)

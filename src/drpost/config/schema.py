@@ -188,10 +188,12 @@ class SamplerConfig:
     decay: float = _opt(0.98, "Guided: per-step forgetting factor of the predictor's statistics (it follows "
                               "the target gradient as training moves it).", gt=0, max=1)
     refresh: int = _opt(1, "Guided: recompute the pool's predictions every N steps.", min=1)
-    prefilter: Literal["none", "dsir"] = _opt(
-        "none", "Offline prefilter of the general pool before training: dsir = keep the DSIR-resampled "
-                "sampler.prefilter_frac of the rows (importance weights on hashed word n-grams of the decoded rows); "
-                "the regularizer then works within the kept rows.")
+    prefilter: Literal["none", "dsir", "less"] = _opt(
+        "none", "Offline prefilter of the general pool before training, keeping sampler.prefilter_frac of the rows: "
+                "dsir = importance resampling on hashed word n-grams of the decoded rows; less = the top LESS scores "
+                "(a LoRA warm-up on 5% of the pool, then Adam-preconditioned gradient cosine to the target rows over "
+                "4 checkpoints; costs about 16 forward/backward passes per pool row). The regularizer then works "
+                "within the kept rows.")
     prefilter_frac: float = _opt(0.1, "Fraction of the general pool the prefilter keeps.", gt=0, max=1)
 
 

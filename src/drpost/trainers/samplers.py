@@ -326,12 +326,32 @@ class GuidedTorchSampler(torch.utils.data.Sampler):
                           report.counts.detach().double().cpu().numpy())
 
 
+def _trl_rows(trainer, ds) -> list[dict]:
+    """Rows ``{"input_ids", "labels"}`` of a tokenized TRL SFT dataset, the loss on what the trainer trains on: the
+    dataset's own ``labels`` (TRL >= 1.x builds them: the prompt masked with ``completion_only_loss``), else the
+    completion / assistant mask, else every token."""
+    args, cols = trainer.args, set(ds.column_names)
+    mask_col = ("completion_mask" if "completion_mask" in cols and args.completion_only_loss in (None, True) else
+                "assistant_masks" if "assistant_masks" in cols and args.assistant_only_loss else None)
+    rows = []
+    for r in ds:
+        ids = list(r["input_ids"])
+        if "labels" in cols:
+            labels = list(r["labels"])
+        else:
+            keep = r[mask_col] if mask_col else [1] * len(ids)
+            labels = [t if k else -100 for t, k in zip(ids, keep, strict=True)]
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
 def setup_trl_sampler(trainer, dr_sampler, prefilter: str | None, frac: float) -> None:
-    """``DrSFTTrainer``'s ``dr_prefilter`` (DSIR on the decoded rows: ``trainer.train_dataset`` keeps the
-    resampled ``frac``) and ``dr_sampler`` (``trainer.dr_sampler``: a ``GuidedTorchSampler`` on hashed token n-grams,
-    or None = the Trainer's own sampler)."""
-    if prefilter not in (None, "none", "dsir"):
-        raise ValueError(f"option 'dr_prefilter' must be None or 'dsir', got {prefilter!r}")
+    """``DrSFTTrainer``'s ``dr_prefilter`` (``trainer.train_dataset`` keeps the selector's ``frac``: ``"dsir"`` =
+    DSIR on the decoded rows; ``"less"`` = the top LESS scores of the model as given, its adapters removed
+    (``drpost.baselines.less``, single process)) and ``dr_sampler`` (``trainer.dr_sampler``: a
+    ``GuidedTorchSampler`` on hashed token n-grams, or None = the Trainer's own sampler)."""
+    if prefilter not in (None, "none", "dsir", "less"):
+        raise ValueError(f"option 'dr_prefilter' must be None, 'dsir' or 'less', got {prefilter!r}")
     if prefilter == "dsir":
         from drpost.baselines.dsir import dsir_select
 
@@ -341,6 +361,26 @@ def setup_trl_sampler(trainer, dr_sampler, prefilter: str | None, frac: float) -
         k = max(1, int(frac * len(trainer.train_dataset) + 0.5))
         keep = dsir_select(texts(trainer.train_dataset), texts(trainer.target_dataset), k, seed=trainer.args.seed)
         trainer.train_dataset = trainer.train_dataset.select(sorted(keep))
+    elif prefilter == "less":
+        import copy
+
+        from drpost.baselines.less import less_scores, less_select
+
+        if trainer.accelerator.num_processes > 1:
+            raise NotImplementedError("dr_prefilter='less' runs in a single process (score the pool once, then "
+                                      "pass the kept rows as train_dataset)")
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if hasattr(model, "peft_config"):  # a PEFT model: score the base weights, without the run's adapters
+            model = copy.deepcopy(model).unload()
+        # a fresh module tree with the same weights: the trainer's regularizer has already fitted its capture to
+        # the model's modules, and LESS needs its own on an unwrapped copy
+        base = type(model)._from_config(model.config, torch_dtype=next(model.parameters()).dtype)
+        base.load_state_dict(model.state_dict())
+        base.to(next(model.parameters()).device)
+        tok = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        scores = less_scores(base, tok, _trl_rows(trainer, trainer.train_dataset),
+                             _trl_rows(trainer, trainer.target_dataset), seed=trainer.args.seed)  # (N,)
+        trainer.train_dataset = trainer.train_dataset.select(sorted(less_select(scores, frac)))
     g = Guidance.of(dr_sampler)
     trainer.dr_sampler = None
     if g.on:

@@ -281,6 +281,7 @@ def build(config, device, sources=None) -> tuple[SFTTask, Callable | None]:
     sources = sources or Sources()
     model, tokenizer = sources.load_model(config.model, device)
     data = sources.sft_data(config, tokenizer)
+    selected = _prefilter(config, data, tokenizer, model)  # LESS scores the base model, before the adapters
     model = setup.apply_finetuning(model, config.model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -288,7 +289,7 @@ def build(config, device, sources=None) -> tuple[SFTTask, Callable | None]:
     sched = make_scheduler(opt, config.optim.schedule, config.steps, config.optim.warmup_ratio)
     reg = setup.make_regularizer(model, config, opt)
     rng = random.Random(config.seed)
-    spec, sampler = _cli_sampler(config, data, tokenizer, rng)
+    spec, sampler = _cli_sampler(config, data, rng, selected)
     if sampler.guide is not None:
         reg.report_scores = True  # the guide learns from the scores (full_training / target_only skip them)
     parts = LoopParts(model=model, reg=reg, opt=opt, sched=sched, params=params, sampler=sampler,
@@ -301,18 +302,33 @@ def build(config, device, sources=None) -> tuple[SFTTask, Callable | None]:
     return task, ((lambda m, step: _evaluate(m, tokenizer, data)) if has_eval else None)
 
 
-def _cli_sampler(config, data, tokenizer, rng) -> tuple[MethodSpec, GeneralSampler]:
-    """``sampler.*``: the general pool of ``drpost sft`` (optionally DSIR-prefiltered) and its distribution."""
+def _prefilter(config, data, tokenizer, base) -> list[int] | None:
+    """``sampler.prefilter``: the sorted pool indices an offline selector keeps (``sampler.prefilter_frac`` of the
+    pool), or None. dsir = importance resampling on hashed word n-grams of the decoded rows; less = LESS scores
+    (``drpost.baselines.less``: a LoRA warm-up on 5% of the pool, Adam-preconditioned gradient cosine to the target
+    rows over 4 checkpoints) of the **base** model, so it runs before the run's own adapters are attached.
+    Deterministic given ``seed``: a resumed run recomputes the same selection."""
     sc = config.sampler
-    selected = None
-    if sc.prefilter == "dsir":  # DSIR on the decoded rows: the Dr step then regularizes within the kept rows
-        from drpost.baselines.dsir import dsir_select
+    if sc.prefilter == "none":
+        return None
+    k = max(1, int(sc.prefilter_frac * len(data.g_rows) + 0.5))
+    if sc.prefilter == "less":
+        from drpost.baselines.less import less_scores, less_select
 
-        def text(rows):
-            return [{"prompt": tokenizer.decode(r["input_ids"]), "completion": ""} for r in rows]
+        return sorted(less_select(less_scores(base, tokenizer, data.g_rows, data.t_rows, seed=config.seed),
+                                  sc.prefilter_frac))
+    from drpost.baselines.dsir import dsir_select
 
-        k = max(1, int(sc.prefilter_frac * len(data.g_rows) + 0.5))
-        selected = sorted(dsir_select(text(data.g_rows), text(data.t_rows), k, seed=config.seed))
+    def text(rows):
+        return [{"prompt": tokenizer.decode(r["input_ids"]), "completion": ""} for r in rows]
+
+    return sorted(dsir_select(text(data.g_rows), text(data.t_rows), k, seed=config.seed))
+
+
+def _cli_sampler(config, data, rng, selected: list[int] | None) -> tuple[MethodSpec, GeneralSampler]:
+    """``sampler.*``: the general pool of ``drpost sft`` (``selected``: the prefilter's kept rows, or None = all)
+    and its distribution (uniform, or score-guided)."""
+    sc = config.sampler
     method = config.regularizer.method
     spec = MethodSpec(method, method, sampler="pool" if selected is None else "selected",
                       guidance={"mode": sc.mode, "exploration": sc.exploration, "temperature": sc.temperature,

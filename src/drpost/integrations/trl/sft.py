@@ -1,5 +1,6 @@
 """``DrSFTTrainer``: TRL's ``SFTTrainer`` with the data-regularized step (padded ``input_ids`` / ``attention_mask`` /
-``labels`` rows, drpost's causal LM loss), plus the guided sampler and DSIR prefilter for the general data."""
+``labels`` rows, drpost's causal LM loss), plus the guided sampler and the DSIR / LESS prefilters for the general
+data."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ class DrSFTTrainer(_DrMixin, SFTTrainer):
                  dr_prefilter_frac: float = 0.1, **kwargs):
         """``dr_sampler``: the general pool's distribution (``drpost.trainers.samplers.Guidance``: None or
         ``"uniform"`` = the Trainer's own sampler; ``"guided"`` or a dict of options = score-guided draws on hashed
-        token n-grams, single process). ``dr_prefilter="dsir"``: keep the DSIR-resampled ``dr_prefilter_frac`` of
-        ``train_dataset`` (decoded rows vs decoded target rows) before training."""
+        token n-grams, single process). ``dr_prefilter``: keep ``dr_prefilter_frac`` of ``train_dataset`` before
+        training: ``"dsir"`` = DSIR-resampled (decoded rows vs decoded target rows), ``"less"`` = the top LESS scores
+        of the model's base weights on the tokenized rows (``drpost.baselines.less``; single process)."""
         super().__init__(*args, **kwargs)
         if self.padding_free or self.args.packing:
             raise ValueError("DrSFTTrainer needs one sequence per row: set padding_free=False and packing=False")
