@@ -1,7 +1,24 @@
-"""System benchmark, the floors: the analytic floor of a regularized step next to its measurement (the standard
-step, minus the weight-gradient GEMMs a one-pass backward skips, plus one assembly GEMM per layer over the rows that
-carry weight, plus the scoring FLOPs/bytes at the calibrated rates), and the check of ``scoring="auto"`` against the
-fixed scoring methods on one captured backward.
+"""System benchmark, the floors: the analytic floor of a regularized step next to its measurement, and the check of
+``scoring="auto"`` against the fixed scoring methods on one captured backward.
+
+The floor models what the engine runs (``drpost.step``, ``geometry/capture.py``, ``kernels.py``), per factored
+weight of shape (p, q) with R = n + m rows of T tokens, at the calibrated GEMM rate F and copy bandwidth B
+(``cost.calibrate``), 4-byte elements:
+
+* the measured standard step, minus what the captured backward skips: autograd's weight-gradient GEMM of every
+  dense use (2 R T p q / F) and, for an embedding lookup (a one-hot use), its scatter into a dense gradient
+  ((R T q + p q) 4 / B);
+* *held* weights (a weight alone in its block whose per-row gradients take no more memory than its factors,
+  p q <= T (p + q): every LoRA matrix) get their per-row gradients in the backward instead: R small GEMMs of the
+  same FLOPs, plus writing R p q elements; they are scored by one product with the target rows' gradients
+  (2 R m p q, or 2 R^2 p q with a Gram, + reading R p q; ``kernels.row_products``), or sketched for ``compress``
+  (P_1 G_r P_2^T), and assembled by one GEMV per weight (2 R p q / F + reading R p q);
+* every other weight: scored by the method the step chose (``cost.method_costs`` / ``cost.compress_seconds``; a
+  weight that ``direct`` scoring materialized and kept, p q <= T (p + q), is then assembled by a GEMV too), and
+  assembled by one GEMM per dense use over the rows that carry weight (2 kept T p q / F) plus a scatter per one-hot
+  use (kept T q 4 / B).
+Two-pass methods: the standard step plus the scoring plus a second forward/backward of the rows that carry weight.
+Per-block Python and dispatch overheads are not in the floor: the gap between measurement and floor shows them.
 
 Part of ``drpost.bench.system`` (run it with ``drpost bench system``).
 """
@@ -11,59 +28,127 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from typing import NamedTuple
 
 import torch
 
 from drpost.bench.system.cases import Case, Method
 
+ELEM = 4  # bytes per element: the benchmark models are float32
 
-def block_shapes(reg) -> list[list[tuple[int, int, int]]]:
-    """Per block: (p, q, uses) of each factored weight (one use each: the benchmark models are untied)."""
-    return [[(p.shape[0], p.numel() // p.shape[0], 1) for p in b.factored] for b in reg.capture.blocks]
 
-def floor(case: Case, me: Method, t_std: dict[str, float], rates) -> dict | None:
-    """Analytic floor (seconds) of a regularizer method next to its measurement; None for others."""
+class Weight(NamedTuple):
+    """One factored weight of a block as the engine treats it at T tokens per row."""
+
+    p: int  # parameter rows
+    q: int  # parameter columns (numel / p)
+    dense: int  # dense uses (Linear / Conv1D calls)
+    onehot: int  # one-hot uses (embedding lookups)
+    held: bool  # per-row gradients materialized in the backward
+
+
+def block_weights(reg, T: int) -> list[list[Weight]]:
+    """Per capture block, its factored weights (a tied embedding and LM head: one weight, one dense and one one-hot
+    use). ``held`` follows the capture's rule: ``materialize`` (set for a Linear/Conv1D weight alone in its block)
+    and p q <= T (p + q) (``handlers._FactoredHandler._materialized``, equal element sizes)."""
+    from drpost.geometry.handlers import EmbeddingHandler
+
+    cap = reg.capture
+    out: list[dict[int, list]] = [{} for _ in cap.blocks]
+    for i, h in enumerate(cap.handlers):
+        for w in h.factored_params():
+            p, q = w.shape[0], w.numel() // w.shape[0]
+            e = out[cap.block_of[i]].setdefault(id(w), [p, q, 0, 0, False])
+            e[3 if isinstance(h, EmbeddingHandler) else 2] += 1
+            e[4] = e[4] or (getattr(h, "materialize", False) and p * q <= T * (p + q))
+    return [[Weight(*e) for e in blk.values()] for blk in out]
+
+
+def _rows_kept(ws: list[Weight], meth: str | None, T: int) -> bool:
+    """Whether the block reaches the assembly holding per-row gradients (then: one GEMV per weight): held in the
+    backward, or materialized by ``direct`` scoring and no larger than the factors (``kernels.worth_keeping``)."""
+    if any(w.held for w in ws):
+        return True
+    factors = sum(T * (w.dense * (w.p + w.q) + w.onehot * (w.q + 1)) for w in ws)
+    return meth == "direct" and sum(w.p * w.q for w in ws) <= factors
+
+
+def _held_scoring_s(w: Weight, meth: str, n: int, m: int, sketch: tuple[int, int], gram: bool, rates) -> float:
+    """Scoring a held weight from its per-row gradients (R, p, q): one product with the target rows (or the Gram),
+    or the Kronecker sketch P_1 G_r P_2^T (identity where k >= the dimension) and its products."""
+    R, p, q = n + m, w.p, w.q
+    fl, by = 0.0, R * p * q * ELEM
+    if meth == "compress":
+        k1, k2 = min(sketch[0], p), min(sketch[1], q)
+        fl += (2 * R * k1 * p * q if k1 < p else 0) + (2 * R * k1 * q * k2 if k2 < q else 0)
+        fl += 2 * R * k1 * k2 + (2 * n * n * k1 * k2 if gram else 0)
+    else:
+        fl += 2 * R * (R if gram else m) * p * q
+    return fl / rates.flops_per_s + by / rates.bytes_per_s
+
+
+def _scoring_s(ws: list[Weight], meth: str, n: int, m: int, T: int, sketch, need_gram: bool, gram: bool,
+               rates) -> float:
     from drpost.geometry import cost
 
+    held = [w for w in ws if w.held]
+    rest = [(w.p, w.q, w.dense or 1) for w in ws if not w.held]  # an embedding alone: priced as one dense use
+    s = sum(_held_scoring_s(w, meth, n, m, sketch, gram, rates) for w in held)
+    if rest:
+        if meth == "compress":
+            s += cost.compress_seconds(rest, n, m, T, *sketch, need_gram, rates)
+        else:
+            s += cost.method_costs(rest, n, m, T, gram, rates)[meth]
+    return s
+
+
+def floor(case: Case, me: Method, t_std: dict[str, float], rates) -> dict | None:
+    """Analytic floor (seconds) of a regularizer method next to its measurement (module docstring); None for
+    others. Also its parts: skipped weight gradients, per-row materialization, scoring and assembly estimates."""
     if me.kind != "dr" or me.name not in case.reports:
         return None
     reg, rep = case.regs[me.name], case.reports[me.name]
     if rep.skipped:
         return None
-    shapes = block_shapes(reg)
+    F, B = rates.flops_per_s, rates.bytes_per_s
     n, m, T = case.n, case.m, case.T
     R = n + m
     need_gram, need_tgram, trivial = reg.needs()
     std = sum(t_std.values())
-    score = 0.0
-    for l, b in enumerate(reg.capture.blocks):
-        meth = rep.scoring.get(b.name)
-        if trivial or not shapes[l] or meth is None:
+    w, tw = rep.weights, rep.target_weight  # (L', n), (L',)
+    wgrad = mat = score = asm = 0.0
+    held = kept_max = 0
+    for l, (b, ws) in enumerate(zip(reg.capture.blocks, block_weights(reg, T), strict=True)):
+        if not ws:
             continue
-        if meth == "compress":
-            score += cost.compress_seconds(shapes[l], n, m, T, *reg.sketch, need_gram, rates)
+        wl, tl = w[l if w.shape[0] > 1 else 0], tw[l if tw.shape[0] > 1 else 0]
+        kept = int((wl != 0).sum()) + (m if float(tl) != 0 else 0)  # rows that carry weight in this block
+        kept_max = max(kept_max, kept)
+        meth = None if trivial else rep.scoring.get(b.name)
+        for x in ws:
+            g = x.dense * 2 * R * T * x.p * x.q / F + x.onehot * (R * T * x.q + x.p * x.q) * ELEM / B
+            wgrad += g
+            if x.held:
+                held += 1
+                mat += g + R * x.p * x.q * ELEM / B
+        if meth is not None:
+            score += _scoring_s(ws, meth, n, m, T, reg.sketch, need_gram, need_gram or need_tgram, rates)
+        if _rows_kept(ws, meth, T):
+            asm += sum(2 * R * x.p * x.q / F + R * x.p * x.q * ELEM / B for x in ws)
         else:
-            score += cost.method_costs(shapes[l], n, m, T, need_gram or need_tgram, rates)[meth]
-    w = rep.weights  # (L', n)
-    tw = rep.target_weight
-    L = len(shapes)
-    kept = []
-    for l in range(L):
-        wl = w[l if w.shape[0] > 1 else 0]
-        tl = tw[l if tw.shape[0] > 1 else 0]
-        kept.append(int((wl != 0).sum()) + (m if float(tl) != 0 else 0))
-    all_shapes = [s for sh in shapes for s in sh]
-    wgrad = cost.gemm_seconds(all_shapes, R, T, rates)
+            asm += sum(x.dense * 2 * kept * T * x.p * x.q / F
+                       + x.onehot * (kept * T * x.q + (0 if x.dense else x.p * x.q)) * ELEM / B for x in ws)
     if me.one_pass:
-        assembly = sum(cost.gemm_seconds(shapes[l], kept[l], T, rates) for l in range(L))
-        total = std - wgrad + assembly + score
-    else:  # two_pass: score, then a second forward/backward of the weighted rows (lower bound: one backward
-        # even for layer scope, which the reference runs once per block through the shared graph)
-        frac = 1.0 if w.shape[0] > 1 else max(kept) / R
-        total = std + score + frac * (t_std.get("forward", 0) + t_std.get("backward", 0))
-        assembly = None
-    return {"floor_s": total, "scoring_est_s": score, "wgrad_skipped_s": wgrad if me.one_pass else 0.0,
-            "assembly_est_s": assembly}
+        total = std - wgrad + mat + asm + score
+        return {"floor_s": total, "scoring_est_s": score, "wgrad_skipped_s": wgrad, "materialize_est_s": mat,
+                "assembly_est_s": asm, "held_weights": held}
+    # two_pass: score, then a second forward/backward of the weighted rows (lower bound: one backward even for
+    # layer scope, which the reference runs once per block through the shared graph)
+    frac = 1.0 if w.shape[0] > 1 else kept_max / R
+    total = std + score + frac * (t_std.get("forward", 0) + t_std.get("backward", 0))
+    return {"floor_s": total, "scoring_est_s": score, "wgrad_skipped_s": 0.0, "materialize_est_s": 0.0,
+            "assembly_est_s": None, "held_weights": 0}
+
 
 def scoring_check(case: Case, rates, repeats: int) -> dict:
     """Scoring component only, on one captured backward: auto vs each fixed exact method vs per-block best."""
