@@ -392,15 +392,22 @@ class BenchConfig(RunConfig):
 @dataclass
 class BenchSystemConfig:
     """System benchmark ('drpost bench system'): the cost of one regularized step split by component, as a ratio
-    to a standard step, with analytic floors and the scoring-method crossovers."""
+    to a standard step, with analytic floors, peak memory per method and the scoring-method crossovers, on tiny
+    Llama sizes or SmolLM2-135M's shapes (option model)."""
 
     kind: ClassVar[str] = "system"  # the first positional argument of 'drpost bench'
 
     output_dir: str = _opt("results/system", "Directory for system.json, metrics.json, summary.md and plots.")
-    quick: bool = _opt(False, "The small grid sized for 2 CPU cores (~10 min); false = the full grid.")
-    micro: bool = _opt(False, "One micro configuration (a smoke test, seconds).")
+    model: Literal["tiny", "smollm2"] = _opt(
+        "tiny", "tiny: Llama sizes 1M-50M (vocabulary 512). smollm2: LlamaForCausalLM with SmolLM2-135M-Instruct's "
+                "config and random weights (no download): full fine-tuning and LoRA r8 (alpha 16, every linear "
+                "layer), T 64 and 256, n 8 and 32 general rows, 1 target row, the core methods, with floors and "
+                "peak memory (hours on one CPU thread, and tens of GB of memory for full fine-tuning at T 256, n 32; "
+                "quick = T 64, n 8 only; micro = a 2-layer, 1,024-token SmolLM2 at T 16, seconds).")
+    quick: bool = _opt(False, "The small grid sized for 2 CPU cores (~10 min for tiny); false = the full grid.")
+    micro: bool = _opt(False, "One micro configuration (two for smollm2: full and LoRA; a smoke test, seconds).")
     repeats: int | None = _opt(None, "Timed repetitions per method after one warm-up; none = 5 (quick), 7 (full) "
-                                     "or 1 (micro).", min=1)
+                                     "or 1 (micro); 3 for smollm2 (1 with micro).", min=1)
     threads: int = _opt(1, "torch CPU threads while timing; 0 = leave torch's setting.", min=0)
     device: str = _opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.",
                        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")

@@ -1,6 +1,12 @@
 """System benchmark, the cases: the timed methods, the benchmark models and batches, the component clock, and
 ``Case`` (one configuration: model, batches, optimizer, and a runner per method returning seconds per component).
 
+The models (``build_model``): tiny Llama sizes (``SIZES``, vocabulary 512, untied head), and ``smollm2``: a
+LlamaForCausalLM with SmolLM2-135M-Instruct's config (``SMOLLM2``: 30 layers, hidden 576, 9 / 3 heads, tied
+49,152-token embeddings) and random weights, so nothing is downloaded; ``smollm2-micro`` is the same architecture
+shrunk to 2 layers and a 1,024-token vocabulary (smoke tests). ``mode="lora"`` wraps any of them in PEFT LoRA r 8,
+alpha 16 on every linear layer, with B drawn from N(0, 0.02) so that the adapters' gradients are generic.
+
 Part of ``drpost.bench.system`` (run it with ``drpost bench system``).
 """
 
@@ -23,6 +29,11 @@ SIZES = {
     "20M": (512, 1376, 6, 8),
     "50M": (640, 1728, 10, 10),
 }
+# SmolLM2-135M-Instruct's config (its config.json), random weights: LlamaConfig keywords
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0,
+               max_position_embeddings=2048)
+MODELS = {"smollm2": SMOLLM2, "smollm2-micro": dict(SMOLLM2, num_hidden_layers=2, vocab_size=1024)}
 
 
 # --------------------------------------------------------------------------- methods
@@ -74,15 +85,35 @@ def method_list(include_convex: bool = True, scorings: list[str] | None = None) 
 
 
 # --------------------------------------------------------------------------- models and batches
-def build_model(size: str, mode: str, T: int, device, seed: int = 0, attn: str = "sdpa"):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(size: str, T: int, attn: str = "sdpa", layers: int | None = None):
+    """The LlamaConfig of a benchmark model: a tiny size (``SIZES``) or a SmolLM2 shape (``MODELS``); ``layers``
+    overrides the number of layers."""
+    from transformers import LlamaConfig
 
-    h, inter, layers, heads = SIZES[size]
+    if size in MODELS:
+        kw = dict(MODELS[size])
+        kw["max_position_embeddings"] = max(kw["max_position_embeddings"], T)
+    else:
+        h, inter, n_layers, heads = SIZES[size]
+        kw = dict(hidden_size=h, intermediate_size=inter, num_hidden_layers=n_layers, num_attention_heads=heads,
+                  num_key_value_heads=heads, vocab_size=VOCAB, max_position_embeddings=max(1024, T),
+                  tie_word_embeddings=False)
+    if layers is not None:
+        kw["num_hidden_layers"] = int(layers)
+    return LlamaConfig(attn_implementation=attn, **kw)
+
+
+def vocab_of(size: str) -> int:
+    return MODELS[size]["vocab_size"] if size in MODELS else VOCAB
+
+
+def build_model(size: str, mode: str, T: int, device, seed: int = 0, attn: str = "sdpa", layers: int | None = None):
+    """A benchmark model in train mode (module docstring): ``size`` in ``SIZES`` or ``MODELS``, ``mode`` full or
+    lora, ``T`` the longest sequence it must take; ``torch.manual_seed(seed)`` weights."""
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=heads, vocab_size=VOCAB, max_position_embeddings=max(1024, T),
-                      tie_word_embeddings=False, attn_implementation=attn)
-    model = LlamaForCausalLM(cfg).to(device)
+    model = LlamaForCausalLM(llama_config(size, T, attn, layers)).to(device)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -95,9 +126,10 @@ def build_model(size: str, mode: str, T: int, device, seed: int = 0, attn: str =
     return model
 
 
-def make_batch(rows: int, T: int, seed: int, device) -> dict:
+def make_batch(rows: int, T: int, seed: int, device, vocab: int = VOCAB) -> dict:
+    """``rows`` rows of ``T`` random tokens, every position a label."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (rows, T), generator=g)  # (rows, T)
+    ids = torch.randint(1, vocab, (rows, T), generator=g)  # (rows, T)
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "labels": ids.clone().to(device)}
 
@@ -141,10 +173,11 @@ class Case:
 
         self.size, self.mode, self.T, self.n, self.m = size, mode, T, n, m
         self.device = torch.device(device)
+        self.vocab = vocab_of(size)
         self.model = build_model(size, mode, T, device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=LR)
-        self.gen, self.tgt = make_batch(n, T, 1, device), make_batch(m, T, 2, device)
+        self.gen, self.tgt = make_batch(n, T, 1, device, self.vocab), make_batch(m, T, 2, device, self.vocab)
         self.merged = merge_batches(self.gen, self.tgt, device)
         self.methods = methods
         self.regs = {}

@@ -1,5 +1,6 @@
-"""System benchmark, the measurement: one configuration's interleaved repeats (``measure_case``), the scoring
-crossover sweeps, the configuration grids, and ``run_system_bench`` which runs them and writes the report.
+"""System benchmark, the measurement: one configuration's interleaved repeats and memory step (``measure_case``), the
+scoring crossover sweeps, the configuration grids (tiny Llama sizes, or SmolLM2-135M shapes with ``model="smollm2"``),
+and ``run_system_bench`` which runs them and writes the report.
 
 Part of ``drpost.bench.system`` (run it with ``drpost bench system``).
 """
@@ -18,9 +19,23 @@ from pathlib import Path
 
 import torch
 
-from drpost.bench.system.cases import COMPONENTS, LR, SIZES, VOCAB, Case, Method, cfg_label, method_list
+from drpost.bench.system.cases import (
+    COMPONENTS,
+    LR,
+    SIZES,
+    SMOLLM2,
+    VOCAB,
+    Case,
+    Method,
+    cfg_label,
+    method_list,
+)
 from drpost.bench.system.floors import floor, scoring_check
+from drpost.bench.system.memory import logits as logits_memory
+from drpost.bench.system.memory import measure as measure_memory
 from drpost.bench.system.report import GOALS, _jsonable, evaluate_goals, plot, write_markdown
+
+BENCH_MODELS = ("tiny", "smollm2")
 
 
 def _q(xs, q):
@@ -33,10 +48,12 @@ def _q(xs, q):
 
 
 def measure_case(cfg: dict, methods: list[Method], repeats: int, warmup: int, rates, device, log) -> dict:
+    """Warm-up, interleaved timed repeats, floors, the scoring check (tiny sizes only: on SmolLM2 it would time
+    full ghost Grams and materialize the tied 49,152 x 576 embedding per row), then one memory step per method
+    (``memory``)."""
     case = Case(cfg["size"], cfg["mode"], cfg["T"], cfg["n"], cfg["m"], device, methods)
     total_p, train_p = case.n_params()
     runs = {me.name: [] for me in methods}
-    peak = {}
     rng = random.Random(0)
     for _ in range(warmup):
         for me in methods:
@@ -45,11 +62,7 @@ def measure_case(cfg: dict, methods: list[Method], repeats: int, warmup: int, ra
         order = list(methods)
         rng.shuffle(order)
         for me in order:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
             runs[me.name].append(case.run(me))
-            if device.type == "cuda":
-                peak[me.name] = max(peak.get(me.name, 0), torch.cuda.max_memory_allocated())
     std_runs = runs["standard"]
     std_tot = [sum(d.values()) for d in std_runs]
     t_std = {k: statistics.median(d.get(k, 0.0) for d in std_runs) for k in COMPONENTS}
@@ -67,7 +80,6 @@ def measure_case(cfg: dict, methods: list[Method], repeats: int, warmup: int, ra
             "ratio_q25": _q(ratios, 0.25), "ratio_q75": _q(ratios, 0.75),
             "components_s": comp, "excess_s": excess,
             "held_back_by": max(excess, key=excess.get) if me.kind != "standard" else None,
-            "peak_mem_bytes": peak.get(me.name),
         }
         fl = floor(case, me, t_std, rates)
         if fl is not None:
@@ -85,9 +97,30 @@ def measure_case(cfg: dict, methods: list[Method], repeats: int, warmup: int, ra
         rows[me.name] = row
         log(f"    {me.name:36s} {row['ratio']:5.2f}x [{row['ratio_q25']:.2f}-{row['ratio_q75']:.2f}]"
             + (f"  floor {row['floor_ratio']:.2f}x" if "floor_ratio" in row else ""))
-    sc = scoring_check(case, rates, max(1, min(3, repeats)))
+    sc = scoring_check(case, rates, max(1, min(3, repeats))) if cfg["size"] in SIZES else {}
+    mem = measure_memory(case, methods)
+    std_mem = mem["standard"]
+    for me in methods:
+        row = rows[me.name]
+        row.update(mem[me.name])
+        for k in ("peak_mem", "step_mem"):
+            a, b = mem[me.name][f"{k}_bytes"], std_mem[f"{k}_bytes"]
+            row[f"{k}_ratio"] = a / b if a and b else None
+    lg = logits_memory(case)
+    if std_mem["step_mem_bytes"]:
+        lg["logits_over_standard_step_mem"] = lg["logits_bytes"] / std_mem["step_mem_bytes"]
+    log("    step memory (MiB, x standard): " + ", ".join(
+        f"{me.name} {_mb(mem[me.name]['step_mem_bytes'])} ({_x(rows[me.name]['step_mem_ratio'])})" for me in methods))
     return {"config": cfg, "params": total_p, "trainable": train_p, "standard_s": std_med,
-            "standard_components_s": t_std, "methods": rows, "scoring_check": sc}
+            "standard_components_s": t_std, "methods": rows, "scoring_check": sc, "logits": lg}
+
+
+def _mb(b) -> str:
+    return "—" if b is None else f"{b / 2**20:.0f}"
+
+
+def _x(r) -> str:
+    return "—" if r is None else f"{r:.2f}x"
 
 
 # --------------------------------------------------------------------------- crossovers
@@ -169,13 +202,17 @@ def crossovers(shape, m_sweep, T_m, T_sweep, n, repeats, rates, device) -> dict:
 
 
 # --------------------------------------------------------------------------- grids
-def grid(quick: bool, micro: bool = False, seq_lengths: list[int] | None = None) -> tuple[list[dict], dict]:
+def grid(quick: bool, micro: bool = False, seq_lengths: list[int] | None = None,
+         model: str = "tiny") -> tuple[list[dict], dict]:
     """(configurations, crossover settings). Each configuration: size, mode, T, n, m, methods ('all' | 'core').
 
-    ``seq_lengths``: time every configuration at each of these lengths instead of its own T (duplicates dropped),
-    and sweep them in the reduced-ghost vs direct crossover; None = the grid's own lengths.
+    ``model``: ``tiny`` (the Llama sizes of ``SIZES``) or ``smollm2`` (``_smollm2_grid``). ``seq_lengths``: time
+    every configuration at each of these lengths instead of its own T (duplicates dropped), and sweep them in the
+    reduced-ghost vs direct crossover; None = the grid's own lengths.
     """
-    cfgs, xcfg = _grid(quick, micro)
+    if model not in BENCH_MODELS:
+        raise ValueError(f"option 'model' must be one of {BENCH_MODELS}, got {model!r}")
+    cfgs, xcfg = _smollm2_grid(quick, micro) if model == "smollm2" else _grid(quick, micro)
     if not seq_lengths:
         return cfgs, xcfg
     out: list[dict] = []
@@ -217,69 +254,95 @@ def _grid(quick: bool, micro: bool) -> tuple[list[dict], dict]:
                       T_sweep=[16, 32, 64, 128, 256, 512, 1024, 2048], n=8)
 
 
+def _smollm2_grid(quick: bool, micro: bool) -> tuple[list[dict], dict]:
+    """SmolLM2-135M shapes: full fine-tuning and LoRA r8 x T {64, 256} x n {8, 32}, m = 1, core methods; quick = T 64,
+    n 8; micro = the 2-layer, 1,024-token ``smollm2-micro`` at T 16, n 8 (a smoke test of the same path). The
+    crossovers use the MLP's 1536 x 576 shape."""
+    x = dict(shape=(1536, 576), m_sweep=[1, 2, 4, 8, 16, 32], T_m=64, T_sweep=[64, 128, 256, 512, 1024], n=8)
+    if micro:
+        cfgs = [dict(size="smollm2-micro", mode=mode, T=16, n=8, m=1, methods="core") for mode in ("full", "lora")]
+        return cfgs, dict(x, m_sweep=[1, 4], T_m=8, T_sweep=[8, 32], n=4)
+    Ts, ns = ((64,), (8,)) if quick else ((64, 256), (8, 32))
+    cfgs = [dict(size="smollm2", mode=mode, T=T, n=n, m=1, methods="core")
+            for T, n in sorted(((T, n) for T in Ts for n in ns), key=lambda tn: tn[0] * (tn[1] + 1))
+            for mode in ("full", "lora")]  # the cheapest configurations first: each is written when done
+    return cfgs, x
+
+
 def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False, *, micro: bool = False,
                      repeats: int | None = None, warmup: int = 1, threads: int | None = 1,
                      device: str | None = None, command: str | None = None, log=print,
-                     seq_lengths: list[int] | None = None, scorings: list[str] | None = None) -> dict:
+                     seq_lengths: list[int] | None = None, scorings: list[str] | None = None,
+                     model: str = "tiny") -> dict:
     """Run the system benchmark and write ``system.json``, ``metrics.json``, ``summary.md`` and PNGs.
 
     quick: small grid for 2 CPU cores (~10 min); micro: one tiny configuration (tests); repeats: timed repeats per
-    method (default 5 quick / 7 full / 1 micro); threads: torch CPU threads (None = leave as is); seq_lengths:
-    see ``grid``; scorings: the scoring methods whose rows are timed (None = all, see ``method_list``)."""
+    method (default 5 quick / 7 full / 1 micro; 3 for SmolLM2); threads: torch CPU threads (None = leave as is);
+    seq_lengths: see ``grid``; scorings: the scoring methods whose rows are timed (None = all, see
+    ``method_list``); model: ``tiny`` or ``smollm2`` (see ``grid``)."""
     from drpost.geometry import cost
 
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    command = command or (f"drpost bench system{' model=' + model if model != 'tiny' else ''}"
+                          f"{' quick=true' if quick else ''}{' micro=true' if micro else ''} output_dir={out_dir}")
     old_threads = torch.get_num_threads()
     if threads and dev.type == "cpu":
         torch.set_num_threads(threads)
     try:
         rates = cost.calibrate(str(dev) if dev.type == "cuda" else "cpu", repeats=7)
-        cfgs, xcfg = grid(quick, micro, seq_lengths)
-        reps = repeats or (1 if micro else 5 if quick else 7)
+        cfgs, xcfg = grid(quick, micro, seq_lengths, model)
+        reps = repeats or (1 if micro else 3 if model == "smollm2" else 5 if quick else 7)
         all_methods = method_list(scorings=scorings)
-        cases = []
+        res = {
+            "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+                        "device": str(dev), "threads": threads if dev.type == "cpu" else None,
+                        "gemm_gflops": rates.flops_per_s / 1e9, "bandwidth_gbs": rates.bytes_per_s / 1e9},
+            "settings": {"model": model, "quick": quick, "micro": micro, "repeats": reps, "warmup": warmup,
+                         "lr": LR, "vocab": VOCAB, "seq_lengths": seq_lengths, "scorings": scorings,
+                         "sizes": {k: list(v) for k, v in SIZES.items()}, "smollm2": SMOLLM2, "goals": GOALS},
+            "cases": [],
+            "crossovers": None,
+            "partial": True,
+        }
         for i, cf in enumerate(cfgs):
             ms = all_methods if cf["methods"] == "all" else [m for m in all_methods if m.core]
-            r = reps if cf["methods"] == "all" else max(1, reps - 2 if quick else reps)
+            r = reps if cf["methods"] == "all" or model != "tiny" else max(1, reps - 2 if quick else reps)
             log(f"[{i + 1}/{len(cfgs)}] {cfg_label(cf)}: {len(ms)} methods x {r} repeats")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cases.append(measure_case(cf, ms, r, warmup, rates, dev, log))
+                res["cases"].append(measure_case(cf, ms, r, warmup, rates, dev, log))
+            _write(res, out, command, t_start)  # what has run so far survives a later crash (e.g. out of memory)
         log("crossovers")
-        xo = crossovers(xcfg["shape"], xcfg["m_sweep"], xcfg["T_m"], xcfg["T_sweep"], xcfg["n"],
-                        max(3, reps), rates, dev)
+        res["crossovers"] = crossovers(xcfg["shape"], xcfg["m_sweep"], xcfg["T_m"], xcfg["T_sweep"], xcfg["n"],
+                                       max(3, reps), rates, dev)
     finally:
         torch.set_num_threads(old_threads)
-    res = {
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-                    "device": str(dev), "threads": threads if dev.type == "cpu" else None,
-                    "gemm_gflops": rates.flops_per_s / 1e9, "bandwidth_gbs": rates.bytes_per_s / 1e9},
-        "settings": {"quick": quick, "micro": micro, "repeats": reps, "warmup": warmup, "lr": LR, "vocab": VOCAB,
-                     "seq_lengths": seq_lengths, "scorings": scorings,
-                     "sizes": {k: list(v) for k, v in SIZES.items()}, "goals": GOALS},
-        "cases": cases,
-        "crossovers": xo,
-    }
-    res["goals"] = evaluate_goals(cases)
-    res["wall_s"] = time.perf_counter() - t_start
-    command = command or f"drpost bench system{' quick=true' if quick else ''} output_dir={out_dir}"
-    (out / "system.json").write_text(json.dumps(_jsonable(res), indent=1))
-    head = {g["goal"] + " | " + g["config"] + " | " + g["method"]: {"value": g["value"], "met": g["met"]}
-            for g in res["goals"]}
-    (out / "metrics.json").write_text(json.dumps(_jsonable({"goals": head, "wall_s": res["wall_s"]}), indent=1))
-    write_markdown(res, out / "summary.md", command)
+    del res["partial"]
+    _write(res, out, command, t_start)
     plot(res, out)
     log(f"wrote {out}/system.json, summary.md, breakdown.png, crossovers.png in {res['wall_s']:.0f} s")
     return res
 
 
+def _write(res: dict, out: Path, command: str, t_start: float) -> None:
+    """system.json, metrics.json and summary.md of the configurations measured so far (``res['partial']`` until the
+    crossovers are in)."""
+    res["goals"] = evaluate_goals(res["cases"])
+    res["wall_s"] = time.perf_counter() - t_start
+    (out / "system.json").write_text(json.dumps(_jsonable(res), indent=1))
+    head = {g["goal"] + " | " + g["config"] + " | " + g["method"]: {"value": g["value"], "met": g["met"]}
+            for g in res["goals"]}
+    (out / "metrics.json").write_text(json.dumps(_jsonable({"goals": head, "wall_s": res["wall_s"]}), indent=1))
+    write_markdown(res, out / "summary.md", command)
+
+
 def run(config) -> int:
     """CLI runner (``drpost bench system``): ``config`` is a ``drpost.config.BenchSystemConfig`` (or any object or
-    dict with some of its keys: output_dir (or out_dir), quick, micro, repeats, threads, device, seq_lengths,
-    scorings)."""
+    dict with some of its keys: output_dir (or out_dir), model, quick, micro, repeats, threads, device,
+    seq_lengths, scorings)."""
     get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
         lambda k, d=None: getattr(config, k, d))
     out_dir = get("out_dir") or get("output_dir") or "results/system"
@@ -290,7 +353,7 @@ def run(config) -> int:
         else f"drpost bench system output_dir={out_dir}"
     run_system_bench(out_dir, quick=bool(get("quick", False)), micro=bool(get("micro", False)),
                      repeats=get("repeats"), threads=threads or None, device=dev, command=command,
-                     seq_lengths=get("seq_lengths"), scorings=get("scorings"))
+                     seq_lengths=get("seq_lengths"), scorings=get("scorings"), model=get("model") or "tiny")
     return 0
 
 

@@ -1,5 +1,5 @@
-"""System benchmark, the report: the goals (``GOALS``) checked per configuration, ``summary.md``, the plots and the
-JSON conversion of the results.
+"""System benchmark, the report: the goals (``GOALS``) checked per configuration, ``summary.md`` (ratios, floors,
+components, peak memory per method, logits memory), the plots and the JSON conversion of the results.
 
 Part of ``drpost.bench.system`` (run it with ``drpost bench system``).
 """
@@ -71,6 +71,48 @@ def _ms(x):
     return "—" if x is None else f"{1e3 * x:.1f}"
 
 
+def _mem(row: dict, key: str) -> str:
+    b, r = row.get(f"{key}_bytes"), row.get(f"{key}_ratio")
+    return "—" if b is None else f"{b / 2**20:.0f}" + ("" if r is None else f" ({r:.2f}x)")
+
+
+def _logits_line(c: dict) -> str:
+    lg = c.get("logits")
+    if not lg:
+        return ""
+    share = lg.get("logits_over_standard_step_mem")
+    return (f"Logits: R x T x vocab x 4 bytes = {lg['logits_bytes'] / 2**20:.1f} MiB per logits-sized tensor (the "
+            f"loss holds up to three at once in the backward)"
+            + ("" if share is None else f", {share:.2f}x the memory the standard step adds")
+            + f"; computing the LM head only at the {lg['label_positions']} label positions would save "
+            f"{lg['head_at_labels_saves_bytes'] / 2**20:.2f} MiB per such tensor (every position but each row's "
+            "last is labelled here).")
+
+
+def _overview(cases: list[dict]) -> list[str]:
+    """One line per configuration: time ratio, peak-memory ratio and step-memory ratio of each core method."""
+    from drpost.bench.system.cases import method_list
+
+    names = [m.name for m in method_list() if m.core and m.kind != "standard"]
+    names = [nm for nm in names if any(nm in c["methods"] for c in cases)]
+    if not names:
+        return []
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "—"
+        f = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+        return f"{f(r['ratio'])} · {f(r.get('peak_mem_ratio'))} · {f(r.get('step_mem_ratio'))}"
+
+    L = ["## Overview\n", "Per configuration and method: time ratio · peak-memory ratio · step-memory ratio, each to "
+         "the standard step (memory: see the note above; — = not measured).\n",
+         "| config | standard step | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for c in cases:
+        L.append(f"| {cfg_label(c['config'])} | {1e3 * c['standard_s']:.0f} ms | "
+                 + " | ".join(cell(c["methods"].get(nm)) for nm in names) + " |")
+    return L + [""]
+
+
 def write_markdown(res: dict, path: Path, command: str) -> None:
     L = ["# System benchmark (`drpost bench system`)\n", f"Command: `{command}`\n",
          f"Machine: {res['machine']['platform']}, torch {res['machine']['torch']}, device {res['machine']['device']}, "
@@ -78,9 +120,17 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
          f"copy bandwidth {res['machine']['bandwidth_gbs']:.1f} GB/s. Wall time {res['wall_s']:.0f} s.\n",
          "Ratios are to a standard step (plain token-mean forward/backward + AdamW step) on the same union batch "
          "(n general + m target rows): median over interleaved repeats, [IQR] in brackets. *Floor* = measured "
-         "standard step − skipped weight-gradient GEMMs + one assembly GEMM per layer over the rows that carry "
-         "weight + estimated scoring FLOPs/bytes at the measured rates. *Held back by* = the component with the "
-         "largest excess over the standard step's same component (scoring/solve/assembly count in full).\n"]
+         "standard step − skipped weight-gradient GEMMs + the per-row gradients the backward materializes for "
+         "weights whose per-row gradients are no larger than their factors (every LoRA matrix) + estimated scoring "
+         "FLOPs/bytes + the assembly (one GEMM per use over the rows that carry weight, or one GEMV per weight over "
+         "held per-row gradients), at the measured rates (`drpost.bench.system.floors`). *Held back "
+         "by* = the component with the largest excess over the standard step's same component (scoring/solve/"
+         "assembly count in full). *Peak* = peak memory during one more step of the method after the timed "
+         "repeats (CPU: the process's peak RSS; CUDA: max_memory_allocated), *step* = the peak minus the memory at "
+         "the step's start; MiB, (x the standard step's) (`drpost.bench.system.memory`).\n"]
+    if res.get("partial"):
+        L.insert(3, "**Partial**: the configurations measured so far (written after each one); the run has not "
+                    "finished.\n")
     g = res["goals"]
     L.append("## Goals\n")
     L.append("| goal | target | met / checked | worst case (value, config, method, held back by) |")
@@ -101,13 +151,14 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
              "`floor_gap` = measured / analytic floor for one-pass subset methods and full_training; `convex_exact` = "
              "hull with the exact Gram; `auto_vs_best` = scoring auto / best fixed exact method (scoring component "
              "on one captured step, and whole layerwise step where the fixed methods ran).\n")
+    L += _overview(res["cases"])
     for c in res["cases"]:
         cf = c["config"]
         L.append(f"## {cfg_label(cf)} — {c['params'] / 1e6:.2f}M params ({c['trainable'] / 1e6:.3f}M trainable); "
                  f"standard step {1e3 * c['standard_s']:.1f} ms\n")
         L.append("| method | ratio [IQR] | floor | meas/floor | fwd | bwd | scoring | solve | assembly | opt | "
-                 "held back by | scoring choices |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "held back by | scoring choices | peak MiB | step MiB |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, r in c["methods"].items():
             comp = r["components_s"]
             fl = f"{r['floor_ratio']:.2f}x" if "floor_ratio" in r else "—"
@@ -117,7 +168,10 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
                 ch = f"per-sample grads by {r.get('func_mode')} (in bwd)"
             L.append(f"| {name} | {r['ratio']:.2f}x [{r['ratio_q25']:.2f}–{r['ratio_q75']:.2f}] | {fl} | {of} | "
                      + " | ".join(_ms(comp[k]) for k in COMPONENTS)
-                     + f" | {r['held_back_by'] or ''} | {ch} |")
+                     + f" | {r['held_back_by'] or ''} | {ch} | {_mem(r, 'peak_mem')} | {_mem(r, 'step_mem')} |")
+        if _logits_line(c):
+            L.append("")
+            L.append(_logits_line(c))
         sc = c.get("scoring_check", {})
         if sc:
             L.append("")
@@ -178,7 +232,7 @@ def plot(res: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "crossovers.png", dpi=110)
         plt.close(fig)
-    mains = [c for c in res["cases"] if c["config"].get("methods") == "all"] or res["cases"][:1]
+    mains = [c for c in res["cases"] if c["config"].get("methods") == "all"] or res["cases"][:8]
     fig, axs = plt.subplots(len(mains), 1, figsize=(11, 3.6 * len(mains)), squeeze=False)
     for ax, c in zip(axs[:, 0], mains):
         names = list(c["methods"])
