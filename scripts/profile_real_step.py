@@ -4,9 +4,11 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/profile_real_step.py --mode lora --profile cprofile --top 30
     OMP_NUM_THREADS=1 .venv/bin/python scripts/profile_real_step.py --mode full --profile torch --repeats 2
 
-The model: LlamaForCausalLM with SmolLM2-135M's shapes (30 layers, hidden 576, intermediate 1536, 9 heads / 3 kv
-heads, vocab 49152, tied embeddings), ``torch.manual_seed(0)`` weights; ``--mode lora`` adds PEFT LoRA r 8 alpha 16
-on every linear layer (210 LoRA modules, 420 A/B matrices). Batch: ``--rows`` general rows and ``--target`` target
+The model: ``drpost.bench.system.build_model("smollm2", ...)``, the system benchmark's LlamaForCausalLM with
+SmolLM2-135M's shapes (30 layers, hidden 576, intermediate 1536, 9 heads / 3 kv heads, vocab 49152, tied
+embeddings), ``torch.manual_seed(0)`` weights; ``--mode lora`` adds PEFT LoRA r 8 alpha 16 on every linear layer
+(210 LoRA modules, 420 A/B matrices, B drawn from N(0, 0.02)). The timed comparison with floors and peak memory is
+``drpost bench system model=smollm2``; this script is for looking inside one step. Batch: ``--rows`` general rows and ``--target`` target
 rows of ``--T`` random tokens, fp32.
 
 Plain step: token-mean loss of the same union batch (``causal_lm_loss``), backward, AdamW. Dr steps: one-pass
@@ -45,33 +47,16 @@ from collections import Counter, defaultdict
 
 import torch
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-               num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=2048)
+from drpost.bench.system import SMOLLM2, build_model
+
 STAGES = ("forward", "backward", "scoring", "solve", "assembly", "optimizer")
-
-
-def build(mode: str, layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, attn_implementation="sdpa", **SMOLLM2))
-    if mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
-        with torch.no_grad():  # LoRA B starts at zero: make the adapters' gradients generic
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.02)
-    model.train()
-    return model
 
 
 def make_runs(args):
     import drpost
     from drpost.objectives import causal_lm_loss
 
-    model = build(args.mode, args.layers)
+    model = build_model("smollm2", args.mode, args.T, "cpu", layers=args.layers)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     g = torch.Generator().manual_seed(0)
 

@@ -2,6 +2,10 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/step_ratio_smollm2.py --mode full --T 64 --threads 1 --repeats 3
 
+The model is ``drpost.bench.system.build_model("smollm2", ...)``, the system benchmark's: LoRA B is drawn from
+N(0, 0.02) (PEFT starts it at zero), so the adapters' gradients are generic. The system benchmark times the same
+steps with floors, per-component breakdowns and peak memory: ``drpost bench system model=smollm2 quick=true``.
+
 Plain step: the model's own token-mean loss on the merged batch (8 general + 1 target rows), backward, AdamW.
 Dr steps: one-pass ``layerwise_subset`` and ``global_subset`` (frac 0.5, scoring auto) + the same AdamW. Steps are
 interleaved (plain, layerwise, global) and the median of ``--repeats`` is reported with the last report's per-stage
@@ -18,13 +22,10 @@ import time
 from collections import Counter
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import drpost
+from drpost.bench.system import SMOLLM2, build_model
 from drpost.objectives import causal_lm_loss
-
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-               num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=2048)
 
 
 def main() -> None:
@@ -36,13 +37,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=args.layers, attn_implementation="sdpa", **SMOLLM2))
-    if args.mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"))
-    model.train()
+    model = build_model("smollm2", args.mode, args.T, "cpu", layers=args.layers)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     g = torch.Generator().manual_seed(0)
 
