@@ -25,7 +25,8 @@ import torch
 from drpost.data.collate import collate
 from drpost.geometry.capture import Capture
 from drpost.geometry.persample import per_sample_gradients
-from drpost.trainers.sft import SFTRecipe, linear_schedule, prepare_model, sample_mean_loss
+from drpost.baselines.greats import sample_mean_loss
+from drpost.trainers.loop import warmup_linear
 
 
 class CountSketch:
@@ -61,7 +62,7 @@ def _warmup(model, params, pool_rows, pad, rng, *, warmup_frac, epochs, lr, batc
     warm = rng.sample(range(len(pool_rows)), max(batch_size, int(warmup_frac * len(pool_rows))))
     steps_per_epoch = max(1, len(warm) // batch_size)
     opt = torch.optim.AdamW(params, lr=lr)
-    sched = linear_schedule(opt, epochs * steps_per_epoch, 0.03)
+    sched = warmup_linear(opt, epochs * steps_per_epoch, 0.03)
     checkpoints = []
     for _ in range(epochs):
         rng.shuffle(warm)
@@ -117,8 +118,11 @@ def less_scores(base_model, tokenizer, pool_rows: list[dict], target_rows: list[
     rng = random.Random(seed)
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id or 0
-    recipe = SFTRecipe(finetuning="lora", lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0)
-    model = prepare_model(copy.deepcopy(base_model), recipe)
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                     task_type="CAUSAL_LM")
+    model = get_peft_model(copy.deepcopy(base_model), cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     checkpoints = _warmup(model, params, pool_rows, pad, rng, warmup_frac=warmup_frac, epochs=epochs, lr=lr,
