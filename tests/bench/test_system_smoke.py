@@ -82,3 +82,26 @@ def test_cli_bench_meso_options_and_errors(capsys):
     assert key == "bench meso" and isinstance(config, BenchMesoConfig) and config.seeds == [3, 4]
     assert cli.main(["bench", "meso", "setting=format_shfit", "output_dir=/nonexistent/x"]) == 2
     assert "did you mean 'format_shift'" in capsys.readouterr().err
+
+
+def test_cpu_clock_counts_process_time_and_is_recorded(tmp_path, monkeypatch):
+    """``clock=cpu``: every CPU timing reads ``time.process_time`` (not the wall clock), the choice is recorded,
+    and the benchmark leaves the wall clock in place afterwards; a bad value is refused by name."""
+    import time
+
+    from drpost.bench.system import cases
+
+    calls = {"cpu": 0}
+    real = time.process_time
+
+    def counted():
+        calls["cpu"] += 1
+        return real()
+
+    monkeypatch.setattr(time, "process_time", counted)
+    res = system.run(type("C", (), {"output_dir": str(tmp_path), "micro": True, "repeats": 1, "clock": "cpu"})())
+    assert res == 0 and calls["cpu"] > 20
+    saved = json.loads((tmp_path / "system.json").read_text())
+    assert saved["machine"]["clock"] == "cpu" and cases.now.__doc__ and cases._TIMER["kind"] == "wall"
+    with pytest.raises(ValueError, match="clock"):
+        cases.use_clock("gpu")

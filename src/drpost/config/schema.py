@@ -409,6 +409,9 @@ class BenchSystemConfig:
     repeats: int | None = _opt(None, "Timed repetitions per method after one warm-up; none = 5 (quick), 7 (full) "
                                      "or 1 (micro); 3 for smollm2 (1 with micro).", min=1)
     threads: int = _opt(1, "torch CPU threads while timing; 0 = leave torch's setting.", min=0)
+    clock: Literal["wall", "cpu"] = _opt(
+        "wall", "CPU timings: wall = elapsed time; cpu = this process's CPU time (all threads), which with "
+                "threads=1 stays meaningful on a machine other jobs share. CUDA always uses CUDA events.")
     device: str = _opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.",
                        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     seq_lengths: list[int] | None = _opt(

@@ -135,8 +135,27 @@ def make_batch(rows: int, T: int, seed: int, device, vocab: int = VOCAB) -> dict
 
 
 # --------------------------------------------------------------------------- clocks
+_TIMER = {"fn": time.perf_counter, "kind": "wall"}
+
+
+def use_clock(kind: str) -> None:
+    """The CPU clock of every timing in the benchmark: ``wall`` (``time.perf_counter``) or ``cpu``
+    (``time.process_time``: the CPU seconds of this process, all its threads). With one torch thread the CPU clock
+    counts only the work of the timed step, so it stays meaningful on a machine that other jobs share (wall time
+    then also counts the time the step waited for a core); with several threads it sums them."""
+    if kind not in ("wall", "cpu"):
+        raise ValueError(f"option 'clock' must be 'wall' or 'cpu', got {kind!r}")
+    _TIMER.update(fn=time.perf_counter if kind == "wall" else time.process_time, kind=kind)
+
+
+def now() -> float:
+    """The benchmark's CPU clock (``use_clock``)."""
+    return _TIMER["fn"]()
+
+
 class Clock:
-    """Component timer: perf_counter on CPU; CUDA events on GPU (read after one sync at the end)."""
+    """Component timer: the benchmark's clock on CPU (``use_clock``); CUDA events on GPU (read after one sync at
+    the end)."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
@@ -153,7 +172,7 @@ class Clock:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             return e
-        return time.perf_counter()
+        return now()
 
     def read(self) -> dict[str, float]:
         if self.cuda:

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from drpost.bench.system.cases import Case, Method
+from drpost.bench.system.cases import Case, Method, now
 
 ELEM = 4  # bytes per element: the benchmark models are float32
 
@@ -181,11 +181,11 @@ def scoring_check(case: Case, rates, repeats: int) -> dict:
                 for _ in range(repeats + 1):
                     if case.device.type == "cuda":
                         torch.cuda.synchronize()
-                    t0 = time.perf_counter()
+                    t0 = now()
                     block_stats(b, l, meth, tc, R_g, need_gram, False)
                     if case.device.type == "cuda":
                         torch.cuda.synchronize()
-                    ts.append(time.perf_counter() - t0)
+                    ts.append(now() - t0)
                 times[meth][l] = statistics.median(ts[1:])
         from drpost.geometry import cost
 

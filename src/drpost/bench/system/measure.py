@@ -29,6 +29,8 @@ from drpost.bench.system.cases import (
     Method,
     cfg_label,
     method_list,
+    now,
+    use_clock,
 )
 from drpost.bench.system.floors import floor, scoring_check
 from drpost.bench.system.memory import logits as logits_memory
@@ -142,11 +144,11 @@ def _time_scoring(block, method, n, R, repeats, device) -> float:
     for _ in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = now()
         block_stats(block, 0, method, tc, n, False, False)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
+        ts.append(now() - t0)
     return statistics.median(ts[1:])
 
 
@@ -273,13 +275,14 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
                      repeats: int | None = None, warmup: int = 1, threads: int | None = 1,
                      device: str | None = None, command: str | None = None, log=print,
                      seq_lengths: list[int] | None = None, scorings: list[str] | None = None,
-                     model: str = "tiny") -> dict:
+                     model: str = "tiny", clock: str = "wall") -> dict:
     """Run the system benchmark and write ``system.json``, ``metrics.json``, ``summary.md`` and PNGs.
 
     quick: small grid for 2 CPU cores (~10 min); micro: one tiny configuration (tests); repeats: timed repeats per
     method (default 5 quick / 7 full / 1 micro; 3 for SmolLM2); threads: torch CPU threads (None = leave as is);
     seq_lengths: see ``grid``; scorings: the scoring methods whose rows are timed (None = all, see
-    ``method_list``); model: ``tiny`` or ``smollm2`` (see ``grid``)."""
+    ``method_list``); model: ``tiny`` or ``smollm2`` (see ``grid``); clock: ``wall`` or ``cpu`` (process CPU time,
+    see ``cases.use_clock``; CUDA timings always use CUDA events)."""
     from drpost.geometry import cost
 
     t_start = time.perf_counter()
@@ -288,6 +291,7 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     command = command or (f"drpost bench system{' model=' + model if model != 'tiny' else ''}"
                           f"{' quick=true' if quick else ''}{' micro=true' if micro else ''} output_dir={out_dir}")
+    use_clock(clock)
     old_threads = torch.get_num_threads()
     if threads and dev.type == "cpu":
         torch.set_num_threads(threads)
@@ -299,6 +303,7 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
         res = {
             "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                         "device": str(dev), "threads": threads if dev.type == "cpu" else None,
+                        "clock": "cuda_events" if dev.type == "cuda" else clock,
                         "gemm_gflops": rates.flops_per_s / 1e9, "bandwidth_gbs": rates.bytes_per_s / 1e9},
             "settings": {"model": model, "quick": quick, "micro": micro, "repeats": reps, "warmup": warmup,
                          "lr": LR, "vocab": VOCAB, "seq_lengths": seq_lengths, "scorings": scorings,
@@ -320,6 +325,7 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
                                        max(3, reps), rates, dev)
     finally:
         torch.set_num_threads(old_threads)
+        use_clock("wall")
     del res["partial"]
     _write(res, out, command, t_start)
     plot(res, out)
@@ -342,7 +348,7 @@ def _write(res: dict, out: Path, command: str, t_start: float) -> None:
 def run(config) -> int:
     """CLI runner (``drpost bench system``): ``config`` is a ``drpost.config.BenchSystemConfig`` (or any object or
     dict with some of its keys: output_dir (or out_dir), model, quick, micro, repeats, threads, device,
-    seq_lengths, scorings)."""
+    seq_lengths, scorings, clock)."""
     get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
         lambda k, d=None: getattr(config, k, d))
     out_dir = get("out_dir") or get("output_dir") or "results/system"
@@ -353,7 +359,8 @@ def run(config) -> int:
         else f"drpost bench system output_dir={out_dir}"
     run_system_bench(out_dir, quick=bool(get("quick", False)), micro=bool(get("micro", False)),
                      repeats=get("repeats"), threads=threads or None, device=dev, command=command,
-                     seq_lengths=get("seq_lengths"), scorings=get("scorings"), model=get("model") or "tiny")
+                     seq_lengths=get("seq_lengths"), scorings=get("scorings"), model=get("model") or "tiny",
+                     clock=get("clock") or "wall")
     return 0
 
 
