@@ -103,3 +103,25 @@ def test_every_bench_method_name_trains():
     for name in ("cone", "span", "halfspace"):
         r = quality.run_one(tiny_setting(), name, None, 0, budget, n_val=2, _ctx=ctx)
         assert r["method"] == name and r["skipped_steps"] == 0
+
+
+def test_report_names_the_best_dr_method_that_keeps_retention_and_the_sampler_cost():
+    """The README table carries ms/step and the sampler's ms/step; the retention verdict only counts Dr methods
+    whose retention is within 0.02 of FullTraining's."""
+    from drpost.bench.quality_report import markdown_table, retention_verdict
+
+    def row(label, t, r, sampler=None):
+        return {"label": label, "knob": None, "target_em": (t, 0.01), "target_loss": (1.0, 0.0),
+                "retention_em": (r, 0.0), "target_family_weight": None, "wall_seconds": 10.0, "step_ms": 100.0,
+                "sampler_ms_per_step": sampler}
+
+    by = {"full_training": row("FullTraining", 0.10, 0.30), "dsir": row("DSIR", 0.20, 0.08),
+          "hull": row("Hull", 0.25, 0.20), "guided_hull": row("Guided+Hull", 0.15, 0.29, sampler=4.2)}
+    text = retention_verdict(by, 0.20)
+    assert "Guided+Hull (0.150" in text and "does not beat" in text  # Hull's 0.25 is dropped: retention 0.20 < 0.28
+    by["guided_hull"]["target_em"] = (0.22, 0.01)
+    assert "Guided+Hull (0.220" in retention_verdict(by, 0.20) and " beats " in retention_verdict(by, 0.20)
+    md = markdown_table({"s": by}, "cmd")
+    assert "| ms/step | sampler ms/step |" in md and "| 100 | 4.2 |" in md and "| 100 |  |" in md
+    by["guided_hull"]["retention_em"] = (0.1, 0.0)
+    assert retention_verdict(by, 0.2).startswith("No Dr method keeps retention")

@@ -41,9 +41,26 @@ def summarize(records: list[dict]) -> dict:
             table[s][m]["n"] = len(rs)
             table[s][m]["label"] = rs[0]["label"]
             table[s][m]["wall_seconds"] = sum(r["wall_seconds"] for r in rs) / len(rs)
+            for k in ("step_ms", "sampler_ms_per_step"):  # absent from records older than the guided sampler
+                vals = [r[k] for r in rs if r.get(k) is not None]
+                table[s][m][k] = sum(vals) / len(vals) if vals else None
             fw = [r["family_weight"].get(r["target_family"], 0.0) for r in rs if r["family_weight"]]
             table[s][m]["target_family_weight"] = sum(fw) / len(fw) if fw else None
     return table
+
+
+def retention_verdict(by: dict, sel_best: float, slack: float = 0.02) -> str:
+    """The sentence on the Dr methods that keep retention within ``slack`` of FullTraining's (or above it): the best
+    of them on the target, against the best data-selection baseline's target EM ``sel_best``."""
+    ft = by["full_training"]["retention_em"][0]
+    keep = {m: v["target_em"][0] for m, v in by.items() if m in DR_METHODS and v["retention_em"][0] >= ft - slack}
+    if not keep:
+        return (f"No Dr method keeps retention within {slack} of FullTraining's ({ft:.3f}).")
+    bm = max(keep, key=keep.get)
+    verdict = "beats" if keep[bm] > sel_best else "does not beat"
+    return (f"Best Dr method with retention within {slack} of FullTraining's ({ft:.3f}): {by[bm]['label']} "
+            f"({keep[bm]:.3f}, retention {by[bm]['retention_em'][0]:.3f}) {verdict} the best data-selection "
+            f"baseline ({sel_best:.3f}).")
 
 
 def _pm(mean_and_se: tuple[float, float]) -> str:
@@ -58,15 +75,18 @@ def markdown_table(table: dict, command: str) -> str:
         best_em = max(v["target_em"][0] for v in by.values())
         sel_best = max((v["target_em"][0] for m, v in by.items() if m in SELECTION_BASELINES), default=None)
         lines += [f"### {s}", "",
-                  "| method | knob | target EM | target loss | retention EM | weight on target family | s/run |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | knob | target EM | target loss | retention EM | weight on target family | s/run "
+                  "| ms/step | sampler ms/step |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for v in by.values():
             em = v["target_em"][0]
             mark = " **best**" if em == best_em else ""
             tfw = "" if v["target_family_weight"] is None else f"{v['target_family_weight']:.2f}"
+            ms = "" if v.get("step_ms") is None else f"{v['step_ms']:.0f}"
+            sampler = "" if not v.get("sampler_ms_per_step") else f"{v['sampler_ms_per_step']:.1f}"
             lines.append(f"| {v['label']} | {v['knob'] if v['knob'] is not None else ''} "
                          f"| {_pm(v['target_em'])}{mark} | {_pm(v['target_loss'])} | {_pm(v['retention_em'])} "
-                         f"| {tfw} | {v['wall_seconds']:.0f} |")
+                         f"| {tfw} | {v['wall_seconds']:.0f} | {ms} | {sampler} |")
         front = pareto_front(by)
         lines += ["", "Pareto front (target EM vs retention EM; no other method is at least as good on both): "
                   + ", ".join(by[m]["label"] for m in sorted(front, key=lambda m: -by[m]["target_em"][0])) + "."]
@@ -76,6 +96,7 @@ def markdown_table(table: dict, command: str) -> str:
             verdict = "beats" if dr[bm] > sel_best else "does not beat"
             lines += ["", f"Best Dr method: {by[bm]['label']} ({dr[bm]:.3f}) {verdict} the best data-selection "
                           f"baseline ({sel_best:.3f})."]
+            lines += [retention_verdict(by, sel_best)] if "full_training" in by else []
         lines.append("")
     return "\n".join(lines)
 
