@@ -6,6 +6,7 @@ Checks that the files and JSON keys exist; never asserts a time.
 import json
 
 import pytest
+import torch
 
 from drpost.bench import system
 
@@ -105,3 +106,26 @@ def test_cpu_clock_counts_process_time_and_is_recorded(tmp_path, monkeypatch):
     assert saved["machine"]["clock"] == "cpu" and cases.now.__doc__ and cases._TIMER["kind"] == "wall"
     with pytest.raises(ValueError, match="clock"):
         cases.use_clock("gpu")
+
+
+def test_bf16_precision_runs_every_method_under_autocast(tmp_path, monkeypatch):
+    """``precision=bf16``: the standard step and every regularized step run under bf16 autocast (the GEMMs see
+    bf16 operands), the torch.func anchor is left out, and the choice is recorded."""
+    from drpost.bench.system import cases
+
+    seen = []
+    real = torch.nn.functional.linear
+
+    def linear(x, w, b=None):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    res = system.run_system_bench(tmp_path, micro=True, repeats=1, log=lambda *a: None, precision="bf16",
+                                  scorings=["auto"])
+    names = set(res["cases"][0]["methods"])
+    assert res["settings"]["precision"] == "bf16" and "standard" in names and "global/one_pass/auto" in names
+    assert not any(n.startswith("torch.func") for n in names)
+    assert seen and all(seen)  # every linear call of every method ran inside the autocast region
+    with pytest.raises(ValueError, match="precision"):
+        cases.Case("micro", "full", 8, 2, 1, "cpu", [], precision="fp16")

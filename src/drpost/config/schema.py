@@ -412,6 +412,10 @@ class BenchSystemConfig:
     clock: Literal["wall", "cpu"] = _opt(
         "wall", "CPU timings: wall = elapsed time; cpu = this process's CPU time (all threads), which with "
                 "threads=1 stays meaningful on a machine other jobs share. CUDA always uses CUDA events.")
+    precision: Literal["fp32", "bf16"] = _opt(
+        "fp32", "fp32, or bf16 = every method's forward and backward under bf16 autocast (weights and AdamW stay "
+                "fp32; floors from GEMM rates calibrated in bf16; the torch.func anchor is left out). CPUs without "
+                "AVX512-BF16 emulate bf16 and run it slower than fp32.")
     device: str = _opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda or cuda:N.",
                        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     seq_lengths: list[int] | None = _opt(

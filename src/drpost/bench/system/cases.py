@@ -187,9 +187,12 @@ class Clock:
 class Case:
     """One configuration: model, batches, optimizer and a runner per method."""
 
-    def __init__(self, size, mode, T, n, m, device, methods: list[Method], sketch="64x64"):
+    def __init__(self, size, mode, T, n, m, device, methods: list[Method], sketch="64x64", precision="fp32"):
         from drpost.step import merge_batches
 
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"option 'precision' must be 'fp32' or 'bf16', got {precision!r}")
+        self.precision = precision  # bf16: every method's forward and backward under bf16 autocast (fp32 weights)
         self.size, self.mode, self.T, self.n, self.m = size, mode, T, n, m
         self.device = torch.device(device)
         self.vocab = vocab_of(size)
@@ -213,6 +216,10 @@ class Case:
         total = sum(p.numel() for p in self.model.parameters())
         return total, sum(p.numel() for p in self.params)
 
+    def autocast(self):
+        """The precision context of every method's forward and backward: bf16 autocast, or nothing (fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
     # ---- runners: each returns {component: seconds}
     def _opt_step(self, clock):
         self.opt.step()
@@ -224,10 +231,11 @@ class Case:
 
         clock = Clock(self.device)
         clock.start()
-        loss, counts = causal_lm_loss(self.model, self.merged)
-        clock.mark("forward")
-        (loss.sum() / counts.sum()).backward()
-        clock.mark("backward")
+        with self.autocast():
+            loss, counts = causal_lm_loss(self.model, self.merged)
+            clock.mark("forward")
+            (loss.sum() / counts.sum()).backward()
+            clock.mark("backward")
         self._opt_step(clock)
         return clock.read()
 
@@ -235,7 +243,8 @@ class Case:
         from drpost.objectives import causal_lm_loss
 
         reg = self.regs[name]
-        rep = reg.step(self.gen, self.tgt, causal_lm_loss, lr=1e-3)
+        with self.autocast():
+            rep = reg.step(self.gen, self.tgt, causal_lm_loss, lr=1e-3)
         self.reports[name] = rep
         t = {k: float(rep.timings.get(k, 0.0)) for k in COMPONENTS if k != "optimizer"}
         clock = Clock(self.device)
@@ -262,6 +271,8 @@ class Case:
                 warnings.warn(f"torch.func vmap failed ({type(e).__name__}: {e}); using oracle.per_sample_grads",
                               stacklevel=2)
                 self.func_mode = "oracle"
+        if self.precision != "fp32":
+            raise ValueError("the torch.func anchor runs in fp32 only: leave it out of a bf16 run")
         if grads is None:
             g, _ = per_sample_grads(self.model, self.merged, causal_lm_loss)
             grads = [g[k] for k in names]

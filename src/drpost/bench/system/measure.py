@@ -49,11 +49,12 @@ def _q(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def measure_case(cfg: dict, methods: list[Method], repeats: int, warmup: int, rates, device, log) -> dict:
+def measure_case(cfg: dict, methods: list[Method], repeats: int, warmup: int, rates, device, log,
+                 precision: str = "fp32") -> dict:
     """Warm-up, interleaved timed repeats, floors, the scoring check (tiny sizes only: on SmolLM2 it would time
     full ghost Grams and materialize the tied 49,152 x 576 embedding per row), then one memory step per method
     (``memory``)."""
-    case = Case(cfg["size"], cfg["mode"], cfg["T"], cfg["n"], cfg["m"], device, methods)
+    case = Case(cfg["size"], cfg["mode"], cfg["T"], cfg["n"], cfg["m"], device, methods, precision=precision)
     total_p, train_p = case.n_params()
     runs = {me.name: [] for me in methods}
     rng = random.Random(0)
@@ -275,14 +276,16 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
                      repeats: int | None = None, warmup: int = 1, threads: int | None = 1,
                      device: str | None = None, command: str | None = None, log=print,
                      seq_lengths: list[int] | None = None, scorings: list[str] | None = None,
-                     model: str = "tiny", clock: str = "wall") -> dict:
+                     model: str = "tiny", clock: str = "wall", precision: str = "fp32") -> dict:
     """Run the system benchmark and write ``system.json``, ``metrics.json``, ``summary.md`` and PNGs.
 
     quick: small grid for 2 CPU cores (~10 min); micro: one tiny configuration (tests); repeats: timed repeats per
     method (default 5 quick / 7 full / 1 micro; 3 for SmolLM2); threads: torch CPU threads (None = leave as is);
     seq_lengths: see ``grid``; scorings: the scoring methods whose rows are timed (None = all, see
     ``method_list``); model: ``tiny`` or ``smollm2`` (see ``grid``); clock: ``wall`` or ``cpu`` (process CPU time,
-    see ``cases.use_clock``; CUDA timings always use CUDA events)."""
+    see ``cases.use_clock``; CUDA timings always use CUDA events); precision: ``fp32`` or ``bf16`` (every method's
+    forward and backward under bf16 autocast, fp32 weights and optimizer; the floors use GEMM rates calibrated in
+    bf16; the torch.func anchor is left out)."""
     from drpost.geometry import cost
 
     t_start = time.perf_counter()
@@ -290,22 +293,24 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     command = command or (f"drpost bench system{' model=' + model if model != 'tiny' else ''}"
-                          f"{' quick=true' if quick else ''}{' micro=true' if micro else ''} output_dir={out_dir}")
+                          f"{' quick=true' if quick else ''}{' micro=true' if micro else ''}"
+                          f"{' precision=bf16' if precision == 'bf16' else ''} output_dir={out_dir}")
     use_clock(clock)
     old_threads = torch.get_num_threads()
     if threads and dev.type == "cpu":
         torch.set_num_threads(threads)
     try:
-        rates = cost.calibrate(str(dev) if dev.type == "cuda" else "cpu", repeats=7)
+        rates = cost.calibrate(str(dev) if dev.type == "cuda" else "cpu", repeats=7,
+                               dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
         cfgs, xcfg = grid(quick, micro, seq_lengths, model)
         reps = repeats or (1 if micro else 3 if model == "smollm2" else 5 if quick else 7)
-        all_methods = method_list(scorings=scorings)
+        all_methods = [m for m in method_list(scorings=scorings) if precision == "fp32" or m.kind != "func"]
         res = {
             "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                         "device": str(dev), "threads": threads if dev.type == "cpu" else None,
                         "clock": "cuda_events" if dev.type == "cuda" else clock,
                         "gemm_gflops": rates.flops_per_s / 1e9, "bandwidth_gbs": rates.bytes_per_s / 1e9},
-            "settings": {"model": model, "quick": quick, "micro": micro, "repeats": reps, "warmup": warmup,
+            "settings": {"model": model, "precision": precision, "quick": quick, "micro": micro, "repeats": reps, "warmup": warmup,
                          "lr": LR, "vocab": VOCAB, "seq_lengths": seq_lengths, "scorings": scorings,
                          "sizes": {k: list(v) for k, v in SIZES.items()}, "smollm2": SMOLLM2, "goals": GOALS},
             "cases": [],
@@ -318,7 +323,7 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
             log(f"[{i + 1}/{len(cfgs)}] {cfg_label(cf)}: {len(ms)} methods x {r} repeats")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                res["cases"].append(measure_case(cf, ms, r, warmup, rates, dev, log))
+                res["cases"].append(measure_case(cf, ms, r, warmup, rates, dev, log, precision))
             _write(res, out, command, t_start)  # what has run so far survives a later crash (e.g. out of memory)
         log("crossovers")
         res["crossovers"] = crossovers(xcfg["shape"], xcfg["m_sweep"], xcfg["T_m"], xcfg["T_sweep"], xcfg["n"],
@@ -348,7 +353,7 @@ def _write(res: dict, out: Path, command: str, t_start: float) -> None:
 def run(config) -> int:
     """CLI runner (``drpost bench system``): ``config`` is a ``drpost.config.BenchSystemConfig`` (or any object or
     dict with some of its keys: output_dir (or out_dir), model, quick, micro, repeats, threads, device,
-    seq_lengths, scorings, clock)."""
+    seq_lengths, scorings, clock, precision)."""
     get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
         lambda k, d=None: getattr(config, k, d))
     out_dir = get("out_dir") or get("output_dir") or "results/system"
@@ -360,7 +365,7 @@ def run(config) -> int:
     run_system_bench(out_dir, quick=bool(get("quick", False)), micro=bool(get("micro", False)),
                      repeats=get("repeats"), threads=threads or None, device=dev, command=command,
                      seq_lengths=get("seq_lengths"), scorings=get("scorings"), model=get("model") or "tiny",
-                     clock=get("clock") or "wall")
+                     clock=get("clock") or "wall", precision=get("precision") or "fp32")
     return 0
 
 
