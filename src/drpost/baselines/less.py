@@ -22,10 +22,10 @@ import random
 
 import torch
 
+from drpost.baselines.greats import sample_mean_loss
 from drpost.data.collate import collate
 from drpost.geometry.capture import Capture
 from drpost.geometry.persample import per_sample_gradients
-from drpost.baselines.greats import sample_mean_loss
 from drpost.trainers.loop import warmup_linear
 
 

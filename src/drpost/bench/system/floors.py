@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from typing import NamedTuple
 
 import torch
