@@ -104,6 +104,20 @@ def test_cpu_clock_counts_process_time_and_is_recorded(tmp_path, monkeypatch):
     assert res == 0 and calls["cpu"] > 20
     saved = json.loads((tmp_path / "system.json").read_text())
     assert saved["machine"]["clock"] == "cpu" and cases.now.__doc__ and cases._TIMER["kind"] == "wall"
+    # the regularizer's stage timings ran on the same clock: every Dr row's components add up to CPU seconds
+    # no larger than the process used, and the wall clock is back in place afterwards
+    from drpost.geometry.step_geometry import STAGE_CLOCK
+
+    assert STAGE_CLOCK["fn"] is time.perf_counter
+    seen = []
+    monkeypatch.setattr(time, "process_time", lambda: (seen.append(1), real())[1])
+    cases.use_clock("cpu")
+    try:
+        assert STAGE_CLOCK["fn"] is cases._TIMER["fn"]
+        STAGE_CLOCK["fn"]()
+        assert seen
+    finally:
+        cases.use_clock("wall")
     with pytest.raises(ValueError, match="clock"):
         cases.use_clock("gpu")
 
