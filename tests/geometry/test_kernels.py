@@ -187,3 +187,38 @@ def test_narrow_products_match_the_plain_formulas(d_in, d_out):
         y1.backward(b)
         y2.backward(b)
         assert torch.allclose(x1.grad, x2.grad, rtol=1e-12, atol=1e-12) and x1.grad.shape == a.shape
+
+
+def test_auto_never_materializes_more_than_the_direct_budget(monkeypatch):
+    """``scoring=auto`` (``cost.choose``) drops ``direct`` for a block whose per-row gradients ((n+m) x its
+    parameters, fp32) exceed ``cost.DIRECT_MAX_BYTES``: SmolLM2's tied 49,152 x 576 embedding / LM head with 9 rows
+    would hold ~1 GB; below the budget the cheapest method by the FLOP model is kept. End to end the choice changes
+    nothing but the method: the hull step with a tiny budget (every block over it) fills the same ``.grad``."""
+    from types import SimpleNamespace
+
+    from drpost.geometry import cost
+
+    head = SimpleNamespace(rows=None, factored={torch.empty(49152, 576, device="meta"): [0, 1]})
+    rates = cost.Rates()
+    costs = cost.method_costs(cost.block_shapes(head), 8, 1, 64, True, rates)
+    assert min(costs, key=costs.get) == "direct"  # what the FLOP model alone would pick
+    assert cost.choose(head, 8, 1, 64, True, rates) == "full_ghost"
+    small = SimpleNamespace(rows=None, factored={torch.empty(8, 8, device="meta"): [0]})
+    assert cost.choose(small, 8, 1, 64, True, rates) == "direct"  # T p q >> p q: direct is cheaper, and it fits
+
+    import drpost
+    from drpost.objectives import causal_lm_loss
+    from tests.helpers import batch, tiny_model
+
+    grads, chosen = [], []
+    for budget in (cost.DIRECT_MAX_BYTES, 1):
+        monkeypatch.setattr(cost, "DIRECT_MAX_BYTES", budget)
+        model = tiny_model("llama")
+        reg = drpost.DataRegularizer(model, method="hull")
+        rep = reg.step(batch(4, seed=0), batch(1, seed=1), causal_lm_loss)
+        chosen.append(dict(rep.scoring))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    factored = [b for b, meth in chosen[0].items() if meth == "direct" and chosen[1][b] != "direct"]
+    assert factored  # the budget moved some blocks off direct...
+    for a, b in zip(*grads, strict=True):  # ...and the update is the same
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
