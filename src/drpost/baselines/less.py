@@ -75,13 +75,12 @@ def _warmup(model, params, pool_rows, pad, rng, *, warmup_frac, epochs, lr, batc
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        zero = {"exp_avg": None, "exp_avg_sq": None}  # a parameter the warm-up never reached has zero moments
-        state = [(p, opt.state[p] or zero) for p in params]
+        state = [opt.state[p] for p in params]  # empty for a parameter the warm-up never reached: zero moments
         checkpoints.append({"weights": [p.detach().clone() for p in params],
-                            "m": [torch.zeros_like(p) if s["exp_avg"] is None else s["exp_avg"].detach().clone()
-                                  for p, s in state],
-                            "v": [torch.zeros_like(p) if s["exp_avg_sq"] is None else s["exp_avg_sq"].detach().clone()
-                                  for p, s in state],
+                            "m": [s["exp_avg"].detach().clone() if s else torch.zeros_like(p)
+                                  for p, s in zip(params, state, strict=True)],
+                            "v": [s["exp_avg_sq"].detach().clone() if s else torch.zeros_like(p)
+                                  for p, s in zip(params, state, strict=True)],
                             "lr": sum(lrs) / len(lrs)})
     return checkpoints
 
