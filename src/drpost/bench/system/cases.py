@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from drpost.geometry.step_geometry import STAGE_CLOCK
+
 COMPONENTS = ("forward", "backward", "scoring", "solve", "assembly", "optimizer")
 VOCAB = 512
 LR = 1e-5
@@ -135,25 +137,20 @@ def make_batch(rows: int, T: int, seed: int, device, vocab: int = VOCAB) -> dict
 
 
 # --------------------------------------------------------------------------- clocks
-_TIMER = {"fn": time.perf_counter, "kind": "wall"}
-
-
 def use_clock(kind: str) -> None:
-    """The CPU clock of every timing in the benchmark: ``wall`` (``time.perf_counter``) or ``cpu``
-    (``time.process_time``: the CPU seconds of this process, all its threads). With one torch thread the CPU clock
-    counts only the work of the timed step, so it stays meaningful on a machine that other jobs share (wall time
-    then also counts the time the step waited for a core); with several threads it sums them."""
+    """The CPU clock of every timing in the benchmark, the regularizer's own stage timings included
+    (``step_geometry.STAGE_CLOCK``): ``wall`` (``time.perf_counter``) or ``cpu`` (``time.process_time``: the CPU
+    seconds of this process, all its threads). With one torch thread the CPU clock counts only the work of the timed
+    step, so it stays meaningful on a machine that other jobs share (wall time then also counts the time the step
+    waited for a core); with several threads it sums them."""
     if kind not in ("wall", "cpu"):
         raise ValueError(f"option 'clock' must be 'wall' or 'cpu', got {kind!r}")
-    from drpost.geometry.step_geometry import STAGE_CLOCK
-
-    _TIMER.update(fn=time.perf_counter if kind == "wall" else time.process_time, kind=kind)
-    STAGE_CLOCK["fn"] = _TIMER["fn"]  # the regularizer's own stage timings (forward, backward, scoring...) too
+    STAGE_CLOCK["fn"] = time.perf_counter if kind == "wall" else time.process_time
 
 
 def now() -> float:
     """The benchmark's CPU clock (``use_clock``)."""
-    return _TIMER["fn"]()
+    return STAGE_CLOCK["fn"]()
 
 
 class Clock:
