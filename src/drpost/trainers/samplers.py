@@ -345,6 +345,36 @@ def _trl_rows(trainer, ds) -> list[dict]:
     return rows
 
 
+def prefilter_rows(kind: str, base, tokenizer, pool_rows: list[dict], target_rows: list[dict], frac: float,
+                   seed: int) -> list[int]:
+    """Sorted indices of the ``frac`` of ``pool_rows`` an offline selector keeps (rows ``{"input_ids", "labels"}``):
+    ``dsir`` = importance resampling on hashed word n-grams of the decoded rows; ``less`` = the top LESS scores of
+    ``base`` (``drpost.baselines.less``). Shared by ``drpost sft`` and ``DrSFTTrainer``."""
+    if kind == "less":
+        from drpost.baselines.less import less_scores, less_select
+
+        return sorted(less_select(less_scores(base, tokenizer, pool_rows, target_rows, seed=seed), frac))
+    from drpost.baselines.dsir import dsir_select
+
+    def text(rows):
+        return [{"prompt": tokenizer.decode(r["input_ids"]), "completion": ""} for r in rows]
+
+    k = max(1, int(frac * len(pool_rows) + 0.5))
+    return sorted(dsir_select(text(pool_rows), text(target_rows), k, seed=seed))
+
+
+def _fresh_base(model):
+    """A fresh module tree with ``model``'s base weights (PEFT adapters removed): the trainer's regularizer has
+    already fitted its capture to the model's modules, and LESS needs its own on an unwrapped copy."""
+    import copy
+
+    if hasattr(model, "peft_config"):
+        model = copy.deepcopy(model).unload()
+    base = type(model)._from_config(model.config, torch_dtype=next(model.parameters()).dtype)
+    base.load_state_dict(model.state_dict())
+    return base.to(next(model.parameters()).device)
+
+
 def setup_trl_sampler(trainer, dr_sampler, prefilter: str | None, frac: float) -> None:
     """``DrSFTTrainer``'s ``dr_prefilter`` (``trainer.train_dataset`` keeps the selector's ``frac``: ``"dsir"`` =
     DSIR on the decoded rows; ``"less"`` = the top LESS scores of the model as given, its adapters removed
@@ -352,35 +382,17 @@ def setup_trl_sampler(trainer, dr_sampler, prefilter: str | None, frac: float) -
     ``GuidedTorchSampler`` on hashed token n-grams, or None = the Trainer's own sampler)."""
     if prefilter not in (None, "none", "dsir", "less"):
         raise ValueError(f"option 'dr_prefilter' must be None, 'dsir' or 'less', got {prefilter!r}")
-    if prefilter == "dsir":
-        from drpost.baselines.dsir import dsir_select
-
-        def texts(ds):
-            return [{"prompt": trainer.processing_class.decode(r), "completion": ""} for r in ds["input_ids"]]
-
-        k = max(1, int(frac * len(trainer.train_dataset) + 0.5))
-        keep = dsir_select(texts(trainer.train_dataset), texts(trainer.target_dataset), k, seed=trainer.args.seed)
-        trainer.train_dataset = trainer.train_dataset.select(sorted(keep))
-    elif prefilter == "less":
-        import copy
-
-        from drpost.baselines.less import less_scores, less_select
-
-        if trainer.accelerator.num_processes > 1:
-            raise NotImplementedError("dr_prefilter='less' runs in a single process (score the pool once, then "
-                                      "pass the kept rows as train_dataset)")
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if hasattr(model, "peft_config"):  # a PEFT model: score the base weights, without the run's adapters
-            model = copy.deepcopy(model).unload()
-        # a fresh module tree with the same weights: the trainer's regularizer has already fitted its capture to
-        # the model's modules, and LESS needs its own on an unwrapped copy
-        base = type(model)._from_config(model.config, torch_dtype=next(model.parameters()).dtype)
-        base.load_state_dict(model.state_dict())
-        base.to(next(model.parameters()).device)
+    if prefilter in ("dsir", "less"):
         tok = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
-        scores = less_scores(base, tok, _trl_rows(trainer, trainer.train_dataset),
-                             _trl_rows(trainer, trainer.target_dataset), seed=trainer.args.seed)  # (N,)
-        trainer.train_dataset = trainer.train_dataset.select(sorted(less_select(scores, frac)))
+        base = None
+        if prefilter == "less":
+            if trainer.accelerator.num_processes > 1:
+                raise NotImplementedError("dr_prefilter='less' runs in a single process (score the pool once, then "
+                                          "pass the kept rows as train_dataset)")
+            base = _fresh_base(trainer.accelerator.unwrap_model(trainer.model))
+        keep = prefilter_rows(prefilter, base, tok, _trl_rows(trainer, trainer.train_dataset),
+                              _trl_rows(trainer, trainer.target_dataset), frac, trainer.args.seed)
+        trainer.train_dataset = trainer.train_dataset.select(keep)
     g = Guidance.of(dr_sampler)
     trainer.dr_sampler = None
     if g.on:

@@ -308,21 +308,12 @@ def _prefilter(config, data, tokenizer, base) -> list[int] | None:
     (``drpost.baselines.less``: a LoRA warm-up on 5% of the pool, Adam-preconditioned gradient cosine to the target
     rows over 4 checkpoints) of the **base** model, so it runs before the run's own adapters are attached.
     Deterministic given ``seed``: a resumed run recomputes the same selection."""
+    from drpost.trainers.samplers import prefilter_rows
+
     sc = config.sampler
     if sc.prefilter == "none":
         return None
-    k = max(1, int(sc.prefilter_frac * len(data.g_rows) + 0.5))
-    if sc.prefilter == "less":
-        from drpost.baselines.less import less_scores, less_select
-
-        return sorted(less_select(less_scores(base, tokenizer, data.g_rows, data.t_rows, seed=config.seed),
-                                  sc.prefilter_frac))
-    from drpost.baselines.dsir import dsir_select
-
-    def text(rows):
-        return [{"prompt": tokenizer.decode(r["input_ids"]), "completion": ""} for r in rows]
-
-    return sorted(dsir_select(text(data.g_rows), text(data.t_rows), k, seed=config.seed))
+    return prefilter_rows(sc.prefilter, base, tokenizer, data.g_rows, data.t_rows, sc.prefilter_frac, config.seed)
 
 
 def _cli_sampler(config, data, rng, selected: list[int] | None) -> tuple[MethodSpec, GeneralSampler]:
