@@ -1,4 +1,4 @@
-"""Run configuration (a package: ``schema.py``, ``parse.py``, ``render.py``): the dataclasses that are the single source of truth for every option, and their parser.
+"""Run configuration (a package: ``schema.py``, ``bench.py``, ``parse.py``, ``render.py``): the dataclasses that are the single source of truth for every option, and their parser.
 
 Owns
 - the config dataclasses: shared groups (``ModelConfig``, ``RegularizerConfig``, ``OptimConfig``, ``DataConfig``,
@@ -18,6 +18,14 @@ Regenerate the reference:  python -m drpost.config            (writes docs/confi
 Check it is up to date:    python -m drpost.config --check
 """
 
+from drpost.config.bench import (  # noqa: F401
+    BENCH_CONFIGS,
+    CONFIGS,
+    BenchConfig,
+    BenchMesoConfig,
+    BenchRealConfig,
+    BenchSystemConfig,
+)
 from drpost.config.parse import leaf_options, load_yaml, parse_config, refuse_unread, validate  # noqa: F401
 from drpost.config.render import (  # noqa: F401
     command_of,
@@ -28,15 +36,9 @@ from drpost.config.render import (  # noqa: F401
     to_dict,
 )
 from drpost.config.schema import (  # noqa: F401
-    BENCH_CONFIGS,
-    CONFIGS,
     GROUPS,
     Baseline,
-    BenchConfig,
-    BenchMesoConfig,
     BenchMethod,
-    BenchRealConfig,
-    BenchSystemConfig,
     ConfigError,
     DataConfig,
     DataFormat,

@@ -11,8 +11,9 @@ from typing import Any
 
 import yaml
 
+from drpost.config.bench import BENCH_CONFIGS, CONFIGS, BenchConfig
 from drpost.config.parse import _fields, _format_value, _is_group, _type_name
-from drpost.config.schema import BENCH_CONFIGS, CONFIGS, GROUPS, BenchConfig
+from drpost.config.schema import GROUPS
 
 # ----------------------------------------------------------------------------------------------------------------
 # Output.
@@ -97,7 +98,7 @@ def config_reference_markdown() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from the dataclasses in `src/drpost/config/schema.py` by `python -m drpost.config`; do not edit by hand.",
+        "Generated from the dataclasses in `src/drpost/config/schema.py` and `bench.py` by `python -m drpost.config`; do not edit by hand.",
         "",
         "Every subcommand (`drpost demo|sft|dpo|rlhf|rlvr|bench`) takes its options from, in increasing precedence:",
         "the defaults below, YAML files given with `--config file.yaml` (overrides only, nested by group, applied in",
