@@ -16,7 +16,7 @@ import typing
 import pytest
 
 from drpost import cli
-from drpost.bench import real, real_rl
+from drpost.bench import real, real_rl, real_rl_data
 from drpost.bench.real_common import RealSizes, chat_examples
 from drpost.bench.records import record_name
 from drpost.config import BenchRealConfig, ConfigError, leaf_options
@@ -29,7 +29,7 @@ SCHEMA = {"setting", "method", "label", "knob", "seed", "model", "paradigm", "ta
 @pytest.fixture
 def small(monkeypatch):
     monkeypatch.setattr(real_rl, "REAL_SIZES", SMALL)
-    monkeypatch.setattr(real_rl, "N_PAIRS", 10)
+    monkeypatch.setattr(real_rl_data, "N_PAIRS", 10)
     monkeypatch.setattr(real_rl, "_WORKER", None)  # each test loads its own worker
 
 

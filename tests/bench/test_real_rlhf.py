@@ -19,7 +19,7 @@ import typing
 import pytest
 
 from drpost import cli
-from drpost.bench import real, real_rl, real_rlhf
+from drpost.bench import real, real_rl, real_rl_data, real_rlhf
 from drpost.bench.real_common import RealSizes
 from drpost.bench.records import record_name
 from drpost.config import BenchRealConfig, ConfigError, leaf_options
@@ -37,7 +37,7 @@ def small(monkeypatch):
     monkeypatch.setattr(real_rlhf, "REAL_SIZES", SMALL)
     monkeypatch.setattr(real_rlhf, "RM_RECIPE", RM_SMALL)
     monkeypatch.setattr(real_rlhf, "N_CURVE", 4)
-    monkeypatch.setattr(real_rl, "N_PAIRS", 10)
+    monkeypatch.setattr(real_rl_data, "N_PAIRS", 10)
     monkeypatch.setattr(real_rl, "REAL_RECIPE", dataclasses.replace(real_rl.REAL_RECIPE, steps=2))  # warm start
     monkeypatch.setattr(real_rl, "_WORKER", None)  # each test loads its own worker
 
