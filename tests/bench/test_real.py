@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from drpost import cli
 from drpost.bench import real, real_report
@@ -36,6 +37,7 @@ def test_sweep_writes_one_record_per_run_and_resumes(tiny_folder, tmp_path, smal
     rec = json.loads((out / "raw" / real.record_name("sparse_related", "full_training", None, 1)).read_text())
     assert rec["model"] == tiny_folder and rec["paradigm"] == "sft" and rec["budget"]["steps"] == 2
     assert rec["budget"]["finetuning"] == "lora" and rec["seconds_per_step"] > 0
+    assert rec["device"] == "cpu" or rec["device"].startswith("cuda (")  # device=auto, named in the record
     for key in ("target_em", "val_em", "retention_em"):
         assert 0.0 <= rec[key] <= 1.0
     assert rec["target_family"] not in rec["retention_by_family"]  # retention: held-out families only
@@ -90,6 +92,17 @@ def test_bad_setting_and_method_are_named(tmp_path, capsys):
     assert "'settings'" in capsys.readouterr().err
     assert cli.main(["bench", "real", "methods=nope", f"output_dir={tmp_path}"]) == 2
     assert "'methods'" in capsys.readouterr().err
+
+
+def test_device_is_checked_and_named(tiny_folder, tmp_path, capsys):
+    assert cli.main(["bench", "real", "device=gpu", f"output_dir={tmp_path}"]) == 2
+    assert "'device'" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: device=cuda is accepted here")
+    assert _bench(tiny_folder, tmp_path / "c", "seeds=0", "methods=full_training", "device=cuda") == 2
+    err = capsys.readouterr().err
+    assert "'device'" in err and "CUDA is not available" in err
+    assert not (tmp_path / "c" / "raw").exists() or not list((tmp_path / "c" / "raw").glob("*.json"))
 
 
 def test_real_demo_prints_base_and_methods(tiny_folder, tmp_path, capsys):

@@ -57,6 +57,7 @@ def test_dpo_sweep_records_caches_rejected_replies_and_resumes(tiny_folder, tmp_
     rec = json.loads((out / "raw" / record_name("format_shift", "layerwise_subset", 0.5, 0)).read_text())
     assert SCHEMA <= set(rec) and "target_reward" not in rec
     assert rec["paradigm"] == "dpo" and rec["model"] == tiny_folder and rec["knob"] == 0.5
+    assert rec["device"] == "cpu" or rec["device"].startswith("cuda (")  # device=auto, named in the record
     assert rec["budget"]["steps"] == 2 and rec["budget"]["beta"] == 0.1 and rec["budget"]["finetuning"] == "lora"
     assert rec["budget"]["lora_r"] == 8 and rec["seconds_per_step"] > 0 and rec["kl"] >= 0.0
     assert rec["target_family"] not in rec["retention_by_family"]

@@ -44,6 +44,8 @@ from drpost.bench.real_common import (
     chat_exact_match,
     chat_examples,
     command,
+    device_name,
+    device_of,
     output_dir_of,
     real_settings,
     sized,
@@ -81,11 +83,12 @@ def evaluate(model, tokenizer, data, rows: dict, sizes: RealSizes) -> dict:
 class Worker:
     """Holds the base model and each (setting, seed)'s data for the runs of one process."""
 
-    def __init__(self, model_name: str, sizes: RealSizes, recipe: SFTRecipe):
+    def __init__(self, model_name: str, sizes: RealSizes, recipe: SFTRecipe, device: str = "cpu"):
         from drpost.models import load_pretrained
 
-        self.model_name, self.sizes, self.recipe = model_name, sizes, recipe
+        self.model_name, self.sizes, self.recipe, self.device = model_name, sizes, recipe, device
         self.base, self.tok = load_pretrained(model_name)
+        self.base.to(device)
         if self.tok.pad_token_id is None:
             from drpost.data.chat import ensure_pad_token
 
@@ -133,20 +136,21 @@ class Worker:
                 "model": self.model_name, "paradigm": "sft", **ev,
                 "family_weight": weight, "target_family": data.setting.target_family,
                 "seconds_per_step": steps_s, "wall_seconds": time.perf_counter() - t0,
+                "device": device_name(self.device),
                 "budget": asdict(recipe) if method != "base" else None, "sizes": asdict(self.sizes)}
 
 
 _WORKER: Worker | None = None
 
 
-def _init_worker(model_name, sizes, recipe, threads):
-    """This process's worker; one already built for the same model, sizes and recipe is kept (in-process sweeps
-    call this once per phase: the model and each seed's data load once)."""
+def _init_worker(model_name, sizes, recipe, device, threads):
+    """This process's worker; one already built for the same model, sizes, recipe and device is kept (in-process
+    sweeps call this once per phase: the model and each seed's data load once)."""
     global _WORKER
     torch.set_num_threads(threads)
     w = _WORKER
-    if w is None or (w.model_name, w.sizes, w.recipe) != (model_name, sizes, recipe):
-        _WORKER = Worker(model_name, sizes, recipe)
+    if w is None or (w.model_name, w.sizes, w.recipe, w.device) != (model_name, sizes, recipe, device):
+        _WORKER = Worker(model_name, sizes, recipe, device)
 
 
 def _job(args):
@@ -160,20 +164,20 @@ def _job(args):
 
 
 def run_jobs(jobs: list[tuple], out_dir: Path, model_name: str, sizes: RealSizes, recipe: SFTRecipe,
-             workers: int) -> None:
+             workers: int, device: str = "cpu") -> None:
     """Run the jobs whose record is missing; ``workers`` processes with one torch thread each (or this process)."""
     todo = missing(jobs, out_dir)
     if not todo:
         return
     if workers <= 1:
-        _init_worker(model_name, sizes, recipe, torch.get_num_threads())
+        _init_worker(model_name, sizes, recipe, device, torch.get_num_threads())
         for j in todo:
             _job((j, out_dir))
         return
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(min(workers, len(todo)), _init_worker,
-                                      (model_name, sizes, recipe, 1)) as pool:
+                                      (model_name, sizes, recipe, device, 1)) as pool:
         for _ in pool.imap_unordered(_job, [(j, out_dir) for j in todo]):
             pass
 
@@ -184,12 +188,12 @@ def knob_values(method: str) -> list:
 
 def sweep(settings: list[str], methods: list[str], seeds: list[int], out_dir: str | Path,
           model_name: str = MODEL_DEFAULT, sizes: RealSizes = REAL_SIZES, recipe: SFTRecipe = REAL_RECIPE,
-          workers: int = 2) -> list[dict]:
+          workers: int = 2, device: str = "cpu") -> list[dict]:
     """Tuning runs (first seed, every knob value), then the other seeds with the chosen knobs
     (``drpost.bench.records.tuned_sweep``); returns every record on disk for these settings/methods/seeds."""
     out = Path(out_dir)
     return tuned_sweep(settings, methods, seeds, out, knob_values,
-                       lambda jobs: run_jobs(jobs, out, model_name, sizes, recipe, workers))
+                       lambda jobs: run_jobs(jobs, out, model_name, sizes, recipe, workers, device))
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -210,7 +214,7 @@ def recipe_of(config) -> SFTRecipe:
 # the options the SFT sweep reads (the others belong to paradigm=dpo|rlvr and are refused here)
 READ = frozenset({"paradigm", "output_dir", "model", "settings", "methods", "seeds", "steps", "general_batch_size",
                   "target_batch_size", "max_length", "lr", "warmup_ratio", "max_grad_norm", "lora_r", "lora_alpha",
-                  "bf16", "workers", "rewrite"})
+                  "bf16", "workers", "device", "rewrite"})
 
 
 def run(config) -> list[dict] | dict:
@@ -241,9 +245,10 @@ def run(config) -> list[dict] | dict:
         from drpost.models import resolve_model
 
         resolve_model(config.model)  # a missing model fails here, saying what to run
+        device = device_of(config)
         with quiet_libraries(False):
             sweep(list(config.settings), list(config.methods), [int(s) for s in config.seeds], out,
-                  config.model, REAL_SIZES, recipe_of(config), config.workers)
+                  config.model, REAL_SIZES, recipe_of(config), config.workers, device)
     records = load_records(out)
     if not records:
         raise ConfigError(f"option 'output_dir': no records in {out / 'raw'}")

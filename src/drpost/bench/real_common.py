@@ -107,6 +107,21 @@ def token_mean_loss(model, tokenizer, rows: list[dict], batch_size: int = 32) ->
     return total / max(count, 1.0)
 
 
+def device_of(config) -> str:
+    """The ``device`` option resolved (auto -> cuda where available, else cpu); a CUDA device without CUDA is refused
+    naming the option (ConfigError)."""
+    from drpost.trainers.setup import resolve_device
+
+    return str(resolve_device(config.device))
+
+
+def device_name(device: str) -> str:
+    """The device as records name it: ``cpu``, or ``cuda:0 (NVIDIA H200)``."""
+    if not device.startswith("cuda"):
+        return device
+    return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+
+
 def output_dir_of(config) -> Path:
     """A ``BenchRealConfig``'s output directory: ``output_dir``, or ``results/real/<paradigm>`` when it is empty."""
     return config.output_path()

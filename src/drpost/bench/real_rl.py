@@ -64,6 +64,8 @@ from drpost.bench.real_common import (
     chat_exact_match,
     chat_examples,
     command,
+    device_name,
+    device_of,
     output_dir_of,
     real_settings,
     sized,
@@ -126,15 +128,17 @@ class RLWorker:
     """Holds the base model (also the frozen reference) and each (setting, seed)'s data for one process's runs."""
 
     def __init__(self, model_name: str, sizes: RealSizes, paradigm: str, recipe, lora: SFTRecipe, cache_dir,
-                 warm: str = "none"):
+                 warm: str = "none", device: str = "cpu"):
         from drpost.data.chat import ensure_pad_token
         from drpost.models import load_pretrained
 
-        self.key = (model_name, sizes, paradigm, recipe, lora, str(cache_dir), warm)
+        self.key = (model_name, sizes, paradigm, recipe, lora, str(cache_dir), warm, device)
+        self.device = device
         self.model_name, self.sizes, self.paradigm, self.recipe, self.lora = model_name, sizes, paradigm, recipe, lora
         self.warm = warm
         self.cache_dir = Path(cache_dir)
         self.base, self.tok = load_pretrained(model_name)
+        self.base.to(device)
         ensure_pad_token(self.tok)
         self.reward = reward_fn(self.tok)
         self._data: dict = {}
@@ -306,6 +310,7 @@ class RLWorker:
                 else "base", **ev,
                 "target_family": d["built"].setting.target_family, "n_test": len(d["test"]),
                 "seconds_per_step": steps_s, "wall_seconds": time.perf_counter() - t0, "budget": budget,
+                "device": device_name(self.device),
                 "sizes": asdict(self.sizes), **extra}
 
 
@@ -319,14 +324,15 @@ def _downsample(xs: list[float], points: int = 40) -> list[float]:
 _WORKER: RLWorker | None = None
 
 
-def _init_worker(model_name, sizes, paradigm, recipe, lora, cache_dir, warm, cls, threads):
+def _init_worker(model_name, sizes, paradigm, recipe, lora, cache_dir, warm, device, cls, threads):
     """This process's worker, an instance of ``cls`` (``RLWorker``, or a subclass such as
     ``drpost.bench.real_rlhf.RLHFWorker``: passed in, so this module never imports its extensions); one already built
     for the same arguments is kept (the model loads once)."""
     global _WORKER
     torch.set_num_threads(threads)
-    if type(_WORKER) is not cls or _WORKER.key != (model_name, sizes, paradigm, recipe, lora, str(cache_dir), warm):
-        _WORKER = cls(model_name, sizes, paradigm, recipe, lora, cache_dir, warm)
+    if type(_WORKER) is not cls or _WORKER.key != (model_name, sizes, paradigm, recipe, lora, str(cache_dir), warm,
+                                                   device):
+        _WORKER = cls(model_name, sizes, paradigm, recipe, lora, cache_dir, warm, device)
 
 
 def _prepare(key):
@@ -348,7 +354,8 @@ def _job(args):
 
 
 def run_jobs(jobs: list[tuple], out: Path, model_name: str, sizes: RealSizes, paradigm: str, recipe,
-             lora: SFTRecipe, workers: int, warm: str = "none", worker_cls: type | None = None) -> None:
+             lora: SFTRecipe, workers: int, warm: str = "none", worker_cls: type | None = None,
+             device: str = "cpu") -> None:
     """Run the jobs whose record is missing: first what each (setting, seed) shares (the SFT warm start, the DPO
     pairs; one process each, so they are made once and cached), then the runs; ``workers`` processes with one torch
     thread each (or this one)."""
@@ -357,7 +364,7 @@ def run_jobs(jobs: list[tuple], out: Path, model_name: str, sizes: RealSizes, pa
         return
     prep = sorted({(s, seed) for s, m, _, seed in todo if m != "base"}) if paradigm == "dpo" or warm != "none" \
         else []
-    args = (model_name, sizes, paradigm, recipe, lora, out / "cache", warm, worker_cls or RLWorker)
+    args = (model_name, sizes, paradigm, recipe, lora, out / "cache", warm, device, worker_cls or RLWorker)
     if workers <= 1:
         _init_worker(*args, torch.get_num_threads())
         for key in prep:
@@ -376,7 +383,7 @@ def run_jobs(jobs: list[tuple], out: Path, model_name: str, sizes: RealSizes, pa
 
 def sweep(paradigm: str, settings: list[str], methods: list[str], seeds: list[int], out_dir: str | Path,
           model_name: str = MODEL_DEFAULT, sizes: RealSizes = REAL_SIZES, recipe=None, lora: SFTRecipe = LORA,
-          workers: int = 2, warm: str | None = None) -> list[dict]:
+          workers: int = 2, warm: str | None = None, device: str = "cpu") -> list[dict]:
     """Every (setting, method, seed) run of ``paradigm`` whose record is missing (knobs fixed: no tuning runs),
     starting from the base model or the SFT warm start (``warm``: none | sft; None = ``WARM_DEFAULT``); returns every
     record on disk for these settings, methods and seeds."""
@@ -385,7 +392,7 @@ def sweep(paradigm: str, settings: list[str], methods: list[str], seeds: list[in
     warm = warm or WARM_DEFAULT[paradigm]
     for s in settings:  # setting by setting, so that an interrupted sweep leaves whole settings behind
         run_jobs([(s, m, knob_of(paradigm, m), seed) for seed in seeds for m in methods], out, model_name, sizes,
-                 paradigm, recipe, lora, workers, warm)
+                 paradigm, recipe, lora, workers, warm, device=device)
     return [r for r in load_records(out) if r.get("paradigm") == paradigm and r["setting"] in settings
             and r["method"] in methods and r["seed"] in seeds]
 
@@ -393,7 +400,7 @@ def sweep(paradigm: str, settings: list[str], methods: list[str], seeds: list[in
 # --------------------------------------------------------------------------------------------------------- CLI
 READ_COMMON = frozenset({"paradigm", "output_dir", "model", "settings", "methods", "seeds", "steps",
                          "general_batch_size", "target_batch_size", "lr", "max_grad_norm", "lora_r", "lora_alpha",
-                         "workers", "rewrite", "warm_start"})
+                         "workers", "device", "rewrite", "warm_start"})
 READ = {"dpo": READ_COMMON | {"max_length", "warmup_ratio", "beta"}, "rlvr": READ_COMMON | {"group_size"}}
 
 
@@ -459,9 +466,10 @@ def run(config) -> dict:
 
         resolve_model(config.model)  # a missing model fails here, saying what to run
         lora = replace(LORA, lora_r=config.lora_r, lora_alpha=config.lora_alpha)
+        device = device_of(config)
         with quiet_libraries(False):
             sweep(p, settings, methods, [int(s) for s in config.seeds], out, config.model, REAL_SIZES,
-                  recipe_of(config), lora, config.workers, warm)
+                  recipe_of(config), lora, config.workers, warm, device)
     records = [r for r in load_records(out) if r.get("paradigm") == p]
     if not records:
         raise ConfigError(f"option 'output_dir': no {p} records in {out / 'raw'}")

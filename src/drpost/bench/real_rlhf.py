@@ -53,6 +53,7 @@ from drpost.bench.real_common import (
     RealSizes,
     chat_examples,
     command,
+    device_of,
     output_dir_of,
     real_settings,
     sized,
@@ -119,7 +120,8 @@ def rm_pairs(base, tok, setting: str, sizes: RealSizes, recipe: dict) -> tuple[d
     return out, [e["prompt"] for e in target]
 
 
-def ensure_reward_model(model_name: str, setting: str, sizes: RealSizes, cache_dir, recipe: dict | None = None):
+def ensure_reward_model(model_name: str, setting: str, sizes: RealSizes, cache_dir, recipe: dict | None = None,
+                        device: str = "cpu"):
     """(folder, info) of the setting's reward model: read from ``cache_dir/reward_model__<setting>/`` when it was
     made by this model with this recipe and these sizes, else trained (pairs, Bradley-Terry, held-out accuracy) and
     written there atomically."""
@@ -136,11 +138,12 @@ def ensure_reward_model(model_name: str, setting: str, sizes: RealSizes, cache_d
 
     t0 = time.perf_counter()
     base, tok = load_pretrained(model_name)
+    base.to(device)
     ensure_pad_token(tok)
     pairs, target_prompts = rm_pairs(base, tok, setting, sizes, recipe)
     del base
     t_pairs = time.perf_counter() - t0
-    peft_model, classifier = rmod.lora_classifier(rmod.load_classifier(resolve_model(model_name)),
+    peft_model, classifier = rmod.lora_classifier(rmod.load_classifier(resolve_model(model_name)).to(device),
                                                   recipe["lora_r"], recipe["lora_alpha"])
     rm, metrics = rmod.train_reward_model(classifier, tok, pairs["train"], steps=recipe["steps"],
                                           batch_size=recipe["batch_size"], lr=recipe["lr"], seed=0,
@@ -185,8 +188,8 @@ class RLHFWorker(RLWorker):
             from drpost.trainers.reward_model import RewardModel, load_classifier
             from drpost.trainers.rlhf import rm_reward_fn
 
-            path, info = ensure_reward_model(self.model_name, setting, self.sizes, self.cache_dir)
-            model = load_classifier(resolve_model(self.model_name), adapter=path).eval()
+            path, info = ensure_reward_model(self.model_name, setting, self.sizes, self.cache_dir, device=self.device)
+            model = load_classifier(resolve_model(self.model_name), adapter=path).to(self.device).eval()
             for p in model.parameters():
                 p.requires_grad_(False)
             self._rm[setting] = (rm_reward_fn(RewardModel(model, self.tok)), info)
@@ -232,7 +235,7 @@ class RLHFWorker(RLWorker):
 
 def sweep(settings: list[str], methods: list[str], seeds: list[int], out_dir: str | Path,
           model_name: str = MODEL_DEFAULT, sizes: RealSizes = REAL_SIZES, recipe: RLHFRecipe = BUDGET,
-          lora: SFTRecipe = LORA, workers: int = 2, warm: str = "sft") -> list[dict]:
+          lora: SFTRecipe = LORA, workers: int = 2, warm: str = "sft", device: str = "cpu") -> list[dict]:
     """Every (setting, method, seed) run whose record is missing: the setting's reward model first (trained or read
     here, once), then the runs (``real_rl.run_jobs``); returns every record on disk for these settings, methods and
     seeds."""
@@ -240,8 +243,8 @@ def sweep(settings: list[str], methods: list[str], seeds: list[int], out_dir: st
     for s in settings:
         jobs = [(s, m, knob_of("rlhf", m), seed) for seed in seeds for m in methods]
         if missing(jobs, out):
-            ensure_reward_model(model_name, s, sizes, out / "cache")
-        real_rl.run_jobs(jobs, out, model_name, sizes, "rlhf", recipe, lora, workers, warm, RLHFWorker)
+            ensure_reward_model(model_name, s, sizes, out / "cache", device=device)
+        real_rl.run_jobs(jobs, out, model_name, sizes, "rlhf", recipe, lora, workers, warm, RLHFWorker, device)
     return [r for r in load_records(out) if r.get("paradigm") == "rlhf" and r["setting"] in settings
             and r["method"] in methods and r["seed"] in seeds]
 
@@ -414,9 +417,10 @@ def run(config) -> dict:
 
         resolve_model(config.model)  # a missing model fails here, saying what to run
         lora = replace(LORA, lora_r=config.lora_r, lora_alpha=config.lora_alpha)
+        device = device_of(config)
         with quiet_libraries(False):
             sweep(settings, methods, [int(s) for s in config.seeds], out, config.model, REAL_SIZES,
-                  recipe_of(config), lora, config.workers, warm)
+                  recipe_of(config), lora, config.workers, warm, device)
     records = [r for r in load_records(out) if r.get("paradigm") == "rlhf"]
     if not records:
         raise ConfigError(f"option 'output_dir': no rlhf records in {out / 'raw'}")

@@ -12,6 +12,7 @@ from drpost.config.schema import (
     BenchMethod,
     DemoConfig,
     DPOConfig,
+    Method,
     OptimConfig,
     RLHFConfig,
     RLVRConfig,
@@ -89,6 +90,55 @@ class BenchSystemConfig:
 
 
 @dataclass
+class BenchTRLConfig:
+    """TRL adapters' step time ('drpost bench trl'): DrSFTTrainer, DrDPOTrainer and DrGRPOTrainer against their plain
+    TRL trainers (SFTTrainer, DPOTrainer, GRPOTrainer), single process on CPU, on a random-weight Llama (no download;
+    drpost's byte tokenizer, a larger model vocabulary so the embedding and LM head cost what they would). Every
+    trainer x variant (plain, then each method) trains the same steps from the same weights; a TrainerCallback times
+    on_step_begin -> on_step_end (data, forward, backward, clipping, optimizer; GRPO: generation too) on the wall
+    and the process CPU clocks; after one untimed run of each trainer, variants run interleaved over rounds (order
+    rotated each round); the tables give the median over rounds of the median step after the warm-up, and its ratio
+    to the plain trainer. The regularized trainers take 1 target sample
+    a step (pair for DPO, prompt x 4 generations for GRPO) and subset methods keep frac 0.5."""
+
+    kind: ClassVar[str] = "trl"  # the first positional argument of 'drpost bench'
+
+    output_dir: str = _opt("results/system/trl", "Directory for trl.json, summary.md and ratios.png.")
+    trainers: list[Literal["sft", "dpo", "grpo"]] = _opt(factory=lambda: ["sft", "dpo", "grpo"],
+                                                         help="TRL trainers timed, comma-separated.")
+    methods: list[Method] = _opt(
+        factory=lambda: ["global_subset", "layerwise_subset"],
+        help="drpost methods (dr_method) timed beside the plain trainer, comma-separated; subset methods keep frac "
+             "0.5 (GRPO: selection filter), other methods run with their defaults (a method that needs an option "
+             "is refused).")
+    hidden: int = _opt(256, "Model width: hidden // 64 heads (at least 1) of an even size each (hidden must split "
+                            "evenly); MLP width 8/3 x hidden.", min=2)
+    layers: int = _opt(4, "Decoder layers.", min=1)
+    vocab: int = _opt(8192, "Model vocabulary (embedding and untied LM head rows); at least the byte tokenizer's "
+                            "259 tokens.", min=1)
+    seq: int = _opt(64, "Tokens per row: prompt seq/2 - 1 bytes, completion (chosen, rejected) seq/2 - 1 bytes; "
+                        "GRPO generates up to seq/2 tokens.", min=8)
+    batch: int = _opt(8, "General rows per step: SFT rows, DPO pairs, GRPO completions (batch/4 prompts x 4 "
+                         "generations: a multiple of 4).", min=1)
+    steps: int = _opt(4, "Optimizer steps per trainer run.", min=1)
+    warmup: int = _opt(1, "Steps left out of each run's median (fewer than steps and grpo_steps).", min=0)
+    repeats: int = _opt(2, "Rounds: each round runs every trainer x variant once.", min=1)
+    grpo_steps: int | None = _opt(None, "Optimizer steps per GRPO run; none = steps.", min=1)
+    grpo_repeats: int | None = _opt(None, "Rounds for GRPO (its step is noisier: sampled completions); none = "
+                                          "repeats.", min=1)
+    precision: Literal["fp32", "bf16"] = _opt(
+        "fp32", "fp32 (bf16=False), or bf16 = TRL's default config (bf16=True: forward under bf16 autocast, the "
+                "adapters' too). CPUs without AVX512-BF16 emulate bf16 and run it slower than fp32.")
+    threads: int = _opt(1, "torch CPU threads while timing; 0 = leave torch's setting.", min=0)
+    clock: Literal["wall", "cpu"] = _opt(
+        "wall", "The clock of the headline ratio (summary.md's bold column, ratios.png; both clocks are recorded): "
+                "wall = elapsed time; cpu = this process's CPU time (all threads), which with threads=1 stays "
+                "meaningful on a machine other jobs share.")
+    micro: bool = _opt(False, "A smoke configuration, seconds: hidden 64, 1 layer, vocab 259, seq 16, batch 4, 2 "
+                              "steps, 1 warm-up, 1 round; the size and schedule options are then refused.")
+
+
+@dataclass
 class BenchMesoConfig:
     """MeSO vs AdamW ('drpost bench meso'): 'drpost sft' on one world setting with AdamW and with MeSO at two
     sketch sizes, same seeds and budget; target exact match and optimizer-state bytes."""
@@ -162,6 +212,9 @@ class BenchRealConfig:
                              "18x slower).")
     workers: int = _opt(2, "Runs in parallel, one process and one torch thread each; 1 = this process with torch's "
                            "thread setting.", min=1)
+    device: str = _opt("auto", "Device of every model (policy, reference, reward model, LESS / GREATS scoring): auto "
+                               "(cuda if available, else cpu), cpu, cuda or cuda:N; each record names it.",
+                       pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
     rewrite: bool = _opt(False, "Only rebuild summary.json, tables.md and the plots from the records in raw/.")
 
     def output_path(self) -> Path:
@@ -171,7 +224,7 @@ class BenchRealConfig:
 
 # 'drpost bench' takes its config class from its first positional argument; CONFIGS["bench"] is the quality one.
 BENCH_CONFIGS: dict[str, type] = {"quality": BenchConfig, "system": BenchSystemConfig, "meso": BenchMesoConfig,
-                                   "real": BenchRealConfig}
+                                   "real": BenchRealConfig, "trl": BenchTRLConfig}
 
 
 CONFIGS: dict[str, type] = {
