@@ -37,6 +37,7 @@ RUNNERS: dict[str, str] = {
     "bench system": "drpost.bench.system:run",
     "bench meso": "drpost.bench.meso:run",
     "bench real": "drpost.bench.real:run",
+    "bench trl": "drpost.bench.trl:run",
 }
 
 # runners that validate everything before writing, and write config.yaml themselves
@@ -52,11 +53,12 @@ SUMMARIES: dict[str, str] = {
     "rlhf": "RLHF (PPO with a learned reward model) with a data regularizer",
     "rlvr": "RL with verifiable rewards (GRPO) with a data regularizer",
     "bench": "benchmarks: 'bench quality' (methods x settings x seeds), 'bench system' (step timings), "
-             "'bench meso' (MeSO vs AdamW), 'bench real' (SFT of a real pretrained LLM, resumable)",
+             "'bench meso' (MeSO vs AdamW), 'bench real' (SFT of a real pretrained LLM, resumable), 'bench trl' "
+             "(TRL adapters' step time)",
     "model": "set up models without a hub: 'model fetch smollm2-135m-instruct', 'model convert F.gguf', 'model list'",
 }
 
-BENCH_KINDS = tuple(BENCH_CONFIGS)  # quality, system, meso, real
+BENCH_KINDS = tuple(BENCH_CONFIGS)  # quality, system, meso, real, trl
 
 
 class UsageError(Exception):
@@ -85,7 +87,7 @@ def command_help(command: str, bench_kind: str | None = None) -> str:
     cls = BENCH_CONFIGS[bench_kind] if command == "bench" and bench_kind in BENCH_CONFIGS else CONFIGS[command]
     usage = f"drpost {command}"
     if command == "bench":
-        usage = f"drpost bench {bench_kind}" if bench_kind in BENCH_CONFIGS else "drpost bench {quality,system,meso,real}"
+        usage = f"drpost bench {bench_kind}" if bench_kind in BENCH_CONFIGS else "drpost bench {quality,system,meso,real,trl}"
     doc = " ".join((cls.__doc__ or "").split())
     return (f"usage: {usage} [--config FILE.yaml] [key=value | --key value | --key=value ...] [--print-config]\n\n"
             f"{doc}\n\nOptions are applied in order: defaults < --config files < command-line overrides.\n"
@@ -133,9 +135,10 @@ def parse_args(argv: list[str]) -> tuple[str, object, bool]:
     key, cls = command, CONFIGS[command]
     if command == "bench":
         if not rest or rest[0].startswith("-") or "=" in rest[0]:
-            raise UsageError("'drpost bench' needs a first argument: quality, system, meso or real")
+            raise UsageError("'drpost bench' needs a first argument: quality, system, meso or real, or trl (the TRL "
+                             "adapters' step time)")
         if rest[0] not in BENCH_KINDS:
-            raise UsageError(f"unknown benchmark '{rest[0]}': expected quality, system, meso or real")
+            raise UsageError(f"unknown benchmark '{rest[0]}': expected quality, system, meso, real or trl")
         key, cls = f"bench {rest[0]}", BENCH_CONFIGS[rest[0]]
         rest = rest[1:]
     print_config = "--print-config" in rest
