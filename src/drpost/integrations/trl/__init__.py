@@ -31,15 +31,17 @@ accumulation steps, as the plain trainer's.
 Cost: one pass = a forward + activation-only backward of the merged batch, plus scoring and one GEMM per weight use
 for the assembly; two passes add an ordinary forward/backward of the kept rows (about 1.7-2x a plain step). Like
 TRL's fused LM head, the LM head runs only from the batch's earliest label position on (``logits_to_keep``, where
-the model takes it: same loss and update, tested). ``scripts/bench_trl_adapters.py`` (random Llama, hidden 256,
-4 layers, vocab 8192, T=64, 8 general rows + 1 target sample, single process, one thread, CPU time per step, median
-over rounds of the median step after the warm-up; a 2-core CPU without AVX512), adapter / plain TRL trainer,
-global_subset | layerwise_subset: fp32 (2 rounds, 3 timed steps): SFT 0.75x | 0.78x, DPO 0.78x | 0.81x; GRPO (fp32,
-``--trainers grpo --steps 5 --warmup 1 --threads 1``, 8 completions = 2 prompts x 4 generations, the target 1 prompt
-x 4; measured on its own, the CPU shared with other jobs): 1.03x | 1.05x over 3 rounds, 1.00x | 1.08x over 5 (it was
-1.47x | 1.47x by the same 3-round command, 1.56x | 1.58x in the earlier 2-round run, while the target prompts had a
-generate call of their own); TRL's default bf16 (emulated on that CPU, 1 round): SFT 1.32x | 1.34x, DPO 1.33x |
-1.35x. A subset step assembles weight gradients for the kept rows only, so it can be cheaper than a plain step.
+the model takes it: same loss and update, tested). Step time against the plain TRL trainers: ``drpost bench trl``
+(``drpost.bench.trl``); the figures below are ``results/system/trl/summary.md``, with the command that made them
+(random Llama, hidden 256, 4 layers, vocab 8192, T=64, 8 general rows + 1 target sample; GRPO: 8 completions = 2
+prompts x 4 generations, the target 1 prompt x 4; single process, one thread, CPU time per step on a 2-core CPU
+without AVX512 shared with other jobs; median over rounds of the median step after the warm-up, after one untimed
+run of each trainer). Adapter / plain TRL trainer, global_subset | layerwise_subset, fp32: SFT 0.77x | 0.80x, DPO
+0.81x | 0.76x (2 rounds of 3 timed steps), GRPO 1.15x | 1.18x (3 rounds of 4; the loose script this command replaced
+had measured 1.03x | 1.05x, not reproduced here). TRL's default bf16 (``precision=bf16``,
+``results/system/trl/bf16/summary.md``; emulated on that CPU, a plain step ~7x its fp32 time; 1 round): SFT 1.31x |
+1.48x, DPO 1.31x | 1.26x. A subset step assembles weight gradients for the kept rows only, so it can be cheaper than
+a plain step.
 GRPO's target prompts join TRL's own generate call (module ``grpo``): one ``generate`` of 12 rows instead of the
 plain step's 8 (cProfile: 0.49 s a step, against 0.90 s in two calls before), and 12 rows in the forward/backward
 instead of 8, which is all that remains of its excess. In emulated bf16 every extra bf16 GEMM (scoring, assembly)
