@@ -69,8 +69,8 @@ def test_bench_positional_and_paradigm():
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["bench"], "quality, system, meso or real"),
-    (["bench", "--paradigm", "sft"], "quality, system, meso or real"),
+    (["bench"], "quality, system, meso, real or trl"),
+    (["bench", "--paradigm", "sft"], "quality, system, meso, real or trl"),
     (["bench", "speed"], "unknown benchmark"),
     (["bench", "quality", "--paradigm", "ppo"], "paradigm"),
     (["sft", "regularizer.metod=hull"], "did you mean 'regularizer.method'"),
@@ -124,3 +124,14 @@ def test_dispatch_calls_run_with_config_and_writes_resolved_config(monkeypatch, 
     code, _, _ = run_main(["sft", f"output_dir={out_dir}", "regularizer.method=cone"], capsys)
     assert code == 0 and seen["config"].regularizer.method == "cone"
     assert yaml.safe_load((out_dir / "config.yaml").read_text())["regularizer"]["method"] == "cone"
+
+
+def test_help_into_a_closed_pipe_exits_quietly():
+    """``drpost sft --help | head -1``: the reader leaves early; no BrokenPipeError traceback, exit code 0."""
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-m", "drpost.cli", "sft", "--help"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # before the child prints: its first write meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and "BrokenPipeError" not in err and "Traceback" not in err, err

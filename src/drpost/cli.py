@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -135,10 +136,9 @@ def parse_args(argv: list[str]) -> tuple[str, object, bool]:
     key, cls = command, CONFIGS[command]
     if command == "bench":
         if not rest or rest[0].startswith("-") or "=" in rest[0]:
-            raise UsageError("'drpost bench' needs a first argument: quality, system, meso or real, or trl (the TRL "
-                             "adapters' step time)")
+            raise UsageError(f"'drpost bench' needs a first argument: {_kinds()}")
         if rest[0] not in BENCH_KINDS:
-            raise UsageError(f"unknown benchmark '{rest[0]}': expected quality, system, meso, real or trl")
+            raise UsageError(f"unknown benchmark '{rest[0]}': expected {_kinds()}")
         key, cls = f"bench {rest[0]}", BENCH_CONFIGS[rest[0]]
         rest = rest[1:]
     print_config = "--print-config" in rest
@@ -149,6 +149,11 @@ def parse_args(argv: list[str]) -> tuple[str, object, bool]:
 
         config = reconcile_resume(cls, rest, config)
     return key, config, print_config
+
+
+def _kinds() -> str:
+    """'quality, system, ... or trl': the benchmark kinds, from ``BENCH_KINDS``."""
+    return f"{', '.join(BENCH_KINDS[:-1])} or {BENCH_KINDS[-1]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             path = save_resolved(config, out)
             logging.getLogger("drpost").info("resolved config written to %s", path)
         result = run(config)
+    except BrokenPipeError:  # the reader went away ('drpost bench --help | head'): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail again
+        return 0
     except KeyboardInterrupt:  # runners that train report the step and how to resume, and return 130 themselves
         print(f"drpost {argv[0] if argv else ''}: interrupted", file=sys.stderr)
         return 130
