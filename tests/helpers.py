@@ -17,7 +17,8 @@ VOCAB = 48
 ORACLE_RTOL = 1e-6
 
 
-def tiny_model(family: str = "llama", dtype=torch.float64, lora: bool = False, seed: int = 0):
+def tiny_model(family: str = "llama", dtype=torch.float64, lora: bool = False, seed: int = 0, device="cpu"):
+    """``device``: where the model lives (its weights are drawn on the CPU first, so they match across devices)."""
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
@@ -59,12 +60,13 @@ def tiny_model(family: str = "llama", dtype=torch.float64, lora: bool = False, s
                 if "lora_B" in n:
                     p.normal_(0, 0.1)
         model.eval()
-    return model
+    return model.to(device)
 
 
 def batch(rows: int, lengths: list[int] | None = None, T: int = 9, seed: int = 0, sample_index=None,
-          prompt: int = 2) -> dict:
-    """Right-padded rows of random tokens with unequal lengths; the first `prompt` tokens carry no loss."""
+          prompt: int = 2, device="cpu") -> dict:
+    """Right-padded rows of random tokens with unequal lengths; the first `prompt` tokens carry no loss. ``device``:
+    where the tensors are put (drawn on the CPU, so the same on every device)."""
     g = torch.Generator().manual_seed(seed)
     lengths = lengths or [T - (i % 3) for i in range(rows)]
     T = max(lengths)
@@ -78,7 +80,7 @@ def batch(rows: int, lengths: list[int] | None = None, T: int = 9, seed: int = 0
     out = {"input_ids": ids, "attention_mask": attn, "labels": labels}
     if sample_index is not None:
         out["sample_index"] = torch.tensor(sample_index)
-    return out
+    return {k: v.to(device) for k, v in out.items()}
 
 
 CVX_TIGHT = dict(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)

@@ -219,9 +219,11 @@ def _generic_params(model, seed: int) -> None:
                 p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
 
 
-def build(model_type: str, *, tie: bool | None = None, seed: int = 0, lora: bool = False) -> Built:
+def build(model_type: str, *, tie: bool | None = None, seed: int = 0, lora: bool = False,
+          device: str | torch.device = "cpu") -> Built:
     """Build the tiny fp64 model of ``model_type`` (or say why not). ``lora``: wrap it with PEFT LoRA r=4 on
-    all-linear, lora_B random (it starts at zero)."""
+    all-linear, lora_B random (it starts at zero). ``device``: where the model is moved once it is built and
+    checked on the CPU (the same weights on every device)."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     types = _causal_lm_types()
@@ -297,12 +299,13 @@ def build(model_type: str, *, tie: bool | None = None, seed: int = 0, lora: bool
         if not loss.requires_grad:  # e.g. reversible layers that run their forward under no_grad
             return Built(model_type, skip="the peft LoRA model's loss does not depend on the LoRA parameters "
                                           "through autograd")
-    return Built(model_type, model=model, mode=mode, tied=tied)
+    return Built(model_type, model=model.to(device), mode=mode, tied=tied)
 
 
-def tiny_model(model_type: str, *, tie: bool | None = None, seed: int = 0, lora: bool = False):
+def tiny_model(model_type: str, *, tie: bool | None = None, seed: int = 0, lora: bool = False,
+               device: str | torch.device = "cpu"):
     """The tiny fp64 model of ``model_type``; ``pytest.skip`` / ``RuntimeError`` with the reason if it is skipped."""
-    built = build(model_type, tie=tie, seed=seed, lora=lora)
+    built = build(model_type, tie=tie, seed=seed, lora=lora, device=device)
     if built.model is None:
         raise SkipModel(f"{model_type}: {built.skip}")
     return built.model
@@ -331,9 +334,10 @@ def vocab_of(model) -> int:
     return int(n)
 
 
-def batch(model, rows: int = 8, T: int = 10, seed: int = 0) -> dict:
+def batch(model, rows: int = 8, T: int = 10, seed: int = 0, device: str | torch.device | None = None) -> dict:
     """Right-padded rows of random in-vocabulary ids with unequal lengths (several rows padded, general and
-    target), ``labels`` = ids with -100 on padding and on the first token of every third row."""
+    target), ``labels`` = ids with -100 on padding and on the first token of every third row. ``device``: None =
+    the model's (the ids are drawn on the CPU, so they are the same on every device)."""
     g = torch.Generator().manual_seed(seed)
     hi = min(HIGH_ID, vocab_of(model))
     lengths = [T - (3 * r) % 5 for r in range(rows)]  # T, T-3, T-1, T-4, T-2, T, T-3, T-1, ...
@@ -346,7 +350,9 @@ def batch(model, rows: int = 8, T: int = 10, seed: int = 0) -> dict:
         labels[r, :L] = ids[r, :L]
         if r % 3 == 0:
             labels[r, 1] = -100  # the first scored token (position 1) carries no loss in some rows
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    if device is None:
+        device = next(model.parameters()).device
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
 
 
 def split(b: dict, n_general: int = 6) -> tuple[dict, dict]:
@@ -383,7 +389,7 @@ def flat(u: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
 
 def rel(x: torch.Tensor, y: torch.Tensor) -> float:
     """||x - y|| / max(||y||, tiny)."""
-    x, y = x.detach().double().flatten(), y.detach().double().flatten()
+    x, y = x.detach().double().flatten().cpu(), y.detach().double().flatten().cpu()
     if x.shape != y.shape:
         return math.inf
     return float((x - y).norm() / max(float(y.norm()), TINY))
@@ -426,7 +432,8 @@ class Result:
 
 def check(model, method: str, *, rows: int = 8, n_general: int = 6, seed: int = 0, **opts) -> Result:
     """Run ``DataRegularizer(model, method, **opts).step`` on general rows 0..n_general-1 and target rows after,
-    and compare ``.grad``, the scores, the weights and the losses with the oracle. Exceptions propagate."""
+    and compare ``.grad``, the scores, the weights and the losses with the oracle, on the model's device.
+    Exceptions propagate."""
     import drpost
     from drpost.feasible.base import frac_to_k
     from drpost.objectives import causal_lm_loss
@@ -438,6 +445,7 @@ def check(model, method: str, *, rows: int = 8, n_general: int = 6, seed: int = 
     params = trainable(model)
     names = list(params)
     U = flat(u, names)  # (R, P)
+    dev = U.device
     ng = n_general
     N, N_T = counts[:ng].sum(), counts[ng:].sum()
     g_T = U[ng:].sum(0) / N_T
@@ -471,10 +479,10 @@ def check(model, method: str, *, rows: int = 8, n_general: int = 6, seed: int = 
     scores_all = U[:ng] @ g_T  # (n,)
     if method == "full_training":
         d = U[:ng].sum(0) / N
-        w = torch.full((1, ng), 1.0, dtype=U.dtype) / N
+        w = torch.full((1, ng), 1.0, dtype=U.dtype, device=dev) / N
     elif method == "target_only":
         d = g_T
-        w = torch.zeros(1, ng, dtype=U.dtype)
+        w = torch.zeros(1, ng, dtype=U.dtype, device=dev)
     elif method in ("global_subset", "layerwise_subset"):
         frac = opts.get("frac", 0.5)
         k = opts.get("k") or frac_to_k(frac, ng)
@@ -487,21 +495,21 @@ def check(model, method: str, *, rows: int = 8, n_general: int = 6, seed: int = 
             groups = [[by_id[id(p)] for p in blk.params if id(p) in by_id] for blk in reg.capture.blocks]
             covered = {n for grp in groups for n in grp}
             res.missing += [n for n in names if n not in covered]
-            ref_scores = torch.stack([U[:ng, torch.cat([_ar(cols[n]) for n in grp])]
-                                      @ g_T[torch.cat([_ar(cols[n]) for n in grp])] for grp in groups])
+            ref_scores = torch.stack([U[:ng, torch.cat([_ar(cols[n], dev) for n in grp])]
+                                      @ g_T[torch.cat([_ar(cols[n], dev) for n in grp])] for grp in groups])
             got_scores = rep.block_scores
         res.scores = rel(got_scores, ref_scores) if got_scores is not None else math.inf
         d = torch.zeros_like(g_T)
-        w = torch.zeros(len(groups), ng, dtype=U.dtype)
+        w = torch.zeros(len(groups), ng, dtype=U.dtype, device=dev)
         for l, grp in enumerate(groups):
             top = torch.topk(ref_scores[l], k).indices
-            mask = torch.zeros(ng, dtype=torch.bool)
+            mask = torch.zeros(ng, dtype=torch.bool, device=dev)
             mask[top] = True
             w[l, mask] = 1.0 / counts[:ng][mask].sum()
             if rep.weights is not None and rep.weights.shape[0] > l:
-                if not torch.equal(rep.weights[l] > 0, mask):
+                if not torch.equal((rep.weights[l] > 0).to(dev), mask):
                     res.subset_ok = False
-            idx = torch.cat([_ar(cols[n]) for n in grp])
+            idx = torch.cat([_ar(cols[n], dev) for n in grp])
             d[idx] = (w[l] @ U[:ng])[idx]
     else:
         raise ValueError(f"zoo.check does not know the expected update of method {method!r}")
@@ -598,5 +606,5 @@ def tie_variants(model_type: str) -> list[bool | None]:
     return [None]
 
 
-def _ar(s: slice) -> torch.Tensor:
-    return torch.arange(s.start, s.stop)
+def _ar(s: slice, device: str | torch.device = "cpu") -> torch.Tensor:
+    return torch.arange(s.start, s.stop, device=device)
