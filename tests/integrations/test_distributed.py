@@ -4,33 +4,18 @@ The checks live in tests/integrations/dist_worker.py and run on every rank (torc
 TCP port on 127.0.0.1); any rank's failure fails the test. Run: ``.venv/bin/pytest -q tests/integrations/test_distributed.py``
 """
 
-import socket
-import time
-
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.integrations.spawn import spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(which: str, world: int = 2, timeout: float = 240.0):
     from tests.integrations.dist_worker import run
 
-    ctx = mp.spawn(run, args=(world, _free_port(), which), nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"distributed workers ({which}) did not finish in {timeout:.0f} s (a collective hung?)")
+    spawn_ranks(run, world, which, timeout=timeout, what=f"distributed workers ({which})")
 
 
 def test_two_processes_match_one_and_stay_in_sync():

@@ -11,22 +11,15 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.integrations.spawn import spawn_ranks
 
 pytest.importorskip("trl")
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"), pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str):
@@ -71,12 +64,4 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
 
 
 def test_ddp_one_pass_equals_two_pass_and_ranks_agree(tmp_path):
-    world = 2
-    ctx = mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail("DDP workers did not finish in 300 s (a collective hung?)")
+    spawn_ranks(_worker, 2, str(tmp_path))

@@ -19,13 +19,12 @@ Run: ``.venv/bin/pytest -q tests/integrations/test_trl_grpo_ddp.py``
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.integrations.spawn import spawn_ranks
 
 pytest.importorskip("trl")
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"), pytest.mark.slow]
@@ -34,12 +33,6 @@ G = 4  # num_generations
 PER_DEVICE = 3  # general rows per rank per micro-step: 2 ranks x 2 micro-steps x 3 = 3 groups of 4, one spans ranks
 GA = 2  # gradient accumulation = steps_per_generation
 TARGETS = ["xy#", "zw#", "qp#", "uv#"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _union(batch: dict) -> dict:
@@ -212,12 +205,4 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
 
 
 def test_grpo_ddp_target_groups_and_one_pass_update(tmp_path):
-    world = 2
-    ctx = mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail("DDP workers did not finish in 300 s (a collective hung?)")
+    spawn_ranks(_worker, 2, str(tmp_path))
