@@ -122,8 +122,12 @@ def command_line(config) -> str:
             text = ",".join(map(str, value)) if isinstance(value, list) else str(value).lower() \
                 if isinstance(value, bool) or value is None else str(value)
             parts.append(f"{name}={text}")
-    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    return f"{env}drpost bench trl {' '.join(parts)}".rstrip()
+    return f"{_env_prefix()}drpost bench trl {' '.join(parts)}".rstrip()
+
+
+def _env_prefix() -> str:
+    """``OMP_NUM_THREADS=N `` when it is set (it decides the timings, so the recorded command carries it), else ''."""
+    return f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
 
 
 def machine(threads: int, clock: str, precision: str) -> dict:
@@ -309,6 +313,5 @@ def run(config) -> int:
     is the one typed when this process is ``drpost bench trl ...``, else ``command_line(config)``."""
     argv = list(sys.argv)
     typed = len(argv) > 2 and Path(argv[0]).name == "drpost" and argv[1:3] == ["bench", "trl"]
-    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    run_trl_bench(config, command=env + shlex.join(["drpost", *argv[1:]]) if typed else None)
+    run_trl_bench(config, command=_env_prefix() + shlex.join(["drpost", *argv[1:]]) if typed else None)
     return 0
