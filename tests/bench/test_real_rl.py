@@ -31,6 +31,7 @@ def small(monkeypatch):
     monkeypatch.setattr(real_rl, "REAL_SIZES", SMALL)
     monkeypatch.setattr(real_rl_data, "N_PAIRS", 10)
     monkeypatch.setattr(real_rl, "_WORKER", None)  # each test loads its own worker
+    monkeypatch.setattr(real_rl, "LR_GRID", {})  # the budget's lr only, unless a test gives lrs
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,49 @@ def test_dpo_sweep_records_caches_rejected_replies_and_resumes(tiny_folder, tmp_
     generated.clear()
     assert _bench(tiny_folder, out, "dpo", "seeds=0", "methods=full_training") == 0
     assert generated == [10, 16] and json.loads(path.read_text())["model"] == tiny_folder
+
+
+def test_dpo_tunes_the_learning_rate_on_the_first_seed(tiny_folder, tmp_path, small, monkeypatch):
+    out, seen = tmp_path / "dpo", []
+    train_orig, eval_orig = real_rl.RLWorker.train, real_rl.RLWorker.evaluate
+
+    def spy_train(self, policy, start, setting, seed, spec, recipe):
+        seen.append((seed, recipe.lr))
+        self.lr_trained = recipe.lr
+        return train_orig(self, policy, start, setting, seed, spec, recipe)
+
+    def rigged_evaluate(self, model, d, ref):  # validation prefers 1e-4; the test set is left as measured
+        return eval_orig(self, model, d, ref) | {"val_em": float(getattr(self, "lr_trained", None) == 1e-4)}
+
+    monkeypatch.setattr(real_rl.RLWorker, "train", spy_train)
+    monkeypatch.setattr(real_rl.RLWorker, "evaluate", rigged_evaluate)
+    assert _bench(tiny_folder, out, "dpo", "seeds=0,1", "methods=base,full_training", "lrs=5e-4,1e-4") == 0
+    assert seen == [(0, 5e-4), (0, 1e-4), (1, 1e-4)]  # both on the first seed, the winner on the second
+    assert sorted(p.name for p in (out / "raw").glob("*.json")) == sorted(
+        [record_name("format_shift", "base", None, s) for s in (0, 1)]
+        + [record_name("format_shift", "full_training", k, s) for k, s in ((None, 0), ("lr=0.0001", 0),
+                                                                            ("lr=0.0001", 1))])
+    rec = json.loads((out / "raw" / record_name("format_shift", "full_training", "lr=0.0001", 1)).read_text())
+    assert rec["budget"]["lr"] == 1e-4 and real_rl.lr_of(rec["knob"], 5e-4) == 1e-4
+    rows = [line for line in (out / "tables.md").read_text().splitlines() if line.startswith("| FullTraining")]
+    assert len(rows) == 1 and "| 0.0001 |" in rows[0] and rows[0].rstrip().endswith("| 2 |")  # the tuning run left out
+
+
+def test_the_default_grid_and_the_knob_names():
+    assert real_rl.with_lr(0.5, 5e-4, 5e-4) == 0.5 and real_rl.with_lr(None, 5e-4, 5e-4) is None
+    assert real_rl.with_lr(0.5, 1.5e-4, 5e-4) == "0.5,lr=0.00015" and real_rl.with_lr(None, 5e-5, 5e-4) == "lr=5e-05"
+    for knob, lr in ((0.5, 5e-4), ("0.5,lr=0.00015", 1.5e-4), ("lr=5e-05", 5e-5), ("filter-1.0", 5e-4)):
+        assert real_rl.lr_of(knob, 5e-4) == lr
+    assert real_rl.BUDGETS["dpo"].lr in real_rl.LR_GRID["dpo"]  # the untuned records stay the grid's first runs
+    helps = {name: f.metadata["help"] for name, f, _ in leaf_options(BenchRealConfig)}
+    grid = helps["lrs"].split("none = dpo ")[1].split(",")[:len(real_rl.LR_GRID["dpo"])]
+    assert tuple(float(x.split()[0]) for x in grid) == real_rl.LR_GRID["dpo"]  # the help says the grid
+
+
+def test_lr_and_lrs_together_are_refused(tmp_path, capsys):
+    assert cli.main(["bench", "real", "paradigm=dpo", "lr=1e-4", "lrs=1e-4,5e-5", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "'lr'" in err and "'lrs'" in err
 
 
 def test_rlvr_sweep_records_reward_and_kl(tiny_folder, tmp_path, small):

@@ -30,8 +30,10 @@ from the base model (its replies are the rejected side); ``warm_start=sft`` move
 
 Methods (both paradigms): ``base`` (the untrained model), FullTraining, Target-only, GlobalSubset, LayerWiseSubset,
 Hull, with the toy RL benchmark's fixed knobs (``drpost.bench.rl.METHODS``: DPO subsets keep the top half of the
-batch; RLVR subsets drop negative scores, ``filter``, ``frac=1``). Nothing is tuned (cost): every knob and the
-budgets (``BUDGETS``) are fixed in advance. Evaluation, on the first ``N_TEST`` = 100 test targets: greedy strict
+batch; RLVR subsets drop negative scores, ``filter``, ``frac=1``) and budgets (``BUDGETS``) fixed in advance. The
+learning rate is tuned per method (``lrs``; default ``LR_GRID``: DPO 5e-4 and 1e-3; RLVR its budget's only):
+each value runs on the first seed, the best validation EM (ties: lower validation loss) runs the other seeds, and a
+run at another lr than the budget's carries it in its knob (``with_lr``: ``'0.5,lr=0.001'``). Evaluation, on the first ``N_TEST`` = 100 test targets: greedy strict
 exact match (``target_em``), the KL to the base model (k3 on sampled replies, ``trainers.rl_common.evaluate_policy``),
 for RLVR the mean shaped reward of sampled replies (``target_reward``); validation EM and loss and retention (8
 prompts per held-out pool family) exactly as the SFT sweep.
@@ -83,7 +85,7 @@ from drpost.bench.real_rl_data import (
     shaped_reward,
     strict_check,
 )
-from drpost.bench.records import load_records, missing, write_record
+from drpost.bench.records import load_records, missing, tuned_sweep, write_record
 from drpost.bench.rl import METHODS as SPECS
 from drpost.trainers.dpo import DPORecipe
 from drpost.trainers.rlvr import RLVRRecipe
@@ -111,6 +113,11 @@ BUDGETS = {
                        max_new_tokens=ROLLOUT_TOKENS),
 }
 LORA = SFTRecipe(finetuning="lora", lora_r=8, lora_alpha=16)
+# learning rates each trained method runs with on the first seed, the best on validation kept for the others
+# (``lrs=none``). DPO: 12 steps at the budget's 5e-4 leave every method far below the SFT sweep's target EM (0.08-0.19
+# against 0.42-0.79 after 40 SFT steps at 1e-3): the grid adds the step up (each value costs ~5 CPU-minutes x 5
+# methods on the first seed). RLVR keeps its budget's lr (a run costs about twice a DPO run).
+LR_GRID = {"dpo": (5e-4, 1e-3)}
 
 
 def knob_of(paradigm: str, method: str):
@@ -121,6 +128,20 @@ def knob_of(paradigm: str, method: str):
     if set(opts) == {"frac"}:
         return opts["frac"]
     return "-".join(str(v) for v in opts.values())
+
+
+def with_lr(knob, lr: float, budget_lr: float):
+    """A run's knob with its learning rate: the method's knob alone at the budget's lr (so the records of a sweep
+    that tunes nothing keep their names), else ``'<knob>,lr=<lr>'`` (``'lr=<lr>'`` for a method without a knob)."""
+    if lr == budget_lr:
+        return knob
+    return f"lr={lr:g}" if knob is None else f"{knob},lr={lr:g}"
+
+
+def lr_of(knob, budget_lr: float) -> float:
+    """The learning rate a run's knob names (``with_lr``), or the budget's."""
+    tail = str(knob).rpartition("lr=")[2] if "lr=" in str(knob) else None
+    return float(tail) if tail is not None else budget_lr
 
 
 # ----------------------------------------------------------------------------------------------------- one process
@@ -286,7 +307,7 @@ class RLWorker:
 
         d = self.data(setting, seed)
         t0 = time.perf_counter()
-        recipe = replace(self.recipe, seed=seed)
+        recipe = replace(self.recipe, seed=seed, lr=lr_of(knob, self.recipe.lr))
         steps_s, extra = None, {}
         start = self.start(setting, seed)
         if method == "base":
@@ -383,16 +404,25 @@ def run_jobs(jobs: list[tuple], out: Path, model_name: str, sizes: RealSizes, pa
 
 def sweep(paradigm: str, settings: list[str], methods: list[str], seeds: list[int], out_dir: str | Path,
           model_name: str = MODEL_DEFAULT, sizes: RealSizes = REAL_SIZES, recipe=None, lora: SFTRecipe = LORA,
-          workers: int = 2, warm: str | None = None, device: str = "cpu") -> list[dict]:
-    """Every (setting, method, seed) run of ``paradigm`` whose record is missing (knobs fixed: no tuning runs),
-    starting from the base model or the SFT warm start (``warm``: none | sft; None = ``WARM_DEFAULT``); returns every
+          workers: int = 2, warm: str | None = None, device: str = "cpu", lrs: list[float] | None = None
+          ) -> list[dict]:
+    """Every (setting, method, seed) run of ``paradigm`` whose record is missing, starting from the base model or the
+    SFT warm start (``warm``: none | sft; None = ``WARM_DEFAULT``). Method knobs are fixed; the learning rate is
+    tuned: every trained method runs each of ``lrs`` (None = ``LR_GRID``, or the recipe's lr) on the first seed, and
+    the one with the best validation EM runs the other seeds (``drpost.bench.records.tuned_sweep``). Returns every
     record on disk for these settings, methods and seeds."""
     out = Path(out_dir)
     recipe = recipe or BUDGETS[paradigm]
     warm = warm or WARM_DEFAULT[paradigm]
-    for s in settings:  # setting by setting, so that an interrupted sweep leaves whole settings behind
-        run_jobs([(s, m, knob_of(paradigm, m), seed) for seed in seeds for m in methods], out, model_name, sizes,
-                 paradigm, recipe, lora, workers, warm, device=device)
+    lrs = list(lrs or LR_GRID.get(paradigm, (recipe.lr,)))
+
+    def knob_values(m: str) -> list:
+        k = knob_of(paradigm, m)
+        return [k] if m in UNTRAINED else [with_lr(k, lr, recipe.lr) for lr in lrs]
+
+    tuned_sweep(settings, methods, seeds, out, knob_values,
+                lambda jobs: run_jobs(jobs, out, model_name, sizes, paradigm, recipe, lora, workers, warm,
+                                      device=device))
     return [r for r in load_records(out) if r.get("paradigm") == paradigm and r["setting"] in settings
             and r["method"] in methods and r["seed"] in seeds]
 
@@ -401,7 +431,7 @@ def sweep(paradigm: str, settings: list[str], methods: list[str], seeds: list[in
 READ_COMMON = frozenset({"paradigm", "output_dir", "model", "settings", "methods", "seeds", "steps",
                          "general_batch_size", "target_batch_size", "lr", "max_grad_norm", "lora_r", "lora_alpha",
                          "workers", "device", "rewrite", "warm_start"})
-READ = {"dpo": READ_COMMON | {"max_length", "warmup_ratio", "beta"}, "rlvr": READ_COMMON | {"group_size"}}
+READ = {"dpo": READ_COMMON | {"max_length", "warmup_ratio", "beta", "lrs"}, "rlvr": READ_COMMON | {"group_size", "lrs"}}
 
 
 def recipe_of(config):
@@ -460,6 +490,8 @@ def run(config) -> dict:
     refuse_unread(config, READ[p], f"bench real paradigm={p}")
     settings, methods, warm = resolve_runs(config, RL_METHODS[:1] + ["warm_start"] + RL_METHODS[1:],
                                            WARM_DEFAULT[p])
+    if config.lr is not None and config.lrs is not None:
+        raise ConfigError("options 'lr' and 'lrs': give one (lr: that learning rate only; lrs: the ones tuned)")
     out = output_dir_of(config)
     if not config.rewrite:
         from drpost.models import resolve_model
@@ -467,15 +499,16 @@ def run(config) -> dict:
         resolve_model(config.model)  # a missing model fails here, saying what to run
         lora = replace(LORA, lora_r=config.lora_r, lora_alpha=config.lora_alpha)
         device = device_of(config)
+        recipe = recipe_of(config)
         with quiet_libraries(False):
-            sweep(p, settings, methods, [int(s) for s in config.seeds], out, config.model, REAL_SIZES,
-                  recipe_of(config), lora, config.workers, warm, device)
+            sweep(p, settings, methods, [int(s) for s in config.seeds], out, config.model, REAL_SIZES, recipe, lora,
+                  config.workers, warm, device, config.lrs or ([recipe.lr] if config.lr is not None else None))
     records = [r for r in load_records(out) if r.get("paradigm") == p]
     if not records:
         raise ConfigError(f"option 'output_dir': no {p} records in {out / 'raw'}")
     return write_report(records, out, command(f"drpost bench real paradigm={p}"))
 
 
-__all__ = ["BUDGETS", "N_PAIRS", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS", "RL_SETTINGS", "UNTRAINED",
+__all__ = ["BUDGETS", "LR_GRID", "N_PAIRS", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS", "RL_SETTINGS", "UNTRAINED",
            "WARM_DEFAULT", "base_replies", "chosen_text", "dpo_pair", "knob_of", "pair_pool", "recipe_of",
-           "resolve_runs", "reward_fn", "run", "run_jobs", "shaped_reward", "strict_check", "sweep"]
+           "lr_of", "resolve_runs", "reward_fn", "run", "run_jobs", "shaped_reward", "strict_check", "sweep", "with_lr"]

@@ -1,9 +1,10 @@
 """Tables and plots of the real-model DPO / RLVR benchmark (``drpost bench real paradigm=dpo|rlvr``) from its records.
 
 ``write_report(records, out_dir, command)`` writes ``summary.json`` (every record), ``tables.md`` (one README-ready
-table per setting: target EM, for RLVR the sampled target reward, retention EM, KL to the start model (the base
-model, or the SFT warm start for RLVR), validation EM, s/step, seeds; mean ± standard error over seeds; the untrained ``base`` row first, then by target EM) and one
-``target_vs_kl_<setting>.png`` per setting, with the Pareto front (higher target EM at lower KL) marked.
+table per setting: knob and learning rate, target EM, for RLVR the sampled target reward, retention EM, KL to the
+start model (the base model, or the SFT warm start for RLVR), validation EM, s/step, seeds; mean ± standard error
+over seeds; the untrained ``base`` row first, then by target EM; runs that only served the learning-rate tuning left
+out) and one ``target_vs_kl_<setting>.png`` per setting, with the Pareto front (higher target EM at lower KL) marked.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from drpost.bench.real_report import is_dr, pareto_front, pareto_scatter, write_files
+from drpost.bench.real_report import chosen_records, is_dr, pareto_front, pareto_scatter, write_files
 from drpost.bench.stats import mean_se
 
 METRICS = ("target_em", "target_reward", "retention_em", "val_em", "kl")
@@ -19,14 +20,19 @@ METRICS = ("target_em", "target_reward", "retention_em", "val_em", "kl")
 
 def summarize(records: list[dict]) -> dict:
     """{setting: {method: row}}: mean and standard error over seeds of ``METRICS`` (those the records carry),
-    the mean s/step and wall time, and ``pareto`` (on the target-EM / KL front)."""
+    the learning rate, the mean s/step and wall time, and ``pareto`` (on the target-EM / KL front). Runs that only
+    served the tuning (a learning rate that lost on validation) are left out."""
     by: dict = defaultdict(list)
-    for r in records:
+    for r in chosen_records(records):
         by[(r["setting"], r["method"])].append(r)
     table: dict = defaultdict(dict)
     for (s, m), rs in sorted(by.items()):
-        row = {"label": rs[0]["label"], "knob": rs[0]["knob"], "seeds": sorted(r["seed"] for r in rs),
-               "model": rs[0]["model"], "paradigm": rs[0]["paradigm"]}
+        knob = rs[0]["knob"]
+        if isinstance(knob, str) and "lr=" in knob:  # the method's own knob, without the tuned lr (its own column)
+            knob = knob.rpartition("lr=")[0].rstrip(",") or None
+        row = {"label": rs[0]["label"], "knob": knob, "seeds": sorted(r["seed"] for r in rs),
+               "model": rs[0]["model"], "paradigm": rs[0]["paradigm"],
+               "lr": rs[0]["budget"]["lr"] if rs[0].get("budget") else None}
         for key in METRICS:
             if all(key in r for r in rs):
                 row[key] = mean_se([r[key] for r in rs])
@@ -80,15 +86,16 @@ def markdown(table: dict, command: str) -> str:
                   + ("; target reward: mean shaped reward (1 / 0.25 / 0) of sampled replies" if reward else "")
                   + "; KL: to the start model (the base model, or the SFT warm start) on the test targets "
                   "(nats per reply).", "",
-                  "| method | knob | target EM |" + (" target reward |" if reward else "")
+                  "| method | knob | lr | target EM |" + (" target reward |" if reward else "")
                   + " retention EM | KL | val EM | s/step | seeds |",
-                  "|---|---|---|" + ("---|" if reward else "") + "---|---|---|---|---|"]
+                  "|---|---|---|---|" + ("---|" if reward else "") + "---|---|---|---|---|"]
         for m in ordered(rows):
             r = rows[m]
             knob = "" if r["knob"] is None else r["knob"]
             sps = "" if r["seconds_per_step"] is None else f"{r['seconds_per_step']:.2f}"
             rw = f" {_pm(r['target_reward'])} |" if reward else ""
-            lines.append(f"| {r['label']} | {knob} | {_pm(r['target_em'])} |{rw} {_pm(r['retention_em'])} | "
+            lr = "" if r.get("lr") is None else f"{r['lr']:g}"
+            lines.append(f"| {r['label']} | {knob} | {lr} | {_pm(r['target_em'])} |{rw} {_pm(r['retention_em'])} | "
                          f"{_pm(r['kl'])} | {_pm(r['val_em'])} | {sps} | {len(r['seeds'])} |")
         lines += ["", verdict(rows), ""]
     return "\n".join(lines)
