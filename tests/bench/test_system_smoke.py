@@ -27,6 +27,9 @@ def test_micro_grid_writes_files_and_keys(tmp_path):
     assert {"analytic_m_star", "measured_m_star"} <= set(data["crossovers"]["m_sweep"])
     assert "Command:" in (tmp_path / "summary.md").read_text()
     assert res["cases"][0]["config"]["size"] == "micro"
+    machine = data["machine"]  # the record drpost bench trl writes too (drpost.bench.machine)
+    assert {"cpu_model", "native_bf16", "transformers", "torch_threads", "gemm_gflops"} <= set(machine)
+    assert machine["device"] == "cpu" or machine["device"].startswith("cuda")
 
 
 def test_run_accepts_a_config_object_or_dict(tmp_path):
@@ -39,6 +42,14 @@ def test_run_accepts_a_config_object_or_dict(tmp_path):
     assert (tmp_path / "a" / "system.json").is_file()
     assert system.run({"out_dir": str(tmp_path / "b"), "micro": True, "repeats": 1}) == 0
     assert (tmp_path / "b" / "summary.md").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_refused_by_name(tmp_path, capsys):
+    from drpost import cli
+
+    assert cli.main(["bench", "system", "micro=true", "device=cuda", f"output_dir={tmp_path}"]) == 2
+    assert "'device'" in capsys.readouterr().err and not (tmp_path / "system.json").exists()
 
 
 def test_seq_lengths_and_scorings_change_the_run(tmp_path):

@@ -206,9 +206,10 @@ def test_auto_never_materializes_more_than_the_direct_budget(monkeypatch):
     small = SimpleNamespace(rows=None, factored={torch.empty(8, 8, device="meta"): [0]})
     assert cost.choose(small, 8, 1, 64, True, rates) == "direct"  # T p q >> p q: direct is cheaper, and it fits
 
+    from tests.helpers import batch, tiny_model
+
     import drpost
     from drpost.objectives import causal_lm_loss
-    from tests.helpers import batch, tiny_model
 
     grads, chosen = [], []
     for budget in (cost.DIRECT_MAX_BYTES, 1):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from drpost.bench.machine import device_name  # noqa: F401  (re-exported: the real-model records name their device)
 from drpost.trainers.sft import SFTRecipe
 
 MODEL_DEFAULT = "smollm2-135m-instruct"
@@ -113,13 +114,6 @@ def device_of(config) -> str:
     from drpost.trainers.setup import resolve_device
 
     return str(resolve_device(config.device))
-
-
-def device_name(device: str) -> str:
-    """The device as records name it: ``cpu``, or ``cuda:0 (NVIDIA H200)``."""
-    if not device.startswith("cuda"):
-        return device
-    return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
 
 
 def output_dir_of(config) -> Path:

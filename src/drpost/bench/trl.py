@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import gc
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -131,29 +130,15 @@ def _env_prefix() -> str:
 
 
 def machine(threads: int, clock: str, precision: str) -> dict:
-    """What the system benchmark records of the machine (platform, versions, threads, clock, measured GEMM rate and
-    copy bandwidth in the run's precision), plus the CPU's model and whether it has native bf16 instructions."""
-    import transformers
+    """The machine record (``drpost.bench.machine``: platform, versions, threads, clock, the CPU's model and native
+    bf16 instructions, GEMM rate and copy bandwidth calibrated in the run's precision) with TRL's version."""
     import trl
 
+    from drpost.bench.machine import machine_record
     from drpost.geometry import cost
 
     rates = cost.calibrate("cpu", repeats=7, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-    cpu_model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                cpu_model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl.__version__, "device": "cpu",
-            "threads": threads or None, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "clock": clock, "cpu_model": cpu_model,
-            "native_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"}),
-            "gemm_gflops": rates.flops_per_s / 1e9, "bandwidth_gbs": rates.bytes_per_s / 1e9}
+    return machine_record(torch.device("cpu"), threads=threads or None, clock=clock, rates=rates, trl=trl.__version__)
 
 
 # ------------------------------------------------------------------------------------------------ model, data

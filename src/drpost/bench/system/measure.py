@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import random
 import statistics
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from drpost.bench.machine import machine_record
 from drpost.bench.system.cases import (
     COMPONENTS,
     LR,
@@ -36,6 +36,7 @@ from drpost.bench.system.floors import floor, scoring_check
 from drpost.bench.system.memory import logits as logits_memory
 from drpost.bench.system.memory import measure as measure_memory
 from drpost.bench.system.report import GOALS, _jsonable, evaluate_goals, plot, write_markdown
+from drpost.trainers.setup import resolve_device
 
 BENCH_MODELS = ("tiny", "smollm2")
 
@@ -291,7 +292,7 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device or "auto")
     command = command or (f"drpost bench system{' model=' + model if model != 'tiny' else ''}"
                           f"{' quick=true' if quick else ''}{' micro=true' if micro else ''}"
                           f"{' precision=bf16' if precision == 'bf16' else ''} output_dir={out_dir}")
@@ -306,10 +307,8 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
         reps = repeats or (1 if micro else 3 if model == "smollm2" else 5 if quick else 7)
         all_methods = [m for m in method_list(scorings=scorings) if precision == "fp32" or m.kind != "func"]
         res = {
-            "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-                        "device": str(dev), "threads": threads if dev.type == "cpu" else None,
-                        "clock": "cuda_events" if dev.type == "cuda" else clock,
-                        "gemm_gflops": rates.flops_per_s / 1e9, "bandwidth_gbs": rates.bytes_per_s / 1e9},
+            "machine": machine_record(dev, threads=threads if dev.type == "cpu" else None,
+                                      clock="cuda_events" if dev.type == "cuda" else clock, rates=rates),
             "settings": {"model": model, "precision": precision, "quick": quick, "micro": micro, "repeats": reps, "warmup": warmup,
                          "lr": LR, "vocab": VOCAB, "seq_lengths": seq_lengths, "scorings": scorings,
                          "sizes": {k: list(v) for k, v in SIZES.items()}, "smollm2": SMOLLM2, "goals": GOALS},
@@ -357,8 +356,7 @@ def run(config) -> int:
     get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
         lambda k, d=None: getattr(config, k, d))
     out_dir = get("out_dir") or get("output_dir") or "results/system"
-    dev = get("device")
-    dev = None if dev in (None, "auto") else dev
+    dev = str(resolve_device(get("device") or "auto"))  # a CUDA device without CUDA is refused naming the option
     threads = get("threads", 1)
     command = "drpost " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("drpost") \
         else f"drpost bench system output_dir={out_dir}"
