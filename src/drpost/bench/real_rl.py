@@ -114,9 +114,10 @@ BUDGETS = {
 }
 LORA = SFTRecipe(finetuning="lora", lora_r=8, lora_alpha=16)
 # learning rates each trained method runs with on the first seed, the best on validation kept for the others
-# (``lrs=none``). DPO: 12 steps at the budget's 5e-4 leave every method far below the SFT sweep's target EM (0.08-0.19
-# against 0.42-0.79 after 40 SFT steps at 1e-3): the grid adds the step up (each value costs ~5 CPU-minutes x 5
-# methods on the first seed). RLVR keeps its budget's lr (a run costs about twice a DPO run).
+# (``lrs=none``). DPO: 12 steps at the budget's 5e-4 leave every method under-trained (target EM 0.06-0.15 on seed 0
+# against 0.42-0.79 after 40 SFT steps at 1e-3; the chosen answers' validation NLL 0.9-1.3 from the base model's 4.05,
+# the target pairs' DPO loss still falling at the last step), so the grid adds the step up (each value costs ~5
+# CPU-minutes x 5 methods on the first seed). RLVR keeps its budget's lr (a run costs about twice a DPO run).
 LR_GRID = {"dpo": (5e-4, 1e-3)}
 
 
