@@ -76,6 +76,24 @@ def test_sft_full_training_reproduces_plain_sft(tok, tmp_path):
     assert any((params(m1)[n] != before[n]).any() for n in before)
 
 
+def test_sft_full_training_reproduces_plain_sft_with_uneven_accumulation(tok, tmp_path):
+    """Gradient accumulation over micro-steps of unequal token counts: the plain trainer's update is the token mean
+    over the whole window (transformers' num_items_in_batch), not the mean of the micro-steps' token means."""
+    from trl import SFTConfig, SFTTrainer
+
+    data = datasets.Dataset.from_dict({"prompt": [f"q{i}=" for i in range(4)],
+                                       "completion": [("abcdefgh" * 4)[:k] for k in (2, 4, 9, 30)]})
+    base = tiny(tok)
+    before = params(base)
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     max_steps=1, learning_rate=0.5, **COMMON)
+    m1, m2 = copy.deepcopy(base), copy.deepcopy(base)
+    SFTTrainer(model=m1, args=args, train_dataset=data, processing_class=tok).train()
+    DrSFTTrainer(model=m2, args=args, train_dataset=data, processing_class=tok, target_dataset=sft_data(2),
+                 dr_method="full_training").train()
+    assert_same_update(before, params(m2), params(m1))  # 0.42 relative apart with a 1 / accumulation weight
+
+
 @pytest.mark.parametrize("method,opts", [("global_subset", {"frac": 0.5}), ("layerwise_subset", {"frac": 0.5}),
                                          ("hull", {})])
 def test_sft_trains(tok, tmp_path, method, opts):
@@ -194,6 +212,42 @@ def test_grpo_full_training_matches_plain_grpo_on_a_fixed_batch(tok, tmp_path, l
     assert got.keys() == want.keys()
     scale = max(float(w.abs().max()) for w in want.values())
     assert scale > 0  # the batch carries signal (nonzero advantages)
+    for n in want:
+        assert float((got[n] - want[n]).abs().max()) <= 1e-6 * scale, n
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo"])
+def test_grpo_full_training_matches_plain_grpo_over_uneven_micro_steps(tok, tmp_path, loss_type):
+    """Two accumulation micro-steps of one generation batch with unequal completion tokens: dapo's normalizer is the
+    generation batch's token count (so the window's update is its token mean), bnpo and grpo average each micro-step
+    and divide by the accumulation steps; the adapter's accumulated .grad equals plain TRL's for each."""
+    from trl import GRPOTrainer
+    from trl.trainer.utils import split_tensor_dict
+
+    args = grpo_args(tmp_path, max_steps=1, loss_type=loss_type, num_generations=4, gradient_accumulation_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr = DrGRPOTrainer(model=tiny(tok), reward_funcs=reward_len, args=args, train_dataset=prompts(8),
+                           processing_class=tok, target_dataset=prompts(2, off=10), dr_method="full_training")
+    m = tr.model
+    m.train()
+    tr.current_gradient_accumulation_steps = 2
+    torch.manual_seed(1)
+    batch = tr._generate_and_score_completions([{"prompt": p} for p in prompts(2)["prompt"] for _ in range(4)])
+    mask = batch["completion_mask"].clone()
+    mask[:4, 1:] = 0  # the first micro-step keeps one completion token per row, the second all of theirs
+    batch["completion_mask"], batch["num_items_in_batch"] = mask, mask.sum()
+    chunks = split_tensor_dict(batch, 2)  # TRL's micro-steps of the generation batch
+    m.zero_grad(set_to_none=True)
+    for c in chunks:
+        GRPOTrainer.compute_loss(tr, m, c).backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    for c in chunks:  # full_training: the target rows (here the same rows) do not enter the update
+        tr._dr_backward(m, tr._dr_rows(c, m, False), tr._dr_rows(c, m, True), tr._dr_window_items(c, None))
+    got = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    scale = max(float(w.abs().max()) for w in want.values())
+    assert got.keys() == want.keys() and scale > 0
     for n in want:
         assert float((got[n] - want[n]).abs().max()) <= 1e-6 * scale, n
 

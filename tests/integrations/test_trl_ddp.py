@@ -1,6 +1,7 @@
 """TRL adapters under plain DDP (2 gloo processes on CPU, as ``accelerate launch`` / ``torchrun`` would start them):
 a global-scope method's one-pass step (drpost assembles and all-reduces ``.grad`` itself) gives the same update as the
-two-pass step (pass 2 through the DDP-wrapped model and the accelerator's backward), and both ranks stay identical.
+two-pass step (pass 2 through the DDP-wrapped model and the accelerator's backward), and both ranks stay identical;
+``full_training`` with accumulation over micro-steps and ranks of unequal token counts gives plain DDP SFT's update.
 
 The worker below runs on every rank (torch.multiprocessing spawn, a free TCP port on 127.0.0.1); a failure on any
 rank fails the test. Tiny float64 Llama from a config, drpost's offline byte tokenizer: no downloads.
@@ -59,6 +60,27 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         dist.broadcast(other, 0)
         assert torch.equal(flat, other), f"rank {rank} diverged on {n}"
     assert any((got["one_pass"][n] != before[n]).any() for n in before)
+
+    # full_training == plain DDP SFT over micro-steps and ranks of unequal token counts: the window's token mean
+    # over every rank (transformers' num_items_in_batch, gathered), not a mean of per-micro-step means
+    from trl import SFTTrainer
+
+    uneven = datasets.Dataset.from_dict({"prompt": [f"q{i}=" for i in range(8)],
+                                         "completion": [("abcdefgh" * 4)[:k] for k in (2, 4, 9, 30, 3, 17, 6, 25)]})
+    ups = {}
+    for name in ("plain", "dr"):
+        m = copy.deepcopy(base)
+        args = SFTConfig(output_dir=os.path.join(out_dir, name), per_device_train_batch_size=2, max_steps=1,
+                         learning_rate=0.5, gradient_accumulation_steps=2, ddp_backend="gloo", **COMMON)
+        if name == "plain":
+            SFTTrainer(model=m, args=args, train_dataset=uneven, processing_class=tok).train()
+        else:
+            DrSFTTrainer(model=m, args=args, train_dataset=uneven, processing_class=tok,
+                         target_dataset=sft_data(2, off=30), dr_method="full_training").train()
+        ups[name] = params(m)
+    for n in before:
+        d1, d2 = ups["dr"][n] - before[n], ups["plain"][n] - before[n]
+        assert float((d1 - d2).abs().max()) <= 1e-6 * float(d2.abs().max().clamp_min(1e-30)), n
     dist.barrier()
     dist.destroy_process_group()
 

@@ -15,8 +15,8 @@ CPU; the backward then runs outside autocast, as the Trainer does it). Two ways 
 
   one pass (single process and plain DDP, the default): one captured forward/backward; the regularizer assembles the
           update from the captured factors and writes ``.grad`` itself (:meth:`DataRegularizer.step`; under DDP it
-          all-reduces the result), scaled by 1 / gradient-accumulation steps (and by an fp16 grad scaler's scale, which
-          the Trainer unscales before clipping) and added to any accumulated gradient. Used for every scope: layer
+          all-reduces the result), scaled by the micro-step's share of the accumulation window (and by an fp16 grad
+          scaler's scale, which the Trainer unscales before clipping) and added to any accumulated gradient. Used for every scope: layer
           scope (``layerwise_subset``, any set with ``scope="layer"``) has one coefficient vector per block, which no
           single weighted loss could express anyway.
   two passes (global scope under DeepSpeed or FSDP, or ``dr_options={"assembly": "two_pass"}``): pass 1 returns the
@@ -24,7 +24,12 @@ CPU; the backward then runs outside autocast, as the Trainer does it). Two ways 
           (:meth:`DataRegularizer.row_weights`); pass 2 runs the rows with ``c_r != 0`` through the *wrapped* model
           and ``accelerator.backward(sum_r c_r loss_r)``, so sharded gradients and the engine's own accumulation keep
           working. Layer scope cannot take this path, so it is refused under DeepSpeed and FSDP.
-Both give the same update (tested in fp64 to 1e-6 relative, with accumulation and clipping). Gradient clipping, the
+Both give the same update (tested in fp64 to 1e-6 relative, with accumulation and clipping). The share: where the
+plain trainer divides each micro-step's summed loss by the whole window's loss tokens (SFT: transformers'
+``num_items_in_batch``; GRPO ``loss_type="dapo"``: the generation batch's completion tokens), a micro-step holding n of
+the window's N tokens weighs n / N, so the window's update is the plain trainer's token mean however the tokens fall
+into micro-steps (a 1 / accumulation weight was 0.42 relative off plain SFT on uneven rows, tested); where it divides
+a per-micro-step mean by the accumulation steps (DPO, GRPO ``grpo`` / ``bnpo``), 1 / accumulation steps. Gradient clipping, the
 optimizer, the scheduler and logging stay the Trainer's; the returned loss is the general rows' token-mean loss /
 accumulation steps, as the plain trainer's.
 

@@ -73,6 +73,15 @@ class DrGRPOTrainer(_DrMixin, GRPOTrainer):
         self._step += 1  # GRPOTrainer's own step counter (drives the generation buffer)
         return out
 
+    def _dr_window_items(self, inputs, num_items_in_batch):
+        """``dapo`` divides each micro-step's summed loss by the generation batch's completion tokens (every rank's),
+        rescaled to one accumulation window (x accumulation steps / steps_per_generation), as TRL does; ``grpo`` and
+        ``bnpo`` divide a per-micro-step mean by the accumulation steps (None)."""
+        if self.loss_type != "dapo" or inputs.get("num_items_in_batch") is None:
+            return None
+        return float(inputs["num_items_in_batch"]) * self.current_gradient_accumulation_steps \
+            / self.args.steps_per_generation
+
     # ------------------------------------------------------------------ target rows generated with the general ones
     def _prepare_inputs(self, generation_batch):
         """TRL's ``_prepare_inputs``; in training, each time it generates, the next ``steps_per_generation`` target

@@ -49,8 +49,8 @@ class DrSFTTrainer(_DrMixin, SFTTrainer):
         finally:
             self._dr_in_target = False
 
-    def _dr_backward(self, model, general: dict, target: dict) -> Tensor:
-        loss = super()._dr_backward(model, general, target)
+    def _dr_backward(self, model, general: dict, target: dict, window_items=None) -> Tensor:
+        loss = super()._dr_backward(model, general, target, window_items)
         if getattr(self, "dr_sampler", None) is not None:
             self.dr_sampler.feedback(self.dr_last_report)
         return loss
