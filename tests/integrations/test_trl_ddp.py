@@ -81,6 +81,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
     for n in before:
         d1, d2 = ups["dr"][n] - before[n], ups["plain"][n] - before[n]
         assert float((d1 - d2).abs().max()) <= 1e-6 * float(d2.abs().max().clamp_min(1e-30)), n
+    # per-rank token means (average_tokens_across_devices=False) have no such weight: refused by name
+    args = SFTConfig(output_dir=os.path.join(out_dir, "per_rank"), per_device_train_batch_size=2, max_steps=1,
+                     ddp_backend="gloo", **{**COMMON, "average_tokens_across_devices": False})
+    try:
+        DrSFTTrainer(model=copy.deepcopy(base), args=args, train_dataset=uneven, processing_class=tok,
+                     target_dataset=sft_data(2, off=30), dr_method="full_training")
+        raise AssertionError("average_tokens_across_devices=False was not refused")
+    except NotImplementedError as e:
+        assert "average_tokens_across_devices" in str(e)
     dist.barrier()
     dist.destroy_process_group()
 

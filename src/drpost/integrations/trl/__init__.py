@@ -29,7 +29,9 @@ plain trainer divides each micro-step's summed loss by the whole window's loss t
 ``num_items_in_batch``; GRPO ``loss_type="dapo"``: the generation batch's completion tokens), a micro-step holding n of
 the window's N tokens weighs n / N, so the window's update is the plain trainer's token mean however the tokens fall
 into micro-steps (a 1 / accumulation weight was 0.42 relative off plain SFT on uneven rows, tested); where it divides
-a per-micro-step mean by the accumulation steps (DPO, GRPO ``grpo`` / ``bnpo``), 1 / accumulation steps. Gradient clipping, the
+a per-micro-step mean by the accumulation steps (DPO, GRPO ``grpo`` / ``bnpo``), 1 / accumulation steps. Under DDP
+the step is one token mean over every rank's rows, which is the plain trainer's with transformers' default
+``average_tokens_across_devices=True``; ``DrSFTTrainer`` refuses ``False`` there (each rank's own mean, averaged). Gradient clipping, the
 optimizer, the scheduler and logging stay the Trainer's; the returned loss is the general rows' token-mean loss /
 accumulation steps, as the plain trainer's.
 
