@@ -10,7 +10,9 @@ One spawn runs every check on both ranks (a failure on any rank fails the test):
       ``train()`` with gradient accumulation; ``full_training`` and ``global_subset`` on one more batch afterwards, the
       latter with token-mean ``bnpo`` and fewer completion tokens on rank 1), and ``full_training`` (``loss_type=
       "grpo"``) equals plain TRL's DDP gradient on the same batch (``GRPOTrainer.compute_loss`` through the
-      DDP-wrapped model); after ``train()`` both ranks hold identical, finite, updated weights.
+      DDP-wrapped model); after ``train()`` both ranks hold identical, finite, updated weights;
+  (c) ``full_training`` with ``loss_type="dapo"`` accumulated over two micro-steps of unequal completion tokens on
+      each rank equals plain TRL's DDP gradient (each micro-step weighs its share of the generation batch's tokens).
 All comparisons use the rows that were sampled, so they do not depend on what the sampler drew.
 Tiny float64 Llama from a config, drpost's offline byte tokenizer: no downloads.
 Run: ``.venv/bin/pytest -q tests/integrations/test_trl_grpo_ddp.py``
@@ -200,6 +202,31 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         if method == "full_training":
             _close({n: p.grad for n, p in m.named_parameters()}, trl_grad, "full_training vs plain TRL under DDP")
     assert checked[-2:] == ["full_training", "global_subset"]
+
+    # (c) dapo over two micro-steps and two ranks of unequal completion tokens: TRL divides each micro-step's summed
+    # loss by the generation batch's tokens over every rank; the adapter's full_training accumulates the same .grad
+    from trl.trainer.utils import split_tensor_dict
+
+    tr._dr_backward_one_pass = inner_one_pass
+    tr.loss_type, tr.current_gradient_accumulation_steps = "dapo", GA
+    tr.dr_method, tr.dr_options = "full_training", {}
+    tr.regularizer = DataRegularizer(m, method="full_training")
+    batch = inner_score([{"prompt": p} for p in prompts(2, off=2 * rank)["prompt"] for _ in range(G)])
+    mask = batch["completion_mask"].clone()
+    mask[(slice(0, G) if rank == 0 else slice(G, 2 * G)), 1 + rank:] = 0  # a short micro-step on each rank
+    items = mask.sum()
+    dist.all_reduce(items)
+    batch["completion_mask"], batch["num_items_in_batch"] = mask, items
+    chunks = split_tensor_dict(batch, GA)
+    m.zero_grad(set_to_none=True)
+    for c in chunks:
+        GRPOTrainer.compute_loss(tr, tr.model_wrapped, c).backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    for c in chunks:
+        tr._dr_backward(tr.model_wrapped, tr._dr_rows(c, m, False), tr._dr_rows(c, m, True),
+                        tr._dr_window_items(c, None))
+    _close({n: p.grad for n, p in m.named_parameters()}, want, "dapo full_training vs plain TRL, DDP + accumulation")
     dist.barrier()
     dist.destroy_process_group()
 
