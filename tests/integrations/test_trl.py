@@ -162,6 +162,57 @@ def test_dpo_refuses_unsupported_loss(tok, tmp_path):
                      processing_class=tok, target_dataset=dpo_data(2))
 
 
+def test_dpo_refuses_loss_weights(tok, tmp_path):
+    from trl import DPOConfig
+
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, loss_weights=[0.5],
+                     **COMMON)
+    m = tiny(tok)
+    with pytest.raises(NotImplementedError, match="loss_weights"):
+        DrDPOTrainer(model=m, ref_model=copy.deepcopy(m), args=args, train_dataset=dpo_data(4),
+                     processing_class=tok, target_dataset=dpo_data(2))
+
+
+def _tiny_moe(tok):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=128, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                        bos_token_id=tok.bos_token_id)
+    assert cfg.router_aux_loss_coef > 0  # the architecture's own coefficient, which TRL applies by default
+    return MixtralForCausalLM(cfg).to(torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo"])
+def test_moe_router_aux_loss_is_refused_unless_switched_off(tok, tmp_path, kind):
+    """TRL adds an MoE router's load-balancing loss by default; it is not a sum over samples, so the adapters refuse
+    it by name, and train once the config switches it off (router_aux_loss_coef=0.0)."""
+    from trl import DPOConfig, GRPOConfig, SFTConfig
+
+    def build(coef):
+        kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, router_aux_loss_coef=coef,
+                  **COMMON)
+        m = _tiny_moe(tok)
+        if kind == "sft":
+            return DrSFTTrainer(model=m, args=SFTConfig(**kw), train_dataset=sft_data(4), processing_class=tok,
+                                target_dataset=sft_data(2, off=10), dr_method="full_training")
+        if kind == "dpo":
+            return DrDPOTrainer(model=m, ref_model=copy.deepcopy(m), args=DPOConfig(**kw), train_dataset=dpo_data(4),
+                                processing_class=tok, target_dataset=dpo_data(2, off=10), dr_method="full_training")
+        return DrGRPOTrainer(model=m, reward_funcs=reward_len, train_dataset=prompts(4), processing_class=tok,
+                             args=GRPOConfig(num_generations=2, max_completion_length=4, **kw),
+                             target_dataset=prompts(2, off=10), dr_method="full_training")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NotImplementedError, match="router_aux_loss_coef=0.0"):
+            build(None)  # None = the model config's coefficient
+        tr = build(0.0)
+    assert not tr.aux_loss_enabled
+
+
 # --------------------------------------------------------------------------- GRPO
 def reward_len(completions, **kw):
     """Deterministic verifiable reward of the completion text (sum of code points mod 5)."""

@@ -33,9 +33,15 @@ def _cycle(make_iter):
 class _DrMixin:
     """Shared regularized training step; subclasses convert TRL batches to drpost row batches."""
 
-    @staticmethod
-    def _dr_refuse(trainer: str, bad: list[str]) -> None:
-        """Construction check: raise ``NotImplementedError`` naming the unsupported options in ``bad``, if any."""
+    def _dr_refuse(self, trainer: str, bad: list[str]) -> None:
+        """Construction check: raise ``NotImplementedError`` naming the unsupported options in ``bad``, and those
+        every adapter refuses, if any. Every adapter: a Mixture-of-Experts router's load-balancing loss, which the
+        TRL trainers add by default for MoE models (``router_aux_loss_coef`` from the model's config) and which is
+        not a sum over samples (its expert loads are counted over the whole batch), so drpost's per-sample step
+        cannot carry it."""
+        if getattr(self, "aux_loss_enabled", False):
+            bad = [*bad, f"the MoE router's auxiliary loss (router_aux_loss_coef={self.router_aux_loss_coef}; pass "
+                         "router_aux_loss_coef=0.0 in the trainer's config to train without it)"]
         if bad:
             raise NotImplementedError(f"{trainer} does not support: " + ", ".join(bad))
 

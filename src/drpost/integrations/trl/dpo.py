@@ -27,6 +27,8 @@ class DrDPOTrainer(_DrMixin, DPOTrainer):
         bad = []
         if list(self.loss_types) != ["sigmoid"]:
             bad.append(f"loss_type={self.loss_types} (only ['sigmoid'])")
+        if [float(w) for w in self.loss_weights] != [1.0]:
+            bad.append(f"loss_weights={list(self.loss_weights)} (the sigmoid loss at weight 1 only)")
         if self.f_divergence_type != "reverse_kl":
             bad.append(f"f_divergence_type={self.f_divergence_type!r}")
         if self.ld_alpha is not None:

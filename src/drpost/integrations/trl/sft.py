@@ -26,10 +26,12 @@ class DrSFTTrainer(_DrMixin, SFTTrainer):
         super().__init__(*args, **kwargs)
         if self.padding_free or self.args.packing:
             raise ValueError("DrSFTTrainer needs one sequence per row: set padding_free=False and packing=False")
+        bad = []
         if self.args.world_size > 1 and not self.args.average_tokens_across_devices:
             # the plain trainer then averages each rank's own token mean; drpost's step is one token mean over the
             # rows of every rank, and no per-micro-step weight turns one into the other
-            self._dr_refuse("DrSFTTrainer", ["average_tokens_across_devices=False with more than one process"])
+            bad.append("average_tokens_across_devices=False with more than one process")
+        self._dr_refuse("DrSFTTrainer", bad)
         self._dr_init(target_dataset, dr_method, dr_options, target_batch_size)
         if not getattr(self, "_skip_prepare_dataset", False):
             target_dataset = self._prepare_dataset(target_dataset, self.processing_class, self.args, False,
