@@ -173,6 +173,19 @@ def test_dpo_refuses_loss_weights(tok, tmp_path):
                      processing_class=tok, target_dataset=dpo_data(2))
 
 
+@pytest.mark.parametrize("option,value", [("loss_type", "dft"), ("label_smoothing_factor", 0.1)])
+def test_sft_refuses_options_that_change_the_loss(tok, tmp_path, option, value):
+    from trl import SFTConfig
+
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, **{option: value},
+                     **COMMON)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NotImplementedError, match=option):
+            DrSFTTrainer(model=tiny(tok), args=args, train_dataset=sft_data(4), processing_class=tok,
+                         target_dataset=sft_data(2, off=10))
+
+
 def _tiny_moe(tok):
     from transformers import MixtralConfig, MixtralForCausalLM
 

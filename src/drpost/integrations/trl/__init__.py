@@ -37,8 +37,9 @@ accumulation steps, as the plain trainer's.
 
 Refused by name at construction (``NotImplementedError``), each because the plain trainer's loss is then not what
 the adapter's per-sample step computes: an MoE router's load-balancing loss (TRL adds it by default for MoE models;
-pass ``router_aux_loss_coef=0.0``), DPO ``loss_weights`` other than ``[1.0]`` and loss types other than sigmoid, and
-the per-adapter options listed in each class.
+pass ``router_aux_loss_coef=0.0``), SFT ``loss_type="dft"``, ``label_smoothing_factor`` and ``compute_loss_func``,
+DPO ``loss_weights`` other than ``[1.0]`` and loss types other than sigmoid, and the per-adapter options listed in
+each class.
 
 Cost: one pass = a forward + activation-only backward of the merged batch, plus scoring and one GEMM per weight use
 for the assembly; two passes add an ordinary forward/backward of the kept rows (about 1.7-2x a plain step). Like

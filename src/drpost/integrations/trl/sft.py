@@ -26,7 +26,13 @@ class DrSFTTrainer(_DrMixin, SFTTrainer):
         super().__init__(*args, **kwargs)
         if self.padding_free or self.args.packing:
             raise ValueError("DrSFTTrainer needs one sequence per row: set padding_free=False and packing=False")
-        bad = []
+        bad = []  # options that change the plain trainer's loss, which drpost's token-mean NLL step would ignore
+        if self.args.loss_type != "nll":
+            bad.append(f"loss_type={self.args.loss_type!r} (nll only)")
+        if self.args.label_smoothing_factor > 0:
+            bad.append("label_smoothing_factor")
+        if self.compute_loss_func is not None:
+            bad.append("compute_loss_func")
         if self.args.world_size > 1 and not self.args.average_tokens_across_devices:
             # the plain trainer then averages each rank's own token mean; drpost's step is one token mean over the
             # rows of every rank, and no per-micro-step weight turns one into the other
