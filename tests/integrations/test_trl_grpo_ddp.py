@@ -8,7 +8,7 @@ One spawn runs every check on both ranks (a failure on any rank fails the test):
   (b) every micro-step's one-pass update (drpost all-reduces ``.grad`` itself) equals the single-process update of
       the same regularizer on the union of both ranks' general and target rows (``layerwise_subset`` in
       ``train()`` with gradient accumulation; ``full_training`` and ``global_subset`` on one more batch afterwards, the
-      latter with token-mean ``bnpo`` and fewer completion tokens on rank 1), and ``full_training`` (``loss_type=
+      latter with token-mean ``dapo`` and fewer completion tokens on rank 1), and ``full_training`` (``loss_type=
       "grpo"``) equals plain TRL's DDP gradient on the same batch (``GRPOTrainer.compute_loss`` through the
       DDP-wrapped model); after ``train()`` both ranks hold identical, finite, updated weights;
   (c) ``full_training`` with ``loss_type="dapo"`` accumulated over two micro-steps of unequal completion tokens on
@@ -192,8 +192,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
     for method in ("full_training", "global_subset"):
         m.zero_grad(set_to_none=True)
         tr.dr_method, tr.dr_options = method, ({"frac": 0.5} if method == "global_subset" else {})
-        if method == "global_subset":  # token mean (bnpo) over unequal token counts: still the union's token mean
-            tr.loss_type = "bnpo"
+        if method == "global_subset":  # token mean (dapo) over unequal token counts: still the union's token mean
+            tr.loss_type = "dapo"
             if rank == 1:
                 general = {**general, "labels": general["labels"].clone()}
                 general["labels"][:, -3:] = -100
@@ -202,6 +202,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         if method == "full_training":
             _close({n: p.grad for n, p in m.named_parameters()}, trl_grad, "full_training vs plain TRL under DDP")
     assert checked[-2:] == ["full_training", "global_subset"]
+    try:  # bnpo's per-rank token means have no union form: refused by name under DDP
+        DrGRPOTrainer(model=m, reward_funcs=reward_len, processing_class=tok, train_dataset=prompts(6),
+                      args=grpo_args(out_dir, max_steps=1, num_generations=G, per_device_train_batch_size=PER_DEVICE,
+                                     gradient_accumulation_steps=GA, loss_type="bnpo", ddp_backend="gloo"),
+                      target_dataset=datasets.Dataset.from_dict({"prompt": TARGETS}))
+        raise AssertionError("loss_type='bnpo' under DDP was not refused")
+    except NotImplementedError as e:
+        assert "bnpo" in str(e)
 
     # (c) dapo over two micro-steps and two ranks of unequal completion tokens: TRL divides each micro-step's summed
     # loss by the generation batch's tokens over every rank; the adapter's full_training accumulates the same .grad

@@ -73,8 +73,8 @@ Supported features and limits (checked at construction, with a clear error):
     completion metrics are logged with the general ones). With ``num_iterations > 1`` a micro-step's target rows are
     reused with its general rows. Plain DDP is tested (2 gloo ranks, ``tests/integrations/test_trl_grpo_ddp.py``):
     each rank's target rows are whole groups of its own target prompts, and the update equals one process on the
-    union of the ranks' rows, so ``bnpo``'s token mean is over all ranks' tokens (TRL's ``bnpo`` averages per-rank
-    token means: ``full_training`` equals plain TRL only where the ranks hold equal token counts).
+    union of the ranks' rows, so the token mean is over all ranks' tokens: TRL's ``dapo`` (its default, also with
+    accumulation); TRL's ``bnpo`` averages per-rank token means instead, so ``bnpo`` is refused under DDP.
   * DPO with ``precompute_ref_log_probs=True``: the target dataset gets its reference columns precomputed like the
     train dataset, from the model before training (or ``ref_model``); a batch without them is refused.
 Metrics in the logs: TRL's own, computed on the general rows as the plain trainer computes them on its batch (SFT:

@@ -51,6 +51,10 @@ class DrGRPOTrainer(_DrMixin, GRPOTrainer):
         bad = []
         if self.loss_type not in ("grpo", "bnpo", "dapo"):
             bad.append(f"loss_type={self.loss_type!r} (grpo, bnpo, dapo only)")
+        if self.loss_type == "bnpo" and a.world_size > 1:
+            # TRL's bnpo averages each rank's own token mean; drpost's step is one token mean over every rank's rows
+            # (TRL's dapo, the default, which the adapter reproduces)
+            bad.append("loss_type='bnpo' with more than one process (use 'dapo': the token mean over every rank)")
         if self.importance_sampling_level != "token":
             bad.append("importance_sampling_level != 'token'")
         if self.top_entropy_quantile < 1.0 or self._entropy_bonus_enabled:
