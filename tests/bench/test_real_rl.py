@@ -287,4 +287,11 @@ def test_the_resolved_config_goes_to_the_paradigms_default_directory(tmp_path, m
     assert cli.main(["bench", "real", "paradigm=rlvr", "rewrite=true"]) == 2  # no records yet
     assert "no rlvr records" in capsys.readouterr().err
     assert not (tmp_path / "config.yaml").exists()  # not the working directory (output_dir is empty)
-    assert "paradigm: rlvr" in (tmp_path / "results" / "real" / "rlvr" / "config.yaml").read_text()
+    saved = (tmp_path / "results" / "real" / "rlvr" / "config.yaml").read_text()
+    assert "paradigm: rlvr" in saved
+    # the lists the paradigm resolved, not the SFT defaults the options were left at
+    import yaml
+
+    resolved = yaml.safe_load(saved)
+    assert resolved["settings"] == real_rl.RL_SETTINGS and "warm_start" in resolved["methods"]
+    assert "dsir" not in resolved["methods"]

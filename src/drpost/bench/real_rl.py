@@ -478,6 +478,14 @@ def resolve_runs(config, default_methods: list[str], default_warm: str) -> tuple
     return settings, methods, warm
 
 
+def save_runs(config, settings: list[str], methods: list[str], out: Path) -> None:
+    """Rewrite ``out/config.yaml`` with the settings and methods the paradigm resolved (the CLI wrote the options as
+    given, and left at their defaults they name the SFT sweep's lists), so the file says what ran."""
+    from drpost.config import save_resolved
+
+    save_resolved(replace(config, settings=list(settings), methods=list(methods)), out)
+
+
 def run(config) -> dict:
     """``drpost bench real paradigm=dpo|rlvr`` (called by ``drpost.bench.real.run``): the sweep, then the report.
 
@@ -494,6 +502,7 @@ def run(config) -> dict:
     if config.lr is not None and config.lrs is not None:
         raise ConfigError("options 'lr' and 'lrs': give one (lr: that learning rate only; lrs: the ones tuned)")
     out = output_dir_of(config)
+    save_runs(config, settings, methods, out)
     if not config.rewrite:
         from drpost.models import resolve_model
 
@@ -512,4 +521,4 @@ def run(config) -> dict:
 
 __all__ = ["BUDGETS", "LR_GRID", "N_PAIRS", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS", "RL_SETTINGS", "UNTRAINED",
            "WARM_DEFAULT", "base_replies", "chosen_text", "dpo_pair", "knob_of", "pair_pool", "recipe_of",
-           "lr_of", "resolve_runs", "reward_fn", "run", "run_jobs", "shaped_reward", "strict_check", "sweep", "with_lr"]
+           "lr_of", "resolve_runs", "reward_fn", "run", "run_jobs", "save_runs", "shaped_reward", "strict_check", "sweep", "with_lr"]

@@ -412,6 +412,7 @@ def run(config) -> dict:
     refuse_unread(config, READ, "bench real paradigm=rlhf")
     settings, methods, warm = real_rl.resolve_runs(config, RLHF_METHODS, "sft")
     out = output_dir_of(config)
+    real_rl.save_runs(config, settings, methods, out)
     if not config.rewrite:
         from drpost.models import resolve_model
 
