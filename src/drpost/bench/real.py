@@ -62,8 +62,8 @@ REAL_FIXED: dict[str, object] = {"dsir": 0.02, "layerwise_subset": 0.25, "global
                                  "less": 0.1, "capped_simplex": 4,
                                  # composed (offline prefilter, then the Dr step within it): keep 10% of the pool
                                  "dsir_prefilter_layerwise_subset": 0.1, "dsir_prefilter_hull": 0.1}
-REAL_METHODS = ["base", "full_training", "target_only", "dsir", "global_subset", "layerwise_subset", "hull",
-                "dsir_prefilter_hull"]
+REAL_METHODS = ["base", "full_training", "target_only", "mixing", "dsir", "greats", "global_subset", "layerwise_subset",
+                "hull", "dsir_prefilter_hull"]
 
 
 def evaluate(model, tokenizer, data, rows: dict, sizes: RealSizes) -> dict:

@@ -174,8 +174,8 @@ class BenchRealConfig:
                                help="Real-model settings (drpost.bench.real_common.real_settings), comma-separated; "
                                     "dpo, rlvr and rlhf: this default means format_shift only.")
     methods: list[str] = _opt(
-        factory=lambda: ["base", "full_training", "target_only", "dsir", "global_subset", "layerwise_subset", "hull",
-                         "dsir_prefilter_hull"],
+        factory=lambda: ["base", "full_training", "target_only", "mixing", "dsir", "greats", "global_subset",
+                         "layerwise_subset", "hull", "dsir_prefilter_hull"],
         help="Methods, comma-separated: 'base' (the untrained model) and, sft: any method of 'drpost bench "
              "quality'; dpo, rlvr, rlhf: a method of 'drpost bench quality --paradigm dpo|rlvr|rlhf' (this default "
              "means base, full_training, target_only, global_subset, layerwise_subset, hull; rlhf adds iif; rlvr "
@@ -196,7 +196,7 @@ class BenchRealConfig:
                                   "5e-4).", gt=0, max=10)
     lrs: list[float] | None = _opt(None, "Learning rates every trained method runs with on the first seed (dpo, "
                                          "rlvr); the one with the best validation EM (ties: lower validation loss) "
-                                         "runs the other seeds; none = dpo 5e-4,1e-3, rlvr the budget's lr "
+                                         "runs the other seeds; none = dpo 5e-4,2e-4, rlvr the budget's lr "
                                          "(with lr given: that lr only). Not with lr.", gt=0, max=10)
     warmup_ratio: float = _opt(0.03, "Fraction of the steps spent in linear warm-up (sft, dpo).", min=0, max=1)
     beta: float = _opt(0.1, "DPO's beta (dpo only).", gt=0)
