@@ -48,10 +48,10 @@ the model takes it: same loss and update, tested). Step time against the plain T
 (``drpost.bench.trl``); the figures below are ``results/system/trl/summary.md``, with the command that made them
 (random Llama, hidden 256, 4 layers, vocab 8192, T=64, 8 general rows + 1 target sample; GRPO: 8 completions = 2
 prompts x 4 generations, the target 1 prompt x 4; single process, one thread, CPU time per step on a 2-core CPU
-without AVX512 shared with other jobs; median over rounds of the median step after the warm-up, after one untimed
-run of each trainer). Adapter / plain TRL trainer, global_subset | layerwise_subset, fp32: SFT 0.77x | 0.80x, DPO
-0.81x | 0.76x (2 rounds of 3 timed steps), GRPO 1.15x | 1.18x (3 rounds of 4; the loose script this command replaced
-had measured 1.03x | 1.05x, not reproduced here). TRL's default bf16 (``precision=bf16``,
+without AVX512, nothing else running; median over rounds of the median step after the warm-up, after one untimed
+run of each trainer). Adapter / plain TRL trainer, global_subset | layerwise_subset, fp32: SFT 0.79x | 0.72x, DPO
+0.72x | 0.73x (2 rounds of 3 timed steps), GRPO 1.16x | 1.16x (3 rounds of 4; on cores shared with other jobs the
+same command gave 1.15x | 1.18x, and the loose script it replaced 1.03x | 1.05x). TRL's default bf16 (``precision=bf16``,
 ``results/system/trl/bf16/summary.md``; emulated on that CPU, a plain step ~7x its fp32 time; 1 round): SFT 1.31x |
 1.48x, DPO 1.31x | 1.26x. A subset step assembles weight gradients for the kept rows only, so it can be cheaper than
 a plain step.
