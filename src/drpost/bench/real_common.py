@@ -116,6 +116,23 @@ def device_of(config) -> str:
     return str(resolve_device(config.device))
 
 
+def with_lr(knob, lr: float, budget_lr: float):
+    """A run's knob with its learning rate: the method's knob alone at the budget's lr (so the records of a sweep
+    that tunes nothing keep their names), else ``'<knob>,lr=<lr>'`` (``'lr=<lr>'`` for a method without a knob)."""
+    if lr == budget_lr:
+        return knob
+    return f"lr={lr:g}" if knob is None else f"{knob},lr={lr:g}"
+
+
+def split_lr(knob) -> tuple:
+    """(the method's own knob, the learning rate) of a run's knob made by ``with_lr``; the lr is None where the knob
+    names none (the budget's)."""
+    if not (isinstance(knob, str) and "lr=" in knob):
+        return knob, None
+    head, _, lr = knob.rpartition("lr=")
+    return head.rstrip(",") or None, float(lr)
+
+
 def output_dir_of(config) -> Path:
     """A ``BenchRealConfig``'s output directory: ``output_dir``, or ``results/real/<paradigm>`` when it is empty."""
     return config.output_path()
@@ -131,4 +148,4 @@ def command(default: str) -> str:
 
 
 __all__ = ["MODEL_DEFAULT", "REAL_SIZES", "SYSTEM", "RealSizes", "chat_examples", "chat_exact_match", "command",
-           "output_dir_of", "real_settings", "sized", "token_mean_loss"]
+           "output_dir_of", "real_settings", "sized", "split_lr", "token_mean_loss", "with_lr"]

@@ -72,7 +72,9 @@ from drpost.bench.real_common import (
     output_dir_of,
     real_settings,
     sized,
+    split_lr,
     token_mean_loss,
+    with_lr,
 )
 from drpost.bench.real_rl_data import (
     N_PAIRS,
@@ -131,18 +133,10 @@ def knob_of(paradigm: str, method: str):
     return "-".join(str(v) for v in opts.values())
 
 
-def with_lr(knob, lr: float, budget_lr: float):
-    """A run's knob with its learning rate: the method's knob alone at the budget's lr (so the records of a sweep
-    that tunes nothing keep their names), else ``'<knob>,lr=<lr>'`` (``'lr=<lr>'`` for a method without a knob)."""
-    if lr == budget_lr:
-        return knob
-    return f"lr={lr:g}" if knob is None else f"{knob},lr={lr:g}"
-
-
 def lr_of(knob, budget_lr: float) -> float:
-    """The learning rate a run's knob names (``with_lr``), or the budget's."""
-    tail = str(knob).rpartition("lr=")[2] if "lr=" in str(knob) else None
-    return float(tail) if tail is not None else budget_lr
+    """The learning rate a run's knob names (``real_common.with_lr``), or the budget's."""
+    lr = split_lr(knob)[1]
+    return budget_lr if lr is None else lr
 
 
 # ----------------------------------------------------------------------------------------------------- one process

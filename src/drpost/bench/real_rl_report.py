@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from drpost.bench.real_common import split_lr
 from drpost.bench.real_report import chosen_records, is_dr, pareto_front, pareto_scatter, write_files
 from drpost.bench.stats import mean_se
 
@@ -27,11 +28,8 @@ def summarize(records: list[dict]) -> dict:
         by[(r["setting"], r["method"])].append(r)
     table: dict = defaultdict(dict)
     for (s, m), rs in sorted(by.items()):
-        knob = rs[0]["knob"]
-        if isinstance(knob, str) and "lr=" in knob:  # the method's own knob, without the tuned lr (its own column)
-            knob = knob.rpartition("lr=")[0].rstrip(",") or None
-        row = {"label": rs[0]["label"], "knob": knob, "seeds": sorted(r["seed"] for r in rs),
-               "model": rs[0]["model"], "paradigm": rs[0]["paradigm"],
+        row = {"label": rs[0]["label"], "knob": split_lr(rs[0]["knob"])[0],  # the tuned lr has its own column
+               "seeds": sorted(r["seed"] for r in rs), "model": rs[0]["model"], "paradigm": rs[0]["paradigm"],
                "lr": rs[0]["budget"]["lr"] if rs[0].get("budget") else None}
         for key in METRICS:
             if all(key in r for r in rs):

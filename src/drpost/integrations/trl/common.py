@@ -100,18 +100,17 @@ class _DrMixin:
         steps instead."""
         return num_items_in_batch
 
-    def _dr_window_share(self, general: dict, window_items, ga: int) -> float:
-        """This micro-step's weight in the window, in units of 1 / accumulation steps: ``n * ga / N`` for a micro-step
-        holding n of the window's N loss tokens (the regularizer's step is a token mean over its own micro-batch,
-        and over every rank's rows under DDP), so the window's update is the plain trainer's token mean over the
-        whole window however the tokens fall into micro-steps; 1 without a window count."""
-        if window_items is None:
-            return 1.0
+    def _dr_divisor(self, general: dict, window_items, ga: int) -> float:
+        """What this micro-step's step is divided by before it joins the accumulated ``.grad``: the accumulation
+        steps without a window count; ``N / n`` for a micro-step holding n of the window's N loss tokens (the
+        regularizer's step is a token mean over its own micro-batch, and over every rank's rows under DDP), so the
+        window's update is the plain trainer's token mean however the tokens fall into micro-steps (inf: no tokens)."""
+        if window_items is None or float(window_items) <= 0:
+            return ga
         n = (general["labels"][..., 1:] != -100).sum()
         if self.accelerator.num_processes > 1 and getattr(self.args, "average_tokens_across_devices", True):
             n = self.accelerator.reduce(n.to(self.accelerator.device), reduction="sum")
-        total = float(window_items)
-        return float(n) * ga / total if total > 0 else 1.0
+        return float(window_items) / float(n) if float(n) > 0 else float("inf")
 
     def _dr_head(self, loss_fn, reg):
         """``loss_fn`` with the LM head on label positions only, where the model takes ``logits_to_keep``."""
@@ -132,8 +131,8 @@ class _DrMixin:
         return sharded or reg.assembly == "two_pass"
 
     def _dr_backward(self, model, general: dict, target: dict, window_items=None) -> Tensor:
-        """Regularized backward of one micro-batch, weighted by its share of the accumulation window
-        (``_dr_window_share``); returns the general token-mean loss / accumulation steps."""
+        """Regularized backward of one micro-batch, divided by its share of the accumulation window
+        (``_dr_divisor``); returns the general token-mean loss / accumulation steps."""
         reg = self._dr_get_regularizer(model)
         stats: dict = {}
         loss_fn = self._dr_loss_fn()
@@ -141,8 +140,7 @@ class _DrMixin:
             loss_fn = _tapped(loss_fn, general["input_ids"].shape[0], stats)
         loss_fn = self._dr_head(loss_fn, reg)
         ga = self.current_gradient_accumulation_steps
-        share = self._dr_window_share(general, window_items, ga)
-        div = ga / share if share > 0 else float("inf")  # the step's divisor: accumulation steps / window share
+        div = self._dr_divisor(general, window_items, ga)
         lr = float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else None
         if self._dr_two_pass(reg):
             rep = self._dr_backward_two_pass(model, reg, general, target, loss_fn, lr, div)
