@@ -17,12 +17,15 @@ One step, as named stages over a ``MergedBatch`` (``assembly="one_pass"``, the d
   5. ``_assemble``: every parameter's ``d`` with one GEMM per use from the captured factors (one GEMV over held
      per-row gradients), added to ``.grad``.
 ``assembly="two_pass"`` replaces 5 by a second, ordinary forward/backward of the weighted loss (the reference).
+``full_training`` and ``target_only`` (without ``report_scores`` or ``slack``) weigh rows by token counts alone, so
+they skip 2, 3 and 5: no capture, one ordinary backward of ``sum_r c_r loss_r`` (any model, at a plain step's cost).
 A non-finite loss, geometry or update skips the step: ``.grad`` and the weights are left untouched; so does a
 refusal (``UnsupportedModelError``). The math: docs/design.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -214,14 +217,21 @@ class DataRegularizer:
         if lr is None and self.optimizer is not None:
             lr = float(self.optimizer.param_groups[0]["lr"])
         report, timer = StepReport(blocks=self.blocks), Timer(device)
+        plain = self.needs().trivial  # coefficients known before any gradient: no capture, one plain backward
         try:
-            loss_sums = self._forward(mb, loss_fn, timer, report)
+            loss_sums = self._forward(mb, loss_fn, timer, report, capture=not plain)
+            if plain and not _leaves_within(loss_sums, self.capture):  # e.g. a value head outside the model
+                self.capture.reset()
+                plain = False
+                loss_sums = self._forward(mb, loss_fn, timer, report)
             ds = self._parallel(loss_sums, mb, report)  # None unless data-parallel
             if not (ds.finite if ds is not None else bool(torch.isfinite(loss_sums.detach()).all())):
                 return _skip(report, "non-finite loss")
             _check_tokens(mb)
-            with timer("backward"):
-                blocks = self._backward(loss_sums, write_grads)
+            blocks = self.capture.blocks
+            if not plain:
+                with timer("backward"):
+                    blocks = self._backward(loss_sums)
             geo = (ds or self.local_geometry).geometry(self, blocks, mb, lr, timer, report)
             if geo is None:
                 return _skip(report, "non-finite scores or Gram")
@@ -233,8 +243,12 @@ class DataRegularizer:
             if not write_grads:
                 report.info["row_weights"] = row_c
                 return report
-            with timer("assembly"):
-                grads = self._assemble(blocks, mb, loss_fn, row_c, coefs)
+            if plain:
+                with timer("backward"):
+                    grads = _weighted_grads(loss_sums, row_c, self.capture.blocks)
+            else:
+                with timer("assembly"):
+                    grads = self._assemble(blocks, mb, loss_fn, row_c, coefs)
             if ds is not None:
                 with timer("all_reduce"):
                     grads = ds.reduce_grads(grads, [p for b in self.capture.blocks for p in b.params])
@@ -246,10 +260,12 @@ class DataRegularizer:
             self.capture.reset()
             report.timings = timer.t
 
-    def _forward(self, mb: MergedBatch, loss_fn, timer: Timer, report: StepReport) -> Tensor:
-        """Stage 1: one forward of the merged batch with the capture installed.  -> (R,) per-row loss sums"""
-        with self.capture, timer("forward"):
-            self.capture.start(mb.R, mb.T)
+    def _forward(self, mb: MergedBatch, loss_fn, timer: Timer, report: StepReport, capture: bool = True) -> Tensor:
+        """Stage 1: one forward of the merged batch, with the capture installed unless the step needs no per-row
+        gradients (``capture=False``).  -> (R,) per-row loss sums"""
+        with (self.capture if capture else contextlib.nullcontext()), timer("forward"):
+            if capture:
+                self.capture.start(mb.R, mb.T)
             loss_sums, counts = loss_fn(self.model, mb.batch)
         _check_loss_shapes(loss_sums, counts, mb.R)
         mb.set_counts(counts.detach().to(loss_sums.dtype))
@@ -258,11 +274,9 @@ class DataRegularizer:
         report.target_loss = float(loss_sums[mb.R_g:].detach().sum() / mb.target_counts.sum().clamp_min(1))
         return loss_sums
 
-    def _backward(self, loss_sums: Tensor, write_grads: bool) -> list:
+    def _backward(self, loss_sums: Tensor) -> list:
         """Stage 2: one captured backward of the rows' summed losses, then the per-block factors (checked by the
-        capture's accounting). Row weights of full_training / target_only need no gradients at all."""
-        if not write_grads and self.needs().trivial:
-            return self.capture.blocks
+        capture's accounting)."""
         self.capture.backward(loss_sums.sum())
         return self.capture.collect()
 
@@ -314,16 +328,45 @@ class DataRegularizer:
             gs = torch.autograd.grad((loss_sums * c.to(loss_sums.dtype)).sum(), params, allow_unused=True)
             return {p: (torch.zeros_like(p) if g is None else g) for p, g in zip(params, gs, strict=True)}
         loss_sums, _ = loss_fn(self.model, merged)
-        out = {}
-        for l, b in enumerate(self.capture.blocks):
-            gs = torch.autograd.grad((loss_sums * row_c[l].to(loss_sums.dtype)).sum(), b.params,
-                                     retain_graph=True, allow_unused=True)
-            for p, g in zip(b.params, gs, strict=True):
-                out[p] = torch.zeros_like(p) if g is None else g
-        return out
+        return _weighted_grads(loss_sums, row_c, self.capture.blocks)
 
 
 # --------------------------------------------------------------------------- helpers of the stages
+def _leaves_within(loss: Tensor, capture: Capture) -> bool:
+    """Whether ``loss``'s graph reaches only leaves of the captured blocks (or ones the capture freezes) and no
+    reentrant checkpoint (``autograd.grad`` cannot run through one). Otherwise the fixed-weight shortcut would
+    change what the step gives them: the captured backward hands every other leaf (a trainer's value head) the
+    gradient of the rows' summed losses, as a plain ``loss.sum().backward()`` would."""
+    ok = {id(p) for b in capture.blocks for p in b.params} | {id(p) for p in capture.frozen}
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+        if (var is not None and id(var) not in ok) or type(fn).__name__.startswith("CheckpointFunction"):
+            return False
+        stack.extend(f for f, _ in fn.next_functions)
+    return True
+
+
+def _weighted_grads(loss_sums: Tensor, row_c: Tensor, blocks) -> dict:
+    """full_training / target_only: the update is the gradient of ``sum_r c_r loss_r`` with coefficients that need
+    no gradient (token means), so one ordinary backward computes it, with autograd's own weight gradients; no
+    factors are captured. ``row_c`` (L, R) has one row per block only if a set scopes its fixed weights by block."""
+    params = [p for b in blocks for p in b.params]
+    if bool((row_c == row_c[:1]).all()):
+        gs = torch.autograd.grad((loss_sums * row_c[0].to(loss_sums.dtype)).sum(), params, allow_unused=True)
+        return {p: (torch.zeros_like(p) if g is None else g) for p, g in zip(params, gs, strict=True)}
+    out = {}
+    for l, b in enumerate(blocks):
+        gs = torch.autograd.grad((loss_sums * row_c[l].to(loss_sums.dtype)).sum(), b.params, retain_graph=True,
+                                 allow_unused=True)
+        out.update({p: (torch.zeros_like(p) if g is None else g) for p, g in zip(b.params, gs, strict=True)})
+    return out
+
+
 def _row_coefficients(coefs: Coefficients, mb: MergedBatch, ds, L: int) -> Tensor:
     """(L, R) per-row coefficients: general rows take their sample's coefficient, target rows c_T / N_T."""
     cc = coefs.coef if ds is None else ds.local(coefs.coef)  # this rank's samples

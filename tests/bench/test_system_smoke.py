@@ -154,3 +154,21 @@ def test_bf16_precision_runs_every_method_under_autocast(tmp_path, monkeypatch):
     assert seen and all(seen)  # every linear call of every method ran inside the autocast region
     with pytest.raises(ValueError, match="precision"):
         cases.Case("micro", "full", 8, 2, 1, "cpu", [], precision="fp16")
+
+
+def test_memory_and_scope_goals_read_the_rows():
+    """peak_memory checks the one-pass subset rows' peak-memory ratio; global_vs_layerwise their time ratio."""
+    from drpost.bench.system.report import evaluate_goals
+
+    def row(method, ratio, peak):
+        return {"kind": "dr", "one_pass": True, "kw": {"method": method}, "ratio": ratio, "ratio_q25": ratio - 0.01,
+                "ratio_q75": ratio + 0.01, "held_back_by": "assembly", "peak_mem_ratio": peak, "step_mem_ratio": 1.3}
+
+    case = {"config": {"size": "smollm2", "mode": "full", "T": 64, "n": 8, "m": 1},
+            "methods": {"global/one_pass/auto": row("global_subset", 1.10, 1.12),
+                        "layerwise/one_pass/auto": row("layerwise_subset", 1.00, 1.20)}}
+    goals = {(g["goal"], g["method"]): g for g in evaluate_goals([case])}
+    assert goals[("peak_memory", "global/one_pass/auto")]["met"]
+    assert not goals[("peak_memory", "layerwise/one_pass/auto")]["met"]
+    vs = goals[("global_vs_layerwise", "global/one_pass/auto / layerwise/one_pass/auto")]
+    assert abs(vs["value"] - 1.10) < 1e-12 and not vs["met"]

@@ -160,14 +160,15 @@ def test_modules_beyond_the_kernels_are_exact(kind, method):
 
 
 @pytest.mark.parametrize("assembly", ["one_pass", "two_pass"])
-@pytest.mark.parametrize("method", ["full_training", "global_subset", "layerwise_subset"])
-def test_parameter_used_outside_its_module_is_refused_and_nothing_changes(method, assembly):
+@pytest.mark.parametrize("method,kw", [("full_training", {"report_scores": True}), ("global_subset", {}),
+                                       ("layerwise_subset", {})])
+def test_parameter_used_outside_its_module_is_refused_and_nothing_changes(method, kw, assembly):
     model = _model("outside")
     gen, tgt = _batches()
     for p in model.parameters():  # accumulated gradients from an earlier micro-batch must survive
         p.grad = torch.full_like(p, 0.5)
     before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
-    reg = drpost.DataRegularizer(model, method, assembly=assembly)
+    reg = drpost.DataRegularizer(model, method, assembly=assembly, **kw)
     with pytest.raises(UnsupportedModelError, match="'head.weight'.*outside its module"):
         reg.step(gen, tgt, causal_lm_loss)
     for n, p in model.named_parameters():
@@ -175,6 +176,25 @@ def test_parameter_used_outside_its_module_is_refused_and_nothing_changes(method
     # the capture is left clean: the same regularizer works once the model is fixed
     model.head_use = "module"
     assert reg.step(gen, tgt, causal_lm_loss)
+
+
+@pytest.mark.parametrize("assembly", ["one_pass", "two_pass"])
+@pytest.mark.parametrize("method", ["full_training", "target_only"])
+def test_fixed_weight_sets_need_no_capture_and_train_any_model(method, assembly):
+    """full_training / target_only weigh rows by token counts alone: one ordinary backward, so a model whose
+    per-row gradients cannot be captured (a head weight used outside its module) still gets the exact update."""
+    model = _model("outside")
+    gen, tgt = _batches()
+    U, counts, params = per_row_grads(model, gen, tgt)
+    n = gen["input_ids"].shape[0]
+    rows = range(n) if method == "full_training" else range(n, U.shape[0])
+    want = U[list(rows)].sum(0) / counts[list(rows)].sum()
+    for p in model.parameters():  # added to what an earlier micro-batch left
+        p.grad = torch.full_like(p, 0.5)
+    rep = drpost.DataRegularizer(model, method, assembly=assembly).step(gen, tgt, causal_lm_loss)
+    assert rep and rep.scoring == {}
+    got = _flat_grad(params) - 0.5
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12 * want.abs().max()), (got - want).abs().max()
 
 
 def test_unusual_norm_formula_is_refused_not_wrong():
@@ -189,7 +209,7 @@ def test_unusual_norm_formula_is_refused_not_wrong():
     model = ToyLM(nn.Embedding(V, D), OddRMSNorm()).double()
     gen, tgt = _batches()
     with pytest.raises(UnsupportedModelError, match="body.weight.*do not add up"):
-        drpost.DataRegularizer(model, "full_training").step(gen, tgt, causal_lm_loss)
+        drpost.DataRegularizer(model, "global_subset").step(gen, tgt, causal_lm_loss)
 
 
 def test_full_training_refuses_a_scope_without_slack():

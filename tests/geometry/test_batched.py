@@ -26,7 +26,7 @@ def geometry(model, gen, tgt, batched: bool, materialize: bool, **kw):
     rep = StepReport(blocks=reg.blocks)
     try:
         loss = reg._forward(mb, causal_lm_loss, Timer("cpu"), rep)
-        blocks = reg._backward(loss, True)
+        blocks = reg._backward(loss)
         geo = LocalGeometry(batched=batched).geometry(reg, blocks, mb, 0.1, Timer("cpu"), rep)
         return geo, blocks, reg
     finally:

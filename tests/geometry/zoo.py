@@ -531,7 +531,7 @@ def check(model, method: str, *, rows: int = 8, n_general: int = 6, seed: int = 
 # --------------------------------------------------------------------------- the matrix
 # (name, lora, method, options): full fine-tuning with full_training and global_subset, LoRA with global_subset
 VARIANTS = [
-    ("full-full_training", False, "full_training", {}),
+    ("full-full_training", False, "full_training", {"report_scores": True}),  # scores: the captured path
     ("full-global_subset", False, "global_subset", {"frac": 0.5}),
     ("lora-global_subset", True, "global_subset", {"frac": 0.5}),
 ]

@@ -162,8 +162,10 @@ def test_unconverged_solver_falls_back_to_full_training():
             assert report.info["solver_fallback"] and "did not converge" in report.info["solver_fallback_reason"]
             assert torch.allclose(report.weights, torch.full_like(report.weights, 1 / float(report.counts.sum())))
             assert float(report.target_weight.abs().max()) == 0.0  # no slack on a fallback step
+    # full_training runs one plain backward, the fallback assembles from captured factors: the same update up to
+    # the float32 rounding inside HF's RMSNorm (it computes in float32 even in a float64 model)
     for a, b in zip(grads["hull"], grads["full_training"]):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+        assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max())
 
 
 def test_fallbacks_are_counted_by_the_loop():

@@ -114,6 +114,9 @@ def floor(case: Case, me: Method, t_std: dict[str, float], rates) -> dict | None
     R = n + m
     need_gram, need_tgram, trivial = reg.needs()
     std = sum(t_std.values())
+    if trivial:  # full_training / target_only: one plain forward/backward, nothing captured (step.py)
+        return {"floor_s": std, "scoring_est_s": 0.0, "wgrad_skipped_s": 0.0, "materialize_est_s": 0.0,
+                "assembly_est_s": 0.0, "held_weights": 0}
     w, tw = rep.weights, rep.target_weight  # (L', n), (L',)
     wgrad = mat = score = asm = 0.0
     held = kept_max = 0
