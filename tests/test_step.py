@@ -300,16 +300,19 @@ def test_filled_grad_is_the_projection_of_oracle_gradients(method):
     assert (flat - expected).norm() <= 1e-5 * max(expected.norm(), torch.tensor(g).norm())
 
 
+@pytest.mark.parametrize("method", ["layerwise_subset", "full_training"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_gives_the_same_step(reentrant):
-    """Activation checkpointing re-runs forwards inside the backward; the capture must see them."""
+def test_gradient_checkpointing_gives_the_same_step(reentrant, method):
+    """Activation checkpointing re-runs forwards inside the backward; the capture must see them (full_training,
+    which needs no capture, takes the captured path through a reentrant checkpoint: autograd.grad cannot)."""
     model = tiny_model("qwen2")
     gen, tgt = batch(5, seed=13), batch(1, seed=14)
-    plain, rep_plain = dr_grad(model, gen, tgt, method="layerwise_subset", frac=0.5)
+    kw = {"frac": 0.5} if method == "layerwise_subset" else {}
+    plain, rep_plain = dr_grad(model, gen, tgt, method=method, **kw)
     model.train()  # checkpointing is active in train mode only (dropout is 0 in these configs)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     try:
-        ckpt, rep_ckpt = dr_grad(model, gen, tgt, method="layerwise_subset", frac=0.5)
+        ckpt, rep_ckpt = dr_grad(model, gen, tgt, method=method, **kw)
     finally:
         model.gradient_checkpointing_disable()
         model.eval()
