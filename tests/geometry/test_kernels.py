@@ -189,37 +189,69 @@ def test_narrow_products_match_the_plain_formulas(d_in, d_out):
         assert torch.allclose(x1.grad, x2.grad, rtol=1e-12, atol=1e-12) and x1.grad.shape == a.shape
 
 
-def test_auto_never_materializes_more_than_the_direct_budget(monkeypatch):
-    """``scoring=auto`` (``cost.choose``) drops ``direct`` for a block whose per-row gradients ((n+m) x its
-    parameters, fp32) exceed ``cost.DIRECT_MAX_BYTES``: SmolLM2's tied 49,152 x 576 embedding / LM head with 9 rows
-    would hold ~1 GB; below the budget the cheapest method by the FLOP model is kept. End to end the choice changes
-    nothing but the method: the hull step with a tiny budget (every block over it) fills the same ``.grad``."""
+@pytest.mark.parametrize("chunk_bytes", [1, 20000])  # one parameter row per chunk, or several
+def test_direct_beyond_its_budget_scores_in_chunks(setup, monkeypatch, chunk_bytes):
+    """``direct`` over ``kernels.DIRECT_MAX_BYTES`` (SmolLM2's tied 49,152 x 576 embedding / LM head: ~1 GB for 9
+    rows) builds the per-row gradients a few parameter rows at a time: the same scores and Grams as the oracle, no
+    rows kept (the factors stay for the assembly), in ``block_stats`` and in the batched ``row_products``."""
+    from drpost.geometry import kernels
+
+    model, ref, blocks, tc, R_g, cols = setup
+    U, UT, gT = ref["u"], ref["u_target"], ref["g_T"]
+    monkeypatch.setattr(kernels, "DIRECT_MAX_BYTES", 1)  # every block over the budget...
+    monkeypatch.setattr(kernels, "DIRECT_CHUNK_BYTES", chunk_bytes)  # ...in chunks
+    chunked = [b for b in blocks if kernels._uses(b)]
+    if not chunked:
+        pytest.skip("every weight holds its per-row gradients from the backward: nothing to chunk")
+    for l, (b, c) in enumerate(zip(blocks, cols)):
+        if b not in chunked:
+            continue
+        st = block_stats(b, l, "direct", tc, R_g, True, True)
+        u, ut, g = U[:, c], UT[:, c], gT[c]
+        scale = (u.norm(dim=1).max() * g.norm()).clamp_min(1e-30)
+        assert st.rows is None, b.name
+        assert torch.allclose(st.row_scores, u @ g, atol=ORACLE_RTOL * scale, rtol=0), b.name
+        assert torch.allclose(st.target_sq, g @ g, rtol=ORACLE_RTOL, atol=1e-30), b.name
+        assert torch.allclose(st.row_gram, u @ u.t(), rtol=ORACLE_RTOL, atol=ORACLE_RTOL * u.norm() ** 2), b.name
+        assert torch.allclose(st.target_row_gram, ut @ ut.t(), rtol=ORACLE_RTOL, atol=ORACLE_RTOL * ut.norm() ** 2)
+        P, kept = kernels.row_products(b, R_g, tc, full=True)  # (R, R): every row against every row
+        full = torch.cat([u, ut]) if P.shape[0] == u.shape[0] + ut.shape[0] else None
+        assert kept is None and full is not None
+        want = full @ full.t()
+        assert torch.allclose(P, want, rtol=ORACLE_RTOL, atol=ORACLE_RTOL * full.norm() ** 2), b.name
+
+
+def test_auto_prices_a_large_block_by_time_and_chunks_it(monkeypatch):
+    """``scoring=auto`` keeps ``direct`` for a block of any size (it is chunked beyond the budget): for the tied
+    SmolLM2 head it picks full ghost for scores and for a Gram of 9 rows at T=64, direct for a Gram at T=256 or of 33
+    rows (as measured: cost.choose). End to end, chunking
+    changes nothing but memory: the hull step with a 1-byte budget fills the same ``.grad``."""
     from types import SimpleNamespace
 
-    from drpost.geometry import cost
+    from drpost.geometry import cost, kernels
+    from drpost.geometry.factors import OneHot
 
-    head = SimpleNamespace(rows=None, factored={torch.empty(49152, 576, device="meta"): [0, 1]})
-    rates = cost.Rates()
-    costs = cost.method_costs(cost.block_shapes(head), 8, 1, 64, True, rates)
-    assert min(costs, key=costs.get) == "direct"  # what the FLOP model alone would pick
+    lm_head, lookup = SimpleNamespace(a=torch.empty(0)), SimpleNamespace(a=OneHot(torch.empty(0), 49152))
+    head = SimpleNamespace(rows=None, factored={torch.empty(49152, 576, device="meta"): [lm_head, lookup]})
+    rates = cost.Rates(flops_per_s=84e9, bytes_per_s=15.8e9)  # these CPUs, one thread
+    assert cost.choose(head, 8, 1, 64, False, rates) == "full_ghost"
     assert cost.choose(head, 8, 1, 64, True, rates) == "full_ghost"
-    small = SimpleNamespace(rows=None, factored={torch.empty(8, 8, device="meta"): [0]})
-    assert cost.choose(small, 8, 1, 64, True, rates) == "direct"  # T p q >> p q: direct is cheaper, and it fits
+    assert cost.choose(head, 8, 1, 256, True, rates) == "direct"
+    assert cost.choose(head, 32, 1, 64, True, rates) == "direct"
 
     from tests.helpers import batch, tiny_model
 
     import drpost
     from drpost.objectives import causal_lm_loss
 
-    grads, chosen = [], []
-    for budget in (cost.DIRECT_MAX_BYTES, 1):
-        monkeypatch.setattr(cost, "DIRECT_MAX_BYTES", budget)
+    grads = []
+    for budget in (kernels.DIRECT_MAX_BYTES, 1):
+        monkeypatch.setattr(kernels, "DIRECT_MAX_BYTES", budget)
+        monkeypatch.setattr(kernels, "DIRECT_CHUNK_BYTES", budget)
         model = tiny_model("llama")
-        reg = drpost.DataRegularizer(model, method="hull")
+        reg = drpost.DataRegularizer(model, method="hull", scoring="direct")
         rep = reg.step(batch(4, seed=0), batch(1, seed=1), causal_lm_loss)
-        chosen.append(dict(rep.scoring))
+        assert rep, rep.skip_reason
         grads.append([p.grad.clone() for p in model.parameters()])
-    factored = [b for b, meth in chosen[0].items() if meth == "direct" and chosen[1][b] != "direct"]
-    assert factored  # the budget moved some blocks off direct...
-    for a, b in zip(*grads, strict=True):  # ...and the update is the same
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drpost.geometry.factors import Block
+from drpost.geometry.factors import Block, OneHot
 
 
 @dataclass
@@ -59,24 +59,23 @@ def method_costs(shapes, n: int, m: int, T: int, need_gram: bool, rates: Rates, 
     return costs
 
 
-DIRECT_MAX_BYTES = 256 * 2**20  # auto never materializes more per-row gradients than this for one block
-
-
 def choose(block: Block, n: int, m: int, T: int, need_gram: bool, rates: Rates) -> str:
-    """The exact scoring method of least estimated time for this block; ``direct`` only while its per-row gradients
-    ((n+m) x the block's parameters, fp32) fit in ``DIRECT_MAX_BYTES``. A large-vocabulary embedding / LM head is
-    the case that matters: on SmolLM2-135M (tied 49,152 x 576) with 9 rows, direct held ~1 GB of per-row gradients
-    beside the step (and the FLOP model, which costs one-hot lookups like dense products, preferred it), while
-    full ghost needs token-pair tensors only: the hull step on a 2-layer SmolLM2 went from 2.1x to 1.15x a plain
-    step and its added memory from 7x to 1.04x."""
+    """The exact scoring method of least estimated time for this block. ``direct`` never holds more than
+    ``kernels.DIRECT_MAX_BYTES`` of per-row gradients at once (beyond it they come in chunks and the factors stay
+    for the assembly), so a large-vocabulary embedding / LM head (SmolLM2-135M's tied 49,152 x 576: ~1 GB for 9
+    whole rows) is priced by time alone: full ghost where its token pairs are few, direct where they are many
+    (a Gram over 33 rows, or T=256)."""
     if block.rows is not None:
         return "direct"  # per-row gradients already materialized in the backward: reading them is all it takes
-    shapes = block_shapes(block)
+    # an embedding lookup (one-hot use) costs a scatter in direct and a gather / id comparison in full ghost, next
+    # to nothing beside a dense use of the same weight (a tied LM head): price the dense uses only. Measured on the
+    # tied SmolLM2 head, 9 rows (full ghost / direct, s): T=64 scores 0.06 / 1.0, Gram 0.42 / 1.06; T=256 scores
+    # 0.88 / 2.4, Gram 7.2 / 2.3; 33 rows, T=64, Gram 6.6 / 3.9 (counting every use doubled and quadrupled both)
+    shapes = [(p.shape[0], p.numel() // p.shape[0], max(1, sum(not isinstance(u.a, OneHot) for u in us)))
+              for p, us in block.factored.items()]
     if not shapes:
         return "direct"  # only small (materialized) parameters: every method is the same
     costs = method_costs(shapes, n, m, T, need_gram, rates)
-    if (n + m) * sum(p * q for p, q, _ in shapes) * 4 > DIRECT_MAX_BYTES:
-        del costs["direct"]
     return min(costs, key=costs.get)
 
 

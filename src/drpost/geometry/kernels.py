@@ -7,7 +7,8 @@ with ``tc`` the target row coefficients (1/N_T on target rows). Four methods (do
   tensors); uses of a tied weight stored transposed pair up as ``sum_{s,t} (b_rs . a_qt)(a_rs . b_qt)``.
 * ``reduced_ghost``: form ``G_T`` once (one weight-gradient GEMM), then ``s_r = sum_t b_rt . (G_T a_rt)``. Scores only.
 * ``direct``: materialize per-row gradients ``(R, *param)`` (``row_grads``); Gram = one GEMM. ``row_products`` is
-  the same as one GEMM per block that ``LocalGeometry`` finishes for many blocks at once.
+  the same as one GEMM per block that ``LocalGeometry`` finishes for many blocks at once. Beyond
+  ``DIRECT_MAX_BYTES`` the per-row gradients come in chunks of parameter rows (``row_grad_chunks``), never whole.
 * ``compress``: Kronecker-factored Gaussian sketch ``(P_1 B_r^T)(A_r P_2^T)`` of shape ``k_1 x k_2`` per weight
   (seeded, fixed across steps; identity where k >= the dimension); approximate but unbiased.
 
@@ -42,6 +43,10 @@ from drpost.geometry.factors import (
 
 METHODS = ("full_ghost", "reduced_ghost", "direct", "compress")
 GHOST_CHUNK_ELEMS = 1 << 24  # bound on the (rows x rows x T x T) intermediate of full ghost
+# direct scoring materializes a block's per-row gradients at once up to this size, in chunks beyond it (the tied
+# 49,152 x 576 embedding / LM head of SmolLM2 with 9 rows would hold ~1 GB), and keeps its factors for the assembly
+DIRECT_MAX_BYTES = 256 * 2**20
+DIRECT_CHUNK_BYTES = 16 * 2**20  # a chunk small enough to stay in the allocator's cache and be read back warm
 
 
 @dataclass
@@ -124,6 +129,57 @@ def row_grads(block: Block, dtype: torch.dtype, any_order: bool = True) -> RowGr
         if g is not None:
             grads.append((p, g))
     return RowGrads.of(grads, any_order) if grads else None
+
+
+def direct_bytes(block: Block, dtype: torch.dtype) -> int:
+    """Memory of the block's materialized per-row gradients, (R, sum of its factored weights' sizes)."""
+    uses = _uses(block)
+    if not uses:
+        return 0
+    R = uses[0].b.shape[0]
+    return R * sum(p.numel() for p, us in block.factored.items() if us) * torch.empty((), dtype=dtype).element_size()
+
+
+def _param_rows(u: Use, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+    """Rows ``lo:hi`` of a dense use's per-row gradients in the parameter's layout.  -> (R, hi - lo, other dim)"""
+    b, a = u.b.to(dtype), u.a.to(dtype)
+    if not u.transposed:  # parameter rows = canonical output rows = b's features
+        return per_row(b[..., lo:hi], a)
+    return per_row(b, a[..., lo:hi]).transpose(1, 2)  # Conv1D: parameter rows = input features
+
+
+def _add_lookup_rows(g: Tensor, u: Use, lo: int, hi: int) -> None:
+    """Add an embedding use's per-row gradients, rows ``lo:hi`` of its (vocabulary, dim) parameter, into g
+    (R, hi - lo, dim) in place: only the tokens whose ids fall in the chunk, nothing vocabulary-sized."""
+    r, t = torch.nonzero((u.a.ids >= lo) & (u.a.ids < hi), as_tuple=True)
+    g.index_put_((r, u.a.ids[r, t] - lo), u.b[r, t].to(g.dtype), accumulate=True)
+
+
+def row_grad_chunks(block: Block, dtype: torch.dtype, chunk_bytes: int):
+    """The block's per-row gradients (factored weights) in column chunks of about ``chunk_bytes`` (one parameter
+    row at least), each weight cut along its first dimension: every coordinate once, so inner products between
+    rows are sums over the chunks.  Yields (R, D_chunk)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    for p, us in block.factored.items():
+        if not us:
+            continue
+        R, width = us[0].b.shape[0], p.numel() // p.shape[0]
+        lookups = [u for u in us if isinstance(u.a, OneHot) and u.transposed]  # (vocabulary, dim) embeddings
+        dense = [u for u in us if u not in lookups]
+        step = max(1, chunk_bytes // max(1, R * width * elem))
+        for lo in range(0, p.shape[0], step):
+            hi = min(p.shape[0], lo + step)
+            g = None
+            for u in dense:
+                gu = _param_rows(u, lo, hi, dtype) if not isinstance(u.a, OneHot) else \
+                    _param_layout(per_row(u.b.to(dtype)[..., lo:hi], u.a), u)
+                g = gu.contiguous() if g is None else g.add_(gu)
+            if lookups:
+                if g is None:
+                    g = torch.zeros(R, hi - lo, width, dtype=dtype, device=us[0].b.device)
+                for u in lookups:
+                    _add_lookup_rows(g, u, lo, hi)
+            yield g.reshape(R, -1)
 
 
 def direct_rows(block: Block, dtype: torch.dtype) -> Tensor | None:
@@ -281,7 +337,10 @@ def block_stats(
         else:  # every exact method gives these inner products
             add_from_rows(block.rows.f.to(dtype))
     elif uses:
-        if method == "direct":
+        if method == "direct" and direct_bytes(block, dtype) > DIRECT_MAX_BYTES:  # in chunks; factors stay
+            for f in row_grad_chunks(block, dtype, DIRECT_CHUNK_BYTES):
+                add_from_rows(f)
+        elif method == "direct":
             rg = row_grads(block, dtype)
             add_from_rows(rg.f)
             kept = rg if worth_keeping(block, rg) else None
@@ -327,11 +386,13 @@ def row_products(block: Block, n_rows: int, tc: Tensor, full: bool) -> tuple[Ten
     held = block.rows is not None and not uses
     ref = uses[0].b if uses else block.rows.f if held else next(iter(block.small.values()), tc)
     dtype = _work_dtype(ref.dtype)
-    rg = row_grads(block, dtype) if (uses or held) else None
+    chunked = not held and direct_bytes(block, dtype) > DIRECT_MAX_BYTES
+    rg = row_grads(block, dtype) if (uses or held) and not chunked else None
     kept = rg if rg is not None and (held or worth_keeping(block, rg)) else None
     R = tc.shape[0]
     P = None
-    for f in (_small(block, dtype), None if rg is None else rg.f):  # (R, D)
+    parts = row_grad_chunks(block, dtype, DIRECT_CHUNK_BYTES) if chunked else [None if rg is None else rg.f]
+    for f in (_small(block, dtype), *parts):  # (R, D)
         if f is not None:
             p = f @ (f if full else f[n_rows:]).t()
             P = p if P is None else P.add_(p)
