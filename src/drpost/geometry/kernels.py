@@ -20,6 +20,7 @@ per weight (``assemble``).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -392,7 +393,7 @@ def row_products(block: Block, n_rows: int, tc: Tensor, full: bool) -> tuple[Ten
     R = tc.shape[0]
     P = None
     parts = row_grad_chunks(block, dtype, DIRECT_CHUNK_BYTES) if chunked else [None if rg is None else rg.f]
-    for f in (_small(block, dtype), *parts):  # (R, D)
+    for f in itertools.chain([_small(block, dtype)], parts):  # (R, D), the chunks one at a time
         if f is not None:
             p = f @ (f if full else f[n_rows:]).t()
             P = p if P is None else P.add_(p)
