@@ -148,6 +148,7 @@ class DataRegularizer:
         self.rates = cost.Rates()
         self.local_geometry = LocalGeometry()
         self._choice: dict[tuple, str] = {}  # scoring method per (block, rows, target rows, T, Gram needed)
+        self._needs_capture = False  # full_training / target_only's loss reached a leaf the shortcut cannot serve
 
     # ------------------------------------------------------------------ public
     @property
@@ -217,10 +218,12 @@ class DataRegularizer:
         if lr is None and self.optimizer is not None:
             lr = float(self.optimizer.param_groups[0]["lr"])
         report, timer = StepReport(blocks=self.blocks), Timer(device)
-        plain = self.needs().trivial  # coefficients known before any gradient: no capture, one plain backward
+        # coefficients known before any gradient: no capture, one plain backward (unless a step showed it cannot)
+        plain = self.needs().trivial and not self._needs_capture
         try:
             loss_sums = self._forward(mb, loss_fn, timer, report, capture=not plain)
             if plain and not _leaves_within(loss_sums, self.capture):  # e.g. a value head outside the model
+                self._needs_capture = True  # the later steps capture at once instead of forwarding twice
                 self.capture.reset()
                 plain = False
                 loss_sums = self._forward(mb, loss_fn, timer, report)
@@ -319,15 +322,11 @@ class DataRegularizer:
 
     def _second_pass(self, merged: dict, loss_fn, row_c: Tensor, shared: bool) -> dict:
         """Reference assembly: ordinary forward/backward of sum_r c_r loss_r (one backward per block if layer)."""
-        params = [p for b in self.capture.blocks for p in b.params]
         if shared:  # one weight vector for every block: run only the rows that carry weight
             keep = torch.nonzero(row_c[0] != 0).flatten()
             if keep.numel() == 0:
-                return {p: torch.zeros_like(p) for p in params}
-            batch, c = take_rows(merged, keep), row_c[0, keep]
-            loss_sums, _ = loss_fn(self.model, batch)
-            gs = torch.autograd.grad((loss_sums * c.to(loss_sums.dtype)).sum(), params, allow_unused=True)
-            return {p: (torch.zeros_like(p) if g is None else g) for p, g in zip(params, gs, strict=True)}
+                return {p: torch.zeros_like(p) for b in self.capture.blocks for p in b.params}
+            merged, row_c = take_rows(merged, keep), row_c[:1, keep]
         loss_sums, _ = loss_fn(self.model, merged)
         return _weighted_grads(loss_sums, row_c, self.capture.blocks)
 

@@ -77,6 +77,7 @@ def test_ppo_full_training_is_a_plain_ppo_step(micro):
     reg = DataRegularizer(policy, method="full_training")
     report = reg.step(general=gb, target=tb, loss_fn=lambda _m, b: mixed(wrapped, b))
     assert not report.skipped
+    assert reg._needs_capture  # the value head is outside the policy: this and later steps take the captured path
     n_tok = float(response_mask(gb["labels"]).sum())
     for p in wrapped.value_head.parameters():  # the trainer's token-mean rescale of the value head
         p.grad.div_(n_tok)

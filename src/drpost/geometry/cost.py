@@ -31,9 +31,13 @@ class Rates:
     bytes_per_s: float = 1e10
 
 
-def block_shapes(block: Block) -> list[tuple[int, int, int]]:
-    """(p, q, number of uses) of each factored weight of the block."""
-    return [(p.shape[0], p.numel() // p.shape[0], len(us)) for p, us in block.factored.items()]
+def block_shapes(block: Block, dense_uses: bool = False) -> list[tuple[int, int, int]]:
+    """(p, q, number of uses) of each factored weight of the block; ``dense_uses``: embedding lookups (one-hot
+    uses) not counted beside a dense use of the same weight (at least one use per weight)."""
+    def count(us) -> int:
+        return max(1, sum(not isinstance(u.a, OneHot) for u in us)) if dense_uses else len(us)
+
+    return [(p.shape[0], p.numel() // p.shape[0], count(us)) for p, us in block.factored.items()]
 
 
 def method_costs(shapes, n: int, m: int, T: int, need_gram: bool, rates: Rates, elem: int = 4) -> dict[str, float]:
@@ -71,8 +75,7 @@ def choose(block: Block, n: int, m: int, T: int, need_gram: bool, rates: Rates) 
     # to nothing beside a dense use of the same weight (a tied LM head): price the dense uses only. Measured on the
     # tied SmolLM2 head, 9 rows (full ghost / direct, s): T=64 scores 0.06 / 1.0, Gram 0.42 / 1.06; T=256 scores
     # 0.88 / 2.4, Gram 7.2 / 2.3; 33 rows, T=64, Gram 6.6 / 3.9 (counting every use doubled and quadrupled both)
-    shapes = [(p.shape[0], p.numel() // p.shape[0], max(1, sum(not isinstance(u.a, OneHot) for u in us)))
-              for p, us in block.factored.items()]
+    shapes = block_shapes(block, dense_uses=True)
     if not shapes:
         return "direct"  # only small (materialized) parameters: every method is the same
     costs = method_costs(shapes, n, m, T, need_gram, rates)

@@ -142,8 +142,9 @@ def direct_bytes(block: Block, dtype: torch.dtype) -> int:
 
 
 def _param_rows(u: Use, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
-    """Rows ``lo:hi`` of a dense use's per-row gradients in the parameter's layout.  -> (R, hi - lo, other dim)"""
-    b, a = u.b.to(dtype), u.a.to(dtype)
+    """Rows ``lo:hi`` of a use's per-row gradients in the parameter's layout (any use but an embedding lookup stored
+    transposed: ``_add_lookup_rows``).  -> (R, hi - lo, other dim)"""
+    b, a = u.b.to(dtype), to_dtype(u.a, dtype)
     if not u.transposed:  # parameter rows = canonical output rows = b's features
         return per_row(b[..., lo:hi], a)
     return per_row(b, a[..., lo:hi]).transpose(1, 2)  # Conv1D: parameter rows = input features
@@ -172,8 +173,7 @@ def row_grad_chunks(block: Block, dtype: torch.dtype, chunk_bytes: int):
             hi = min(p.shape[0], lo + step)
             g = None
             for u in dense:
-                gu = _param_rows(u, lo, hi, dtype) if not isinstance(u.a, OneHot) else \
-                    _param_layout(per_row(u.b.to(dtype)[..., lo:hi], u.a), u)
+                gu = _param_rows(u, lo, hi, dtype)
                 g = gu.contiguous() if g is None else g.add_(gu)
             if lookups:
                 if g is None:
