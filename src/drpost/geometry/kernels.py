@@ -21,6 +21,7 @@ per weight (``assemble``).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from drpost.geometry.factors import (
     Use,
     act_dim,
     contract,
+    narrow,
     outer_sum,
     per_row,
     project,
@@ -141,13 +143,21 @@ def direct_bytes(block: Block, dtype: torch.dtype) -> int:
     return R * sum(p.numel() for p, us in block.factored.items() if us) * torch.empty((), dtype=dtype).element_size()
 
 
-def _param_rows(u: Use, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
-    """Rows ``lo:hi`` of a use's per-row gradients in the parameter's layout (any use but an embedding lookup stored
-    transposed: ``_add_lookup_rows``).  -> (R, hi - lo, other dim)"""
+def _param_rows(u: Use, lo: int, hi: int, dtype: torch.dtype, out: Tensor, accumulate: bool) -> None:
+    """Write (or, ``accumulate``, add) rows ``lo:hi`` of a use's per-row gradients in the parameter's layout into
+    ``out`` (R, hi - lo, other dim): one batched GEMM straight into ``out``, no temporary (any use but an embedding
+    lookup stored transposed: ``_add_lookup_rows``)."""
     b, a = u.b.to(dtype), to_dtype(u.a, dtype)
-    if not u.transposed:  # parameter rows = canonical output rows = b's features
-        return per_row(b[..., lo:hi], a)
-    return per_row(b, a[..., lo:hi]).transpose(1, 2)  # Conv1D: parameter rows = input features
+    if isinstance(a, OneHot) or narrow(hi - lo, out.shape[-1]):  # rare here: computed, then copied
+        g = per_row(b, a[..., lo:hi]).transpose(1, 2) if u.transposed else per_row(b[..., lo:hi], a)
+        out.add_(g) if accumulate else out.copy_(g)
+        return
+    # parameter rows = canonical output rows (b's features), or input features for a use stored transposed
+    x, y = (a[..., lo:hi], b) if u.transposed else (b[..., lo:hi], a)
+    if accumulate:
+        out.baddbmm_(x.transpose(1, 2), y)
+    else:
+        torch.bmm(x.transpose(1, 2), y, out=out)
 
 
 def _add_lookup_rows(g: Tensor, u: Use, lo: int, hi: int) -> None:
@@ -157,10 +167,12 @@ def _add_lookup_rows(g: Tensor, u: Use, lo: int, hi: int) -> None:
     g.index_put_((r, u.a.ids[r, t] - lo), u.b[r, t].to(g.dtype), accumulate=True)
 
 
-def row_grad_chunks(block: Block, dtype: torch.dtype, chunk_bytes: int):
+def row_grad_chunks(block: Block, dtype: torch.dtype, chunk_bytes: int, workspace: Workspace | None = None):
     """The block's per-row gradients (factored weights) in column chunks of about ``chunk_bytes`` (one parameter
     row at least), each weight cut along its first dimension: every coordinate once, so inner products between
-    rows are sums over the chunks.  Yields (R, D_chunk)."""
+    rows are sums over the chunks. Each chunk is written into ``workspace`` (one buffer for every chunk: a chunk
+    must be consumed before the next is asked for).  Yields (R, D_chunk)."""
+    workspace = Workspace() if workspace is None else workspace
     elem = torch.empty((), dtype=dtype).element_size()
     for p, us in block.factored.items():
         if not us:
@@ -171,15 +183,13 @@ def row_grad_chunks(block: Block, dtype: torch.dtype, chunk_bytes: int):
         step = max(1, chunk_bytes // max(1, R * width * elem))
         for lo in range(0, p.shape[0], step):
             hi = min(p.shape[0], lo + step)
-            g = None
-            for u in dense:
-                gu = _param_rows(u, lo, hi, dtype)
-                g = gu.contiguous() if g is None else g.add_(gu)
-            if lookups:
-                if g is None:
-                    g = torch.zeros(R, hi - lo, width, dtype=dtype, device=us[0].b.device)
-                for u in lookups:
-                    _add_lookup_rows(g, u, lo, hi)
+            g = workspace.take((R, hi - lo, width), dtype, us[0].b.device)
+            for j, u in enumerate(dense):
+                _param_rows(u, lo, hi, dtype, g, accumulate=j > 0)
+            if lookups and not dense:
+                g.zero_()
+            for u in lookups:
+                _add_lookup_rows(g, u, lo, hi)
             yield g.reshape(R, -1)
 
 
@@ -189,12 +199,36 @@ def direct_rows(block: Block, dtype: torch.dtype) -> Tensor | None:
     return None if rg is None else rg.f
 
 
-def worth_keeping(block: Block, rg: RowGrads) -> bool:
+def worth_keeping(block: Block, dtype: torch.dtype) -> bool:
     """Keep materialized per-row gradients for the assembly when they take no more memory than the captured factors
-    they came from (p q <= T (p + q) per weight): the assembly is then one GEMV over them instead of GEMMs over the
-    factors' kept rows."""
+    they came from (p q <= T (p + q) per weight) and fit ``DIRECT_MAX_BYTES``: the assembly is then one GEMV over
+    them instead of GEMMs over the factors' kept rows. Otherwise ``direct`` scores them chunk by chunk
+    (``row_grad_chunks``) and the factors stay for the assembly."""
     held = sum(u.b.numel() + (u.a.ids.numel() if isinstance(u.a, OneHot) else u.a.numel()) for u in _uses(block))
-    return rg.f.numel() <= held
+    elem = torch.empty((), dtype=dtype).element_size()
+    size = direct_bytes(block, dtype)
+    return size // elem <= held and size <= DIRECT_MAX_BYTES
+
+
+class Workspace:
+    """One reusable buffer for per-row gradients that are scored and dropped at once (``row_grad_chunks``).
+
+    On CPU a fresh buffer of ~100 MB per block (SmolLM2's 1536 x 576 MLP weights, 33 rows) is faulted in and zeroed
+    by the kernel on every allocation, and costs as much as the batched GEMM that fills it: measured, one thread,
+    33 vs 77 GFLOP/s for the same products written into a fresh tensor vs a reused one. ``LocalGeometry`` holds one
+    for a step's scoring, reused block after block, and drops it with the step."""
+
+    def __init__(self):
+        self.buf: Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+        """A contiguous ``shape`` view of the buffer (grown when too small; its contents are garbage)."""
+        n = math.prod(shape)
+        buf = self.buf
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != torch.device(device):
+            self.buf = buf = None  # free the old one before the larger allocation
+            self.buf = buf = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
 
 
 class Sketcher:
@@ -295,6 +329,7 @@ def block_stats(
     need_target_gram: bool,
     sketcher: Sketcher | None = None,
     need_target_sketch: bool = False,
+    workspace: Workspace | None = None,  # the buffer ``direct`` writes chunks of per-row gradients into
 ) -> BlockStats:
     if method not in METHODS:
         raise ValueError(f"option 'scoring' must be one of {METHODS} or 'auto', got {method!r}")
@@ -338,13 +373,12 @@ def block_stats(
         else:  # every exact method gives these inner products
             add_from_rows(block.rows.f.to(dtype))
     elif uses:
-        if method == "direct" and direct_bytes(block, dtype) > DIRECT_MAX_BYTES:  # in chunks; factors stay
-            for f in row_grad_chunks(block, dtype, DIRECT_CHUNK_BYTES):
+        if method == "direct" and worth_keeping(block, dtype):
+            kept = row_grads(block, dtype)
+            add_from_rows(kept.f)
+        elif method == "direct":  # in chunks through one buffer; the factors stay for the assembly
+            for f in row_grad_chunks(block, dtype, DIRECT_CHUNK_BYTES, workspace):
                 add_from_rows(f)
-        elif method == "direct":
-            rg = row_grads(block, dtype)
-            add_from_rows(rg.f)
-            kept = rg if worth_keeping(block, rg) else None
         elif method == "compress":
             if sketcher is None:
                 raise ValueError("compress scoring needs a sketcher")
@@ -376,23 +410,23 @@ def block_stats(
     return BlockStats(scores, target_sq, gram, tgram, sketch, kept)
 
 
-def row_products(block: Block, n_rows: int, tc: Tensor, full: bool) -> tuple[Tensor, RowGrads | None]:
+def row_products(block: Block, n_rows: int, tc: Tensor, full: bool,
+                 workspace: Workspace | None = None) -> tuple[Tensor, RowGrads | None]:
     """``direct`` scoring as one GEMM per block, for ``LocalGeometry`` to finish for all blocks at once: the inner
     products of every row's gradient (factored weights and small parameters) with each target row's (``full``: with
     every row's).  -> ((R, R_t), or (R, R) with ``full``; the per-row gradients worth keeping for the assembly)
 
+    Per-row gradients not worth keeping are built chunk by chunk into ``workspace`` (``row_grad_chunks``).
     Scores, ``||g_T||^2`` and the Grams follow with the target coefficients ``tc`` (R,): ``P[g] tc_t``,
     ``tc_t^T P[t] tc_t``, ``P[g, g]``, ``P[t, t]``; the same inner products as ``block_stats``'s ``direct``."""
     uses = _uses(block)
     held = block.rows is not None and not uses
     ref = uses[0].b if uses else block.rows.f if held else next(iter(block.small.values()), tc)
     dtype = _work_dtype(ref.dtype)
-    chunked = not held and direct_bytes(block, dtype) > DIRECT_MAX_BYTES
-    rg = row_grads(block, dtype) if (uses or held) and not chunked else None
-    kept = rg if rg is not None and (held or worth_keeping(block, rg)) else None
+    kept = row_grads(block, dtype) if held or (uses and worth_keeping(block, dtype)) else None
     R = tc.shape[0]
     P = None
-    parts = row_grad_chunks(block, dtype, DIRECT_CHUNK_BYTES) if chunked else [None if rg is None else rg.f]
+    parts = [kept.f] if kept is not None else row_grad_chunks(block, dtype, DIRECT_CHUNK_BYTES, workspace)
     for f in itertools.chain([_small(block, dtype)], parts):  # (R, D), the chunks one at a time
         if f is not None:
             p = f @ (f if full else f[n_rows:]).t()

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from drpost.feasible.base import StepGeometry, ensure_finite
-from drpost.geometry.kernels import block_stats, row_products
+from drpost.geometry.kernels import Workspace, block_stats, row_products
 
 
 # --------------------------------------------------------------------------- batches
@@ -189,17 +189,18 @@ class LocalGeometry:
         scores, tsq, grams = [None] * L, [None] * L, [None] * L
         tgrams, sketches = [], []
         prods: dict[tuple, list[tuple[int, Tensor]]] = {}  # (dtype, device) -> [(block, (R, R_t or R))]
+        ws = Workspace()  # direct's per-row gradients, block after block: one buffer for the step
         with timer("scoring"):
             for l, b in enumerate(blocks):
                 meth, st = reg.scoring_method(l, b, R_g, R - R_g, mb.T, any_gram, tc=tc)
                 report.scoring[b.name] = meth
                 if st is None and meth == "direct" and self.batched and not needs.target_gram:
-                    P, b.rows = row_products(b, R_g, tc, full=needs.gram)
+                    P, b.rows = row_products(b, R_g, tc, full=needs.gram, workspace=ws)
                     prods.setdefault((P.dtype, P.device), []).append((l, P))
                 else:
                     if st is None:
                         st = block_stats(b, l, meth, tc, R_g, needs.gram, needs.target_gram, reg.sketcher,
-                                         need_target_sketch=needs.target_gram)
+                                         need_target_sketch=needs.target_gram, workspace=ws)
                     b.rows = st.rows  # per-row gradients kept for the assembly (or None)
                     dt = st.row_scores.dtype
                     Sg, St = S_g.to(dt), S_t.to(dt)
