@@ -66,3 +66,18 @@ def test_mixed_precision_step_matches_float32(family, mode):
             assert _rel(s, rep_ref.scores) <= 2e-2, method
         if method == "global_subset":
             assert torch.equal(rep.weights != 0, rep_ref.weights != 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["autocast_forward", "bf16_weights"])
+def test_chunked_direct_scoring_in_bf16_matches_float32(family, mode, monkeypatch):
+    """``direct`` builds per-row gradients it does not keep in chunks of parameter rows, cast to float32 chunk by
+    chunk from 16-bit factors (a Linear's output slice, a GPT-2 Conv1D's input slice, the tied head's lookups):
+    with one or two parameter rows per chunk the exact-Gram hull matches the float32 step as the unchunked one does."""
+    from drpost.geometry import kernels
+
+    monkeypatch.setattr(kernels, "DIRECT_CHUNK_BYTES", 64)
+    ref, rep_ref = _step(family, "hull", "fp32", scoring="direct")
+    got, rep = _step(family, "hull", mode, scoring="direct")
+    assert set(rep.scoring.values()) == {"direct"}
+    assert _rel(got, ref) <= 2e-2 and _rel(rep.scores, rep_ref.scores) <= 2e-2

@@ -147,13 +147,15 @@ def _param_rows(u: Use, lo: int, hi: int, dtype: torch.dtype, out: Tensor, accum
     """Write (or, ``accumulate``, add) rows ``lo:hi`` of a use's per-row gradients in the parameter's layout into
     ``out`` (R, hi - lo, other dim): one batched GEMM straight into ``out``, no temporary (any use but an embedding
     lookup stored transposed: ``_add_lookup_rows``)."""
-    b, a = u.b.to(dtype), to_dtype(u.a, dtype)
+    # parameter rows = canonical output rows (b's features), or input features for a use stored transposed; the
+    # slice is taken before any cast (a 16-bit LM head's b is vocabulary-wide)
+    b = u.b.to(dtype) if u.transposed else u.b[..., lo:hi].to(dtype)
+    a = to_dtype(u.a[..., lo:hi] if u.transposed else u.a, dtype)
     if isinstance(a, OneHot) or narrow(hi - lo, out.shape[-1]):  # rare here: computed, then copied
-        g = per_row(b, a[..., lo:hi]).transpose(1, 2) if u.transposed else per_row(b[..., lo:hi], a)
+        g = per_row(b, a).transpose(1, 2) if u.transposed else per_row(b, a)
         out.add_(g) if accumulate else out.copy_(g)
         return
-    # parameter rows = canonical output rows (b's features), or input features for a use stored transposed
-    x, y = (a[..., lo:hi], b) if u.transposed else (b[..., lo:hi], a)
+    x, y = (a, b) if u.transposed else (b, a)
     if accumulate:
         out.baddbmm_(x.transpose(1, 2), y)
     else:
