@@ -64,9 +64,9 @@ def method_costs(shapes, n: int, m: int, T: int, need_gram: bool, rates: Rates, 
 
 
 def choose(block: Block, n: int, m: int, T: int, need_gram: bool, rates: Rates) -> str:
-    """The exact scoring method of least estimated time for this block. ``direct`` never holds more than
-    ``kernels.DIRECT_MAX_BYTES`` of per-row gradients at once (beyond it they come in chunks and the factors stay
-    for the assembly), so a large-vocabulary embedding / LM head (SmolLM2-135M's tied 49,152 x 576: ~1 GB for 9
+    """The exact scoring method of least estimated time for this block. ``direct`` holds per-row gradients whole
+    only where they are worth keeping for the assembly (else they come in chunks and the factors stay for the
+    assembly), so a large-vocabulary embedding / LM head (SmolLM2-135M's tied 49,152 x 576: ~1 GB for 9
     whole rows) is priced by time alone: full ghost where its token pairs are few, direct where they are many
     (a Gram over 33 rows, or T=256)."""
     if block.rows is not None:

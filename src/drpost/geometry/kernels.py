@@ -6,9 +6,10 @@ with ``tc`` the target row coefficients (1/N_T on target rows). Four methods (do
 * ``full_ghost``: ``<G_r, G_q> = sum_{s,t} (a_rs . a_qt)(b_rs . b_qt)`` from token-pair products (no weight-sized
   tensors); uses of a tied weight stored transposed pair up as ``sum_{s,t} (b_rs . a_qt)(a_rs . b_qt)``.
 * ``reduced_ghost``: form ``G_T`` once (one weight-gradient GEMM), then ``s_r = sum_t b_rt . (G_T a_rt)``. Scores only.
-* ``direct``: materialize per-row gradients ``(R, *param)`` (``row_grads``); Gram = one GEMM. ``row_products`` is
-  the same as one GEMM per block that ``LocalGeometry`` finishes for many blocks at once. Beyond
-  ``DIRECT_MAX_BYTES`` the per-row gradients come in chunks of parameter rows (``row_grad_chunks``), never whole.
+* ``direct``: materialize per-row gradients ``(R, *param)``; Gram = one GEMM. ``row_products`` is the same as one
+  GEMM per block that ``LocalGeometry`` finishes for many blocks at once. Per-row gradients worth keeping for the
+  assembly (``worth_keeping``) are built whole (``row_grads``); all others in chunks of parameter rows written into
+  one reused buffer (``row_grad_chunks``, ``Workspace``), never whole.
 * ``compress``: Kronecker-factored Gaussian sketch ``(P_1 B_r^T)(A_r P_2^T)`` of shape ``k_1 x k_2`` per weight
   (seeded, fixed across steps; identity where k >= the dimension); approximate but unbiased.
 
@@ -46,10 +47,11 @@ from drpost.geometry.factors import (
 
 METHODS = ("full_ghost", "reduced_ghost", "direct", "compress")
 GHOST_CHUNK_ELEMS = 1 << 24  # bound on the (rows x rows x T x T) intermediate of full ghost
-# direct scoring materializes a block's per-row gradients at once up to this size, in chunks beyond it (the tied
-# 49,152 x 576 embedding / LM head of SmolLM2 with 9 rows would hold ~1 GB), and keeps its factors for the assembly
+# direct scoring keeps a block's per-row gradients for the assembly only up to this size (and only when they are
+# no larger than its factors); all others come in chunks (the tied 49,152 x 576 embedding / LM head of SmolLM2 with
+# 9 rows would hold ~1 GB), and the block keeps its factors for the assembly
 DIRECT_MAX_BYTES = 256 * 2**20
-DIRECT_CHUNK_BYTES = 16 * 2**20  # a chunk small enough to stay in the allocator's cache and be read back warm
+DIRECT_CHUNK_BYTES = 16 * 2**20  # the reused buffer: chunks of a few MB up to whole blocks measured alike
 
 
 @dataclass
@@ -226,11 +228,11 @@ class Workspace:
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
         """A contiguous ``shape`` view of the buffer (grown when too small; its contents are garbage)."""
         n = math.prod(shape)
-        buf = self.buf
-        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != torch.device(device):
-            self.buf = buf = None  # free the old one before the larger allocation
-            self.buf = buf = torch.empty(n, dtype=dtype, device=device)
-        return buf[:n].view(shape)
+        b = self.buf
+        if b is None or b.numel() < n or b.dtype != dtype or b.device != torch.device(device):
+            self.buf = b = None  # the old buffer goes before the new one is allocated
+            self.buf = b = torch.empty(n, dtype=dtype, device=device)
+        return b[:n].view(shape)
 
 
 class Sketcher:
