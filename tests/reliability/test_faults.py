@@ -93,9 +93,9 @@ def test_non_finite_gram_skips_one_step(monkeypatch):
             st.row_gram = st.row_gram * float("nan")
         return st
 
-    def faulty_products(block, n_rows, tc, full):  # the batched path: row products, the Gram among them
+    def faulty_products(block, n_rows, tc, full, **kw):  # the batched path: row products, the Gram among them
         calls["step"] += 1
-        P, kept = real_products(block, n_rows, tc, full)
+        P, kept = real_products(block, n_rows, tc, full, **kw)
         if calls["step"] // n_blocks == FAULT and full:
             P = P * float("nan")
         return P, kept
