@@ -134,10 +134,11 @@ def test_the_default_grid_and_the_knob_names():
     assert real_rl.with_lr(0.5, 1.5e-4, 5e-4) == "0.5,lr=0.00015" and real_rl.with_lr(None, 5e-5, 5e-4) == "lr=5e-05"
     for knob, lr in ((0.5, 5e-4), ("0.5,lr=0.00015", 1.5e-4), ("lr=5e-05", 5e-5), ("filter-1.0", 5e-4)):
         assert real_rl.lr_of(knob, 5e-4) == lr
-    assert real_rl.BUDGETS["dpo"].lr in real_rl.LR_GRID["dpo"]  # the untuned records stay the grid's first runs
     helps = {name: f.metadata["help"] for name, f, _ in leaf_options(BenchRealConfig)}
-    grid = helps["lrs"].split("none = dpo ")[1].split(",")[:len(real_rl.LR_GRID["dpo"])]
-    assert tuple(float(x.split()[0]) for x in grid) == real_rl.LR_GRID["dpo"]  # the help says the grid
+    for paradigm in ("dpo", "rlvr"):
+        assert real_rl.BUDGETS[paradigm].lr in real_rl.LR_GRID[paradigm]  # untuned records stay the grid's runs
+        grid = helps["lrs"].split(f"{paradigm} ")[1].split(" ")[0].rstrip(",").split(",")
+        assert tuple(float(x) for x in grid) == real_rl.LR_GRID[paradigm]  # the help says the grid
 
 
 def test_lr_and_lrs_together_are_refused(tmp_path, capsys):

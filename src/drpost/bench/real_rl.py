@@ -31,7 +31,7 @@ from the base model (its replies are the rejected side); ``warm_start=sft`` move
 Methods (both paradigms): ``base`` (the untrained model), FullTraining, Target-only, GlobalSubset, LayerWiseSubset,
 Hull, with the toy RL benchmark's fixed knobs (``drpost.bench.rl.METHODS``: DPO subsets keep the top half of the
 batch; RLVR subsets drop negative scores, ``filter``, ``frac=1``) and budgets (``BUDGETS``) fixed in advance. The
-learning rate is tuned per method (``lrs``; default ``LR_GRID``: DPO 5e-4, 2e-4, 1e-3; RLVR its budget's only):
+learning rate is tuned per method (``lrs``; default ``LR_GRID``: DPO and RLVR 5e-4, 2e-4, 1e-3):
 each value runs on the first seed, the best validation EM (ties: lower validation loss) runs the other seeds, and a
 run at another lr than the budget's carries it in its knob (``with_lr``: ``'0.5,lr=0.0002'``). Evaluation, on the
 first ``N_TEST`` = 100 test targets: greedy strict exact match (``target_em``), the KL to the base model (k3 on
@@ -118,9 +118,9 @@ BUDGETS = {
 LORA = SFTRecipe(finetuning="lora", lora_r=8, lora_alpha=16)
 # learning rates each trained method runs with on the first seed, the best on validation kept for the others
 # (``lrs=none``). DPO: the budget's 5e-4 (12 steps moved every method 7-10 nats per reply from the base model) and a
-# value on each side of it (each costs ~5 CPU-minutes x 5 methods on the first seed). RLVR keeps its budget's lr (a
-# run costs about twice a DPO run).
-LR_GRID = {"dpo": (5e-4, 2e-4, 1e-3)}
+# value on each side of it (each costs ~5 CPU-minutes x 5 methods on the first seed). RLVR: the same grid around its
+# budget's 5e-4 (a run costs 4-6 CPU-minutes; the tuning adds 10 runs on the first seed).
+LR_GRID = {"dpo": (5e-4, 2e-4, 1e-3), "rlvr": (5e-4, 2e-4, 1e-3)}
 
 
 def knob_of(paradigm: str, method: str):

@@ -196,7 +196,7 @@ class BenchRealConfig:
                                   "5e-4).", gt=0, max=10)
     lrs: list[float] | None = _opt(None, "Learning rates every trained method runs with on the first seed (dpo, "
                                          "rlvr); the one with the best validation EM (ties: lower validation loss) "
-                                         "runs the other seeds; none = dpo 5e-4,2e-4,1e-3, rlvr the budget's lr "
+                                         "runs the other seeds; none = dpo 5e-4,2e-4,1e-3, rlvr 5e-4,2e-4,1e-3 "
                                          "(with lr given: that lr only). Not with lr.", gt=0, max=10)
     warmup_ratio: float = _opt(0.03, "Fraction of the steps spent in linear warm-up (sft, dpo).", min=0, max=1)
     beta: float = _opt(0.1, "DPO's beta (dpo only).", gt=0)
