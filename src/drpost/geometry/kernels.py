@@ -136,15 +136,6 @@ def row_grads(block: Block, dtype: torch.dtype, any_order: bool = True) -> RowGr
     return RowGrads.of(grads, any_order) if grads else None
 
 
-def direct_bytes(block: Block, dtype: torch.dtype) -> int:
-    """Memory of the block's materialized per-row gradients, (R, sum of its factored weights' sizes)."""
-    uses = _uses(block)
-    if not uses:
-        return 0
-    R = uses[0].b.shape[0]
-    return R * sum(p.numel() for p, us in block.factored.items() if us) * torch.empty((), dtype=dtype).element_size()
-
-
 def _param_rows(u: Use, lo: int, hi: int, dtype: torch.dtype, out: Tensor, accumulate: bool) -> None:
     """Write (or, ``accumulate``, add) rows ``lo:hi`` of a use's per-row gradients in the parameter's layout into
     ``out`` (R, hi - lo, other dim): one batched GEMM straight into ``out``, no temporary (any use but an embedding
@@ -177,7 +168,7 @@ def row_grad_chunks(block: Block, dtype: torch.dtype, chunk_bytes: int, workspac
     rows are sums over the chunks. Each chunk is written into ``workspace`` (one buffer for every chunk: a chunk
     must be consumed before the next is asked for).  Yields (R, D_chunk)."""
     workspace = Workspace() if workspace is None else workspace
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     for p, us in block.factored.items():
         if not us:
             continue
@@ -208,10 +199,10 @@ def worth_keeping(block: Block, dtype: torch.dtype) -> bool:
     they came from (p q <= T (p + q) per weight) and fit ``DIRECT_MAX_BYTES``: the assembly is then one GEMV over
     them instead of GEMMs over the factors' kept rows. Otherwise ``direct`` scores them chunk by chunk
     (``row_grad_chunks``) and the factors stay for the assembly."""
-    held = sum(u.b.numel() + (u.a.ids.numel() if isinstance(u.a, OneHot) else u.a.numel()) for u in _uses(block))
-    elem = torch.empty((), dtype=dtype).element_size()
-    size = direct_bytes(block, dtype)
-    return size // elem <= held and size <= DIRECT_MAX_BYTES
+    uses = _uses(block)
+    held = sum(u.b.numel() + (u.a.ids.numel() if isinstance(u.a, OneHot) else u.a.numel()) for u in uses)
+    rows = uses[0].b.shape[0] * sum(p.numel() for p, us in block.factored.items() if us) if uses else 0  # (R, D)
+    return rows <= held and rows * dtype.itemsize <= DIRECT_MAX_BYTES
 
 
 class Workspace:
