@@ -16,7 +16,7 @@ import typing
 import pytest
 
 from drpost import cli
-from drpost.bench import real, real_rl, real_rl_data
+from drpost.bench import real, real_rl, real_rl_data, real_rlhf
 from drpost.bench.real_common import RealSizes, chat_examples
 from drpost.bench.records import record_name
 from drpost.config import BenchRealConfig, ConfigError, leaf_options
@@ -135,14 +135,17 @@ def test_the_default_grid_and_the_knob_names():
     for knob, lr in ((0.5, 5e-4), ("0.5,lr=0.00015", 1.5e-4), ("lr=5e-05", 5e-5), ("filter-1.0", 5e-4)):
         assert real_rl.lr_of(knob, 5e-4) == lr
     helps = {name: f.metadata["help"] for name, f, _ in leaf_options(BenchRealConfig)}
-    for paradigm in ("dpo", "rlvr"):
-        assert real_rl.BUDGETS[paradigm].lr in real_rl.LR_GRID[paradigm]  # untuned records stay the grid's runs
+    budget_lr = {"dpo": real_rl.BUDGETS["dpo"].lr, "rlvr": real_rl.BUDGETS["rlvr"].lr, "rlhf": real_rlhf.BUDGET.lr}
+    for paradigm, lr in budget_lr.items():
+        assert lr in real_rl.LR_GRID[paradigm]  # untuned records stay the grid's runs
         grid = helps["lrs"].split(f"{paradigm} ")[1].split(" ")[0].rstrip(",").split(",")
         assert tuple(float(x) for x in grid) == real_rl.LR_GRID[paradigm]  # the help says the grid
 
 
-def test_lr_and_lrs_together_are_refused(tmp_path, capsys):
-    assert cli.main(["bench", "real", "paradigm=dpo", "lr=1e-4", "lrs=1e-4,5e-5", f"output_dir={tmp_path}"]) == 2
+@pytest.mark.parametrize("paradigm", ["dpo", "rlhf"])
+def test_lr_and_lrs_together_are_refused(paradigm, tmp_path, capsys):
+    assert cli.main(["bench", "real", f"paradigm={paradigm}", "lr=1e-4", "lrs=1e-4,5e-5",
+                     f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "'lr'" in err and "'lrs'" in err
 

@@ -21,7 +21,7 @@ import pytest
 from drpost import cli
 from drpost.bench import real, real_rl, real_rl_data, real_rlhf
 from drpost.bench.real_common import RealSizes
-from drpost.bench.records import record_name
+from drpost.bench.records import load_records, record_name
 from drpost.config import BenchRealConfig, ConfigError, leaf_options
 from drpost.trainers import reward_model as rmod
 
@@ -40,6 +40,7 @@ def small(monkeypatch):
     monkeypatch.setattr(real_rl_data, "N_PAIRS", 10)
     monkeypatch.setattr(real_rl, "REAL_RECIPE", dataclasses.replace(real_rl.REAL_RECIPE, steps=2))  # warm start
     monkeypatch.setattr(real_rl, "_WORKER", None)  # each test loads its own worker
+    monkeypatch.setattr(real_rl, "LR_GRID", {})  # the budget's lr only, unless a test gives lrs
 
 
 def _bench(folder, out, *extra):
@@ -122,6 +123,41 @@ def test_rlhf_sweep_records_curves_reward_model_cache_and_resume(tiny_folder, tm
     monkeypatch.setattr(real_rl, "_WORKER", None)
     assert _bench(tiny_folder, out, "methods=full_training") == 0
     assert len(trained) == 2 and json.loads((path / "reward_model.json").read_text())["model"] == tiny_folder
+
+
+def test_rlhf_tunes_the_learning_rate_on_the_first_seed(tiny_folder, tmp_path, small, monkeypatch):
+    out, seen, trained = tmp_path / "rlhf", [], []
+    train_orig, eval_orig = real_rlhf.RLHFWorker.train, real_rlhf.RLHFWorker.evaluate
+    rm_orig = rmod.train_reward_model
+
+    def spy_train(self, policy, start, setting, seed, spec, recipe):
+        seen.append((seed, recipe.lr))
+        self.lr_trained = recipe.lr
+        return train_orig(self, policy, start, setting, seed, spec, recipe)
+
+    def rigged_evaluate(self, model, d, ref):  # validation prefers 1e-4; the test set is left as measured
+        return eval_orig(self, model, d, ref) | {"val_em": float(getattr(self, "lr_trained", None) == 1e-4)}
+
+    monkeypatch.setattr(real_rlhf.RLHFWorker, "train", spy_train)
+    monkeypatch.setattr(real_rlhf.RLHFWorker, "evaluate", rigged_evaluate)
+    monkeypatch.setattr(rmod, "train_reward_model", lambda *a, **kw: trained.append(1) or rm_orig(*a, **kw))
+    assert _bench(tiny_folder, out, "seeds=0,1", "methods=base,full_training", "lrs=5e-4,1e-4") == 0
+    assert seen == [(0, 5e-4), (0, 1e-4), (1, 1e-4)] and trained == [1]  # the reward model once, for both seeds
+    assert sorted(p.name for p in (out / "raw").glob("*.json")) == sorted(
+        [record_name("format_shift", "base", None, s) for s in (0, 1)]
+        + [record_name("format_shift", "full_training", k, s) for k, s in ((None, 0), ("lr=0.0001", 0),
+                                                                            ("lr=0.0001", 1))])
+    rec = json.loads((out / "raw" / record_name("format_shift", "full_training", "lr=0.0001", 1)).read_text())
+    assert rec["budget"]["lr"] == 1e-4 and rec["budget"]["value_lr"] == real_rlhf.BUDGET.value_lr
+    rows = [line for line in (out / "tables.md").read_text().splitlines() if line.startswith("| FullTraining")]
+    assert len(rows) == 1 and "| 0.0001 |" in rows[0] and rows[0].rstrip().endswith("| 2 |")  # the tuning run left out
+    # the RM score and the fixed-KL reading come from the chosen runs only
+    chosen = [json.loads((out / "raw" / record_name("format_shift", "full_training", "lr=0.0001", s)).read_text())
+              for s in (0, 1)]
+    row = real_rlhf.summarize(load_records(out))["format_shift"]["full_training"]
+    assert row["seeds"] == [0, 1] and row["lr"] == 1e-4
+    assert row["rm_score"][0] == pytest.approx(sum(r["rm_score"] for r in chosen) / 2)
+    assert row["kl_budget"] == real_rlhf.kl_budget([r["kl_curve"] for r in chosen])
 
 
 def test_reward_at_a_fixed_kl_on_hand_made_curves():

@@ -54,6 +54,7 @@ import copy
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -119,8 +120,9 @@ LORA = SFTRecipe(finetuning="lora", lora_r=8, lora_alpha=16)
 # learning rates each trained method runs with on the first seed, the best on validation kept for the others
 # (``lrs=none``). DPO: the budget's 5e-4 (12 steps moved every method 7-10 nats per reply from the base model) and a
 # value on each side of it (each costs ~5 CPU-minutes x 5 methods on the first seed). RLVR: the same grid around its
-# budget's 5e-4 (a run costs 4-6 CPU-minutes; the tuning adds 10 runs on the first seed).
-LR_GRID = {"dpo": (5e-4, 2e-4, 1e-3), "rlvr": (5e-4, 2e-4, 1e-3)}
+# budget's 5e-4 (a run costs 4-6 CPU-minutes; the tuning adds 10 runs on the first seed). RLHF (``real_rlhf``): the
+# same grid around its budget's 5e-4 (a run costs ~5 CPU-minutes; the tuning adds 12 runs on the first seed).
+LR_GRID = {"dpo": (5e-4, 2e-4, 1e-3), "rlvr": (5e-4, 2e-4, 1e-3), "rlhf": (5e-4, 2e-4, 1e-3)}
 
 
 def knob_of(paradigm: str, method: str):
@@ -399,13 +401,15 @@ def run_jobs(jobs: list[tuple], out: Path, model_name: str, sizes: RealSizes, pa
 
 def sweep(paradigm: str, settings: list[str], methods: list[str], seeds: list[int], out_dir: str | Path,
           model_name: str = MODEL_DEFAULT, sizes: RealSizes = REAL_SIZES, recipe=None, lora: SFTRecipe = LORA,
-          workers: int = 2, warm: str | None = None, device: str = "cpu", lrs: list[float] | None = None
-          ) -> list[dict]:
+          workers: int = 2, warm: str | None = None, device: str = "cpu", lrs: list[float] | None = None,
+          worker_cls: type | None = None, before: Callable[[list[tuple]], None] | None = None) -> list[dict]:
     """Every (setting, method, seed) run of ``paradigm`` whose record is missing, starting from the base model or the
     SFT warm start (``warm``: none | sft; None = ``WARM_DEFAULT``). Method knobs are fixed; the learning rate is
     tuned: every trained method runs each of ``lrs`` (None = ``LR_GRID``, or the recipe's lr) on the first seed, and
-    the one with the best validation EM runs the other seeds (``drpost.bench.records.tuned_sweep``). Returns every
-    record on disk for these settings, methods and seeds."""
+    the one with the best validation EM runs the other seeds (``drpost.bench.records.tuned_sweep``). ``worker_cls``
+    runs the jobs (None = ``RLWorker``); ``before(jobs)``, when given, runs in this process ahead of each batch of
+    missing jobs (RLHF trains its reward model there). Returns every record on disk for these settings, methods and
+    seeds."""
     out = Path(out_dir)
     recipe = recipe or BUDGETS[paradigm]
     warm = warm or WARM_DEFAULT[paradigm]
@@ -415,9 +419,12 @@ def sweep(paradigm: str, settings: list[str], methods: list[str], seeds: list[in
         k = knob_of(paradigm, m)
         return [k] if m in UNTRAINED else [with_lr(k, lr, recipe.lr) for lr in lrs]
 
-    tuned_sweep(settings, methods, seeds, out, knob_values,
-                lambda jobs: run_jobs(jobs, out, model_name, sizes, paradigm, recipe, lora, workers, warm,
-                                      device=device))
+    def run(jobs: list[tuple]) -> None:
+        if before is not None:
+            before(jobs)
+        run_jobs(jobs, out, model_name, sizes, paradigm, recipe, lora, workers, warm, worker_cls, device)
+
+    tuned_sweep(settings, methods, seeds, out, knob_values, run)
     return [r for r in load_records(out) if r.get("paradigm") == paradigm and r["setting"] in settings
             and r["method"] in methods and r["seed"] in seeds]
 
@@ -472,6 +479,16 @@ def resolve_runs(config, default_methods: list[str], default_warm: str) -> tuple
     return settings, methods, warm
 
 
+def lrs_of(config) -> list[float] | None:
+    """The learning rates a sweep tunes over: ``lrs``, or ``lr`` alone, or None (the paradigm's ``LR_GRID``); both
+    given is refused naming them (ConfigError)."""
+    from drpost.config import ConfigError
+
+    if config.lr is not None and config.lrs is not None:
+        raise ConfigError("options 'lr' and 'lrs': give one (lr: that learning rate only; lrs: the ones tuned)")
+    return list(config.lrs) if config.lrs is not None else [config.lr] if config.lr is not None else None
+
+
 def save_runs(config, settings: list[str], methods: list[str], out: Path) -> None:
     """Rewrite ``out/config.yaml`` with the settings and methods the paradigm resolved (the CLI wrote the options as
     given, and left at their defaults they name the SFT sweep's lists), so the file says what ran."""
@@ -493,8 +510,7 @@ def run(config) -> dict:
     refuse_unread(config, READ[p], f"bench real paradigm={p}")
     settings, methods, warm = resolve_runs(config, RL_METHODS[:1] + ["warm_start"] + RL_METHODS[1:],
                                            WARM_DEFAULT[p])
-    if config.lr is not None and config.lrs is not None:
-        raise ConfigError("options 'lr' and 'lrs': give one (lr: that learning rate only; lrs: the ones tuned)")
+    lrs = lrs_of(config)
     out = output_dir_of(config)
     save_runs(config, settings, methods, out)
     if not config.rewrite:
@@ -506,7 +522,7 @@ def run(config) -> dict:
         recipe = recipe_of(config)
         with quiet_libraries(False):
             sweep(p, settings, methods, [int(s) for s in config.seeds], out, config.model, REAL_SIZES, recipe, lora,
-                  config.workers, warm, device, config.lrs or ([recipe.lr] if config.lr is not None else None))
+                  config.workers, warm, device, lrs)
     records = [r for r in load_records(out) if r.get("paradigm") == p]
     if not records:
         raise ConfigError(f"option 'output_dir': no {p} records in {out / 'raw'}")
@@ -515,4 +531,4 @@ def run(config) -> dict:
 
 __all__ = ["BUDGETS", "LR_GRID", "N_PAIRS", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS", "RL_SETTINGS", "UNTRAINED",
            "WARM_DEFAULT", "base_replies", "chosen_text", "dpo_pair", "knob_of", "pair_pool", "recipe_of",
-           "lr_of", "resolve_runs", "reward_fn", "run", "run_jobs", "save_runs", "shaped_reward", "strict_check", "sweep", "with_lr"]
+           "lr_of", "lrs_of", "resolve_runs", "reward_fn", "run", "run_jobs", "save_runs", "shaped_reward", "strict_check", "sweep", "with_lr"]

@@ -21,7 +21,9 @@ Policy: PPO (``trainers.rlhf.train_rlhf``, detached value head) from the SFT war
 ``RLWorker.start``, as RLVR, cached per setting and seed in ``output_dir/cache/``; also the reference of the KL
 penalty and of the evaluation's KL), LoRA r 8, the budget ``BUDGET`` (from a pilot: ~5.5 CPU-minutes a run). Methods: ``RLHF_METHODS``, knobs of the toy RLHF
 benchmark (``bench.rl.METHODS["rlhf"]``: subsets keep half of each mini-batch, IIF drops records opposed to the
-round's target gradient).
+round's target gradient). The learning rate is tuned per method as in real_rl (``lrs``; default
+``real_rl.LR_GRID["rlhf"]``: 5e-4, 2e-4, 1e-3 on the first seed, the best validation EM runs the other seeds); the
+value head keeps the budget's ``value_lr``.
 
 Evaluation: the real_rl one on ``N_TEST`` test targets (``target_em``, strict greedy, the true metric; ``kl`` k3 on
 sampled replies; retention, validation) plus ``rm_score``, the reward model's mean score of sampled replies (and
@@ -34,7 +36,7 @@ record per finished run in ``output_dir/raw/``; the report (``summary.json``, ``
 ``reward_vs_kl_<setting>.png``) is rebuilt from every record on disk.
 
     drpost bench real paradigm=rlhf                       # results/real/rlhf
-    drpost bench real paradigm=rlhf seeds=0 methods=base,warm_start,full_training,hull steps=4
+    drpost bench real paradigm=rlhf seeds=0 methods=base,warm_start,full_training,hull steps=4 lr=1e-4
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ from drpost.bench.real_common import (
     real_settings,
     sized,
 )
-from drpost.bench.real_rl import LORA, ROLLOUT_TOKENS, UNTRAINED, RLWorker, knob_of
-from drpost.bench.records import load_records, missing
+from drpost.bench.real_rl import LORA, ROLLOUT_TOKENS, UNTRAINED, RLWorker
+from drpost.bench.records import load_records
 from drpost.bench.stats import mean_se
 from drpost.trainers.rlhf import RLHFRecipe
 from drpost.trainers.sft import SFTRecipe
@@ -235,18 +237,19 @@ class RLHFWorker(RLWorker):
 
 def sweep(settings: list[str], methods: list[str], seeds: list[int], out_dir: str | Path,
           model_name: str = MODEL_DEFAULT, sizes: RealSizes = REAL_SIZES, recipe: RLHFRecipe = BUDGET,
-          lora: SFTRecipe = LORA, workers: int = 2, warm: str = "sft", device: str = "cpu") -> list[dict]:
-    """Every (setting, method, seed) run whose record is missing: the setting's reward model first (trained or read
-    here, once), then the runs (``real_rl.run_jobs``); returns every record on disk for these settings, methods and
-    seeds."""
+          lora: SFTRecipe = LORA, workers: int = 2, warm: str = "sft", device: str = "cpu",
+          lrs: list[float] | None = None) -> list[dict]:
+    """Every (setting, method, seed) run whose record is missing (``real_rl.sweep`` with ``RLHFWorker``: the learning
+    rate tuned on the first seed's validation EM over ``lrs``, None = ``LR_GRID["rlhf"]``), the setting's reward
+    model trained or read first, here, once; returns every record on disk for these settings, methods and seeds."""
     out = Path(out_dir)
-    for s in settings:
-        jobs = [(s, m, knob_of("rlhf", m), seed) for seed in seeds for m in methods]
-        if missing(jobs, out):
+
+    def reward_models(jobs: list[tuple]) -> None:
+        for s in sorted({j[0] for j in jobs}):
             ensure_reward_model(model_name, s, sizes, out / "cache", device=device)
-        real_rl.run_jobs(jobs, out, model_name, sizes, "rlhf", recipe, lora, workers, warm, RLHFWorker, device)
-    return [r for r in load_records(out) if r.get("paradigm") == "rlhf" and r["setting"] in settings
-            and r["method"] in methods and r["seed"] in seeds]
+
+    return real_rl.sweep("rlhf", settings, methods, seeds, out, model_name, sizes, recipe, lora, workers, warm,
+                         device, lrs, RLHFWorker, reward_models)
 
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -269,10 +272,13 @@ def reward_at_kl(curve: list[dict], budget: float) -> float | None:
 
 def summarize(records: list[dict]) -> dict:
     """``real_rl_report.summarize`` plus ``rm_score`` and, for trained runs, ``rm_at_kl`` (the RM score at the
-    setting's ``kl_budget``, stored per setting under each row's ``kl_budget``)."""
+    setting's ``kl_budget``, stored per setting under each row's ``kl_budget``); runs that only served the
+    learning-rate tuning are left out of both."""
+    from drpost.bench.real_report import chosen_records
     from drpost.bench.real_rl_report import summarize as base_summary
 
     table = base_summary(records)
+    records = chosen_records(records)
     for s, rows in table.items():
         rs = [r for r in records if r["setting"] == s]
         trained = [r for r in rs if r.get("kl_curve")]
@@ -313,12 +319,13 @@ def markdown(table: dict, command_line: str) -> str:
                   f"{kl_txt}: the RM score where each run's reward-vs-KL curve ({N_CURVE} test targets) reaches KL "
                   f"{kl_txt}, the largest KL every trained run reaches; KL: to {anyrow['reference']} (nats per reply). "
                   f"Reward model held-out pair accuracy: {accs}.", "",
-                  f"| method | knob | target EM | RM score | RM @ KL {kl_txt} | KL | retention EM | val EM | s/step "
-                  "| seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"| method | knob | lr | target EM | RM score | RM @ KL {kl_txt} | KL | retention EM | val EM "
+                  "| s/step | seeds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in ordered(rows):
             r = rows[m]
             sps = "" if r["seconds_per_step"] is None else f"{r['seconds_per_step']:.2f}"
-            lines.append(f"| {r['label']} | {'' if r['knob'] is None else r['knob']} | {_pm(r['target_em'])} | "
+            lr = "" if r.get("lr") is None else f"{r['lr']:g}"
+            lines.append(f"| {r['label']} | {'' if r['knob'] is None else r['knob']} | {lr} | {_pm(r['target_em'])} | "
                          f"{_pm(r['rm_score'])} | {_pm(r['rm_at_kl'])} | {_pm(r['kl'])} | {_pm(r['retention_em'])} "
                          f"| {_pm(r['val_em'])} | {sps} | {len(r['seeds'])} |")
         lines += ["", verdict(rows), ""]
@@ -349,8 +356,9 @@ def plots(records: list[dict], table: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from drpost.bench.real_report import is_dr
+    from drpost.bench.real_report import chosen_records, is_dr
 
+    records = chosen_records(records)
     for s, rows in table.items():
         fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.4))
         for m, row in rows.items():
@@ -388,7 +396,7 @@ def write_report(records: list[dict], out_dir: str | Path, command_line: str) ->
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
-READ = (real_rl.READ_COMMON - {"target_batch_size"}) | {"kl_coef"}
+READ = (real_rl.READ_COMMON - {"target_batch_size"}) | {"kl_coef", "lrs"}
 
 
 def recipe_of(config) -> RLHFRecipe:
@@ -410,6 +418,7 @@ def run(config) -> dict:
     from drpost.config import ConfigError, refuse_unread
 
     refuse_unread(config, READ, "bench real paradigm=rlhf")
+    lrs = real_rl.lrs_of(config)
     settings, methods, warm = real_rl.resolve_runs(config, RLHF_METHODS, "sft")
     out = output_dir_of(config)
     real_rl.save_runs(config, settings, methods, out)
@@ -421,7 +430,7 @@ def run(config) -> dict:
         device = device_of(config)
         with quiet_libraries(False):
             sweep(settings, methods, [int(s) for s in config.seeds], out, config.model, REAL_SIZES,
-                  recipe_of(config), lora, config.workers, warm, device)
+                  recipe_of(config), lora, config.workers, warm, device, lrs)
     records = [r for r in load_records(out) if r.get("paradigm") == "rlhf"]
     if not records:
         raise ConfigError(f"option 'output_dir': no rlhf records in {out / 'raw'}")

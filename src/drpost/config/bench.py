@@ -195,9 +195,10 @@ class BenchRealConfig:
                                   "constant); none = the paradigm's budget (sft 1e-3, dpo 5e-4, rlvr 5e-4, rlhf "
                                   "5e-4).", gt=0, max=10)
     lrs: list[float] | None = _opt(None, "Learning rates every trained method runs with on the first seed (dpo, "
-                                         "rlvr); the one with the best validation EM (ties: lower validation loss) "
-                                         "runs the other seeds; none = dpo 5e-4,2e-4,1e-3, rlvr 5e-4,2e-4,1e-3 "
-                                         "(with lr given: that lr only). Not with lr.", gt=0, max=10)
+                                         "rlvr, rlhf); the one with the best validation EM (ties: lower validation "
+                                         "loss) runs the other seeds; none = dpo 5e-4,2e-4,1e-3, rlvr "
+                                         "5e-4,2e-4,1e-3, rlhf 5e-4,2e-4,1e-3 (with lr given: that lr only). Not "
+                                         "with lr.", gt=0, max=10)
     warmup_ratio: float = _opt(0.03, "Fraction of the steps spent in linear warm-up (sft, dpo).", min=0, max=1)
     beta: float = _opt(0.1, "DPO's beta (dpo only).", gt=0)
     group_size: int = _opt(4, "Sampled replies per prompt, GRPO's group (rlvr only).", min=2)
