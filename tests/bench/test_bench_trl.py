@@ -15,7 +15,7 @@ from drpost import cli  # noqa: E402
 from drpost.config import BENCH_CONFIGS, ConfigError, leaf_options  # noqa: E402
 
 TRAINERS = ("sft", "dpo", "grpo")
-VARIANTS = ("plain", "global_subset", "layerwise_subset")
+VARIANTS = ("plain", "plain_union", "global_subset", "layerwise_subset")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,10 @@ def test_micro_run_writes_a_row_per_trainer_and_variant(micro_run):
             assert row[f"{clock}_s"] > 0 and len(row[f"{clock}_round_ratios"]) == row["rounds"] == 1
     for k in TRAINERS:
         assert rows[(k, "plain")]["cpu_ratio"] == pytest.approx(1.0)
+        assert rows[(k, "plain_union")]["cpu_union_ratio"] == pytest.approx(1.0)
+        for v in VARIANTS:  # the two ratios share the variant's median
+            r = rows[(k, v)]
+            assert r["cpu_ratio"] / r["cpu_union_ratio"] == pytest.approx(rows[(k, "plain_union")]["cpu_ratio"])
     # every run kept its per-step timings: micro = 2 steps, 1 warm-up
     assert len(res["runs"]) == len(TRAINERS) * len(VARIANTS)
     assert all(len(r["steps_wall_s"]) == len(r["steps_cpu_s"]) == 2 for r in res["runs"])
@@ -49,6 +53,14 @@ def test_micro_run_writes_a_row_per_trainer_and_variant(micro_run):
     for k in TRAINERS:
         for v in VARIANTS:
             assert f"| {k} | {v} |" in md
+
+
+def test_the_union_batch_adds_the_adapters_target_rows():
+    from drpost.bench import trl
+
+    assert trl.union_batch("sft", 8) == 9 and trl.union_batch("dpo", 8) == 9
+    assert trl.union_batch("grpo", 8) == 8 + trl.GENERATIONS  # one target prompt's completions
+    assert trl.settings(BENCH_CONFIGS["trl"]())["variants"][:2] == ["plain", trl.UNION]
 
 
 @pytest.mark.parametrize("argv, option", [

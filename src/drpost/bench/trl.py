@@ -5,7 +5,11 @@ The model is a random-weight Llama (no download; drpost's byte tokenizer, a larg
 and LM head cost what they would). For each trainer and variant (``plain`` TRL, then each drpost method) a fresh
 trainer trains ``steps`` optimizer steps from the same weights; a ``TrainerCallback`` times ``on_step_begin`` ->
 ``on_step_end`` (data loading, forward, backward, clipping, optimizer; GRPO: generation too, the adapter's target
-prompts joining TRL's generate call) on the wall clock and on this process's CPU clock. The first ``warmup`` steps
+prompts joining TRL's generate call) on the wall clock and on this process's CPU clock. Besides ``plain`` (the TRL
+trainer on the general batch alone) every trainer also runs ``plain_union``: the TRL trainer on the union batch (the
+general rows plus the rows the adapter adds for the target each step: 1 SFT row or DPO pair, GRPO 1 prompt x
+``GENERATIONS`` completions), the same amount of data the adapter's step sees; the ratio to it is the adapter's own
+overhead, apart from the cost of the target rows themselves. The first ``warmup`` steps
 are left out and the rest's median is the run's figure. Before the timed rounds each trainer runs once untimed
 (plain, ``warmup`` + 1 steps: the process's first-call costs — lazy imports, allocator growth, kernel caches — would
 otherwise land on the first timed run). Variants run interleaved over ``repeats`` rounds, their order rotated each
@@ -42,6 +46,7 @@ from drpost.config import ConfigError, leaf_options, refuse_unread, to_dict
 
 GENERATIONS = 4  # GRPO completions per prompt (general and target)
 TARGET_ROWS = 4  # target samples in the target dataset; the adapters take 1 a step
+UNION = "plain_union"  # the plain trainer on the union batch (general rows + the adapter's target rows)
 # micro=true: these values replace the size and schedule options (which are then refused)
 MICRO = {"hidden": 64, "layers": 1, "vocab": 259, "seq": 16, "batch": 4, "steps": 2, "warmup": 1, "repeats": 1,
          "grpo_steps": None, "grpo_repeats": None}
@@ -89,7 +94,13 @@ def settings(config) -> dict:
         for kind in config.trainers:
             dr_options(method, kind)  # ConfigError naming 'methods' for a method that cannot run on its defaults
     return {"size": {k: size[k] for k in ("hidden", "layers", "vocab", "seq", "batch")}, "heads": heads,
-            "schedule": schedule, "variants": ["plain", *config.methods]}
+            "schedule": schedule, "variants": ["plain", UNION, *config.methods]}
+
+
+def union_batch(kind: str, batch: int) -> int:
+    """Rows per step of the plain trainer on the union batch: the general ``batch`` plus the adapter's target rows
+    (one SFT row or DPO pair; GRPO: one prompt's ``GENERATIONS`` completions)."""
+    return batch + (GENERATIONS if kind == "grpo" else 1)
 
 
 def dr_options(method: str, kind: str) -> dict:
@@ -211,11 +222,11 @@ def train_once(kind: str, variant: str, base, tok, size: dict, steps: int, preci
 
     from drpost.integrations.trl import DrDPOTrainer, DrGRPOTrainer, DrSFTTrainer
 
-    seq, batch = size["seq"], size["batch"]
+    seq, batch = size["seq"], size["batch"] if variant != UNION else union_batch(kind, size["batch"])
     common = dict(output_dir=out_dir, report_to=[], save_strategy="no", use_cpu=True, seed=0, logging_steps=1,
                   max_steps=steps, learning_rate=1e-4, disable_tqdm=True, bf16=precision == "bf16",
                   per_device_train_batch_size=batch)
-    dr = {} if variant == "plain" else dict(dr_method=variant, dr_options=dr_options(variant, kind),
+    dr = {} if variant in ("plain", UNION) else dict(dr_method=variant, dr_options=dr_options(variant, kind),
                                             target_batch_size=1, target_dataset=dataset(kind, TARGET_ROWS, seq, 1000))
     kw = dict(model=copy.deepcopy(base), train_dataset=dataset(kind, batch * steps, seq), processing_class=tok)
     if kind == "sft":

@@ -1,6 +1,6 @@
 """The report of ``drpost bench trl`` (``drpost.bench.trl``): ``table`` (trainer x variant: median over rounds of
-the per-run median step, wall and CPU, and the ratio to the plain trainer), ``write`` (``trl.json``, ``summary.md``,
-``ratios.png``)."""
+the per-run median step, wall and CPU, and the ratios to the plain trainer and to the plain trainer on the union
+batch), ``write`` (``trl.json``, ``summary.md``, ``ratios.png``)."""
 
 from __future__ import annotations
 
@@ -14,21 +14,27 @@ CLOCKS = ("wall", "cpu")
 
 def table(res: dict) -> list[dict]:
     """One row per trainer x variant with runs: ``{clock}_s`` (median over rounds), ``{clock}_ratio`` (that median
-    over the plain trainer's), ``{clock}_round_ratios`` (each round's variant / plain of the same round)."""
+    over the plain trainer's), ``{clock}_union_ratio`` (over the plain trainer's on the union batch, ``plain_union``;
+    NaN where it did not run), ``{clock}_round_ratios`` (each round's variant / plain of the same round)."""
     runs = res["runs"]
     rows = []
+
+    def median(rs: list[dict], clock: str) -> float:
+        return statistics.median(r[f"{clock}_s"] for r in rs) if rs else math.nan
+
     for kind in res["settings"]["schedule"]:
         plain = {r["round"]: r for r in runs if r["trainer"] == kind and r["variant"] == "plain"}
+        union = [r for r in runs if r["trainer"] == kind and r["variant"] == "plain_union"]
         for variant in res["settings"]["variants"]:
             mine = [r for r in runs if r["trainer"] == kind and r["variant"] == variant]
             if not mine:
                 continue
             row = {"trainer": kind, "variant": variant, "rounds": len(mine)}
             for clock in CLOCKS:
-                med = statistics.median(r[f"{clock}_s"] for r in mine)
-                base = statistics.median(r[f"{clock}_s"] for r in plain.values()) if plain else math.nan
+                med, base, ub = median(mine, clock), median(list(plain.values()), clock), median(union, clock)
                 row[f"{clock}_s"] = med
                 row[f"{clock}_ratio"] = med / base if base > 0 else math.nan
+                row[f"{clock}_union_ratio"] = med / ub if ub > 0 else math.nan
                 row[f"{clock}_round_ratios"] = [r[f"{clock}_s"] / plain[r["round"]][f"{clock}_s"] for r in mine
                                                 if r["round"] in plain and plain[r["round"]][f"{clock}_s"] > 0]
             rows.append(row)
@@ -68,12 +74,14 @@ def markdown(res: dict) -> str:
         "A run = one fresh trainer, its steps timed by a TrainerCallback (on_step_begin -> on_step_end: data, "
         "forward, backward, clipping, optimizer; GRPO: generation too); the run's figure is the median step after "
         "the warm-up steps. Before the timed rounds each trainer ran once untimed (the process's first-call costs); the "
-        "variants' order rotates each round. s/step = median over rounds; ratio = that median / the plain trainer's; "
-        "rounds = each round's "
+        "variants' order rotates each round. plain = the TRL trainer on the general rows; plain_union = the TRL "
+        "trainer on the union batch (the general rows plus the adapter's target rows: the data the adapter's step "
+        "sees). s/step = median over rounds; ratio = that median / plain's; vs union = that median / plain_union's "
+        f"({head} clock: the adapter's own overhead, apart from the target rows' cost); rounds = each round's "
         f"ratio to the plain run of the same round ({head} clock). Headline clock: **{head}** "
         "(cpu = this process's CPU time, all threads; wall = elapsed).", "",
-        "| trainer | variant | wall s/step | wall ratio | CPU s/step | CPU ratio | rounds |",
-        "|---|---|---|---|---|---|---|",
+        "| trainer | variant | wall s/step | wall ratio | CPU s/step | CPU ratio | vs union | rounds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(text: str, clock: str) -> str:
@@ -82,7 +90,9 @@ def markdown(res: dict) -> str:
     for row in res["table"]:
         rounds = ", ".join(f"{x:.2f}" for x in row[f"{head}_round_ratios"])
         cells = [cell(f"{row[c + '_s']:.3f}", c) + " | " + cell(f"{row[c + '_ratio']:.2f}x", c) for c in CLOCKS]
-        lines.append(f"| {row['trainer']} | {row['variant']} | {' | '.join(cells)} | {rounds} |")
+        vs_union = row[f"{head}_union_ratio"]
+        lines.append(f"| {row['trainer']} | {row['variant']} | {' | '.join(cells)} | "
+                     f"{'' if vs_union != vs_union else f'{vs_union:.2f}x'} | {rounds} |")
     return "\n".join(lines) + "\n"
 
 
