@@ -172,3 +172,31 @@ def test_memory_and_scope_goals_read_the_rows():
     assert not goals[("peak_memory", "layerwise/one_pass/auto")]["met"]
     vs = goals[("global_vs_layerwise", "global/one_pass/auto / layerwise/one_pass/auto")]
     assert abs(vs["value"] - 1.10) < 1e-12 and not vs["met"]
+
+
+def test_a_stopped_run_is_resumed_and_a_finished_or_other_one_is_not(tmp_path, monkeypatch):
+    from drpost.bench.system import measure
+
+    quiet = dict(micro=True, repeats=1, log=lambda *a: None, seq_lengths=[8, 12], scorings=["auto"])
+    first = system.run_system_bench(tmp_path, **quiet)
+    assert first["carried_cases"] == 0
+    stopped = json.loads((tmp_path / "system.json").read_text())
+    stopped.update(partial=True, crossovers=None, cases=stopped["cases"][:1])  # stopped after the first config
+    (tmp_path / "system.json").write_text(json.dumps(stopped))
+    measured = []
+    orig = measure.measure_case
+
+    def spy(cfg, *a, **kw):
+        measured.append(cfg["T"])
+        return orig(cfg, *a, **kw)
+
+    monkeypatch.setattr(measure, "measure_case", spy)
+    res = system.run_system_bench(tmp_path, **quiet)
+    assert measured == [12] and res["carried_cases"] == 1 and res["cases"][0] == stopped["cases"][0]
+    assert "**Resumed**: 1 of the 2" in (tmp_path / "summary.md").read_text()
+    # a finished run is measured again, as is a stopped one with other settings, or with resume off
+    for change, expect in ((dict(), [8, 12]), (dict(repeats=2), [8, 12]), (dict(resume=False), [8, 12])):
+        (tmp_path / "system.json").write_text(json.dumps(stopped if change else res))
+        measured.clear()
+        system.run_system_bench(tmp_path, **{**quiet, **change})
+        assert measured == expect, change

@@ -86,6 +86,9 @@ class BenchSystemConfig:
         factory=lambda: ["auto", "full_ghost", "reduced_ghost", "direct", "compress"],
         help="Scoring methods whose rows are timed; the standard step, full_training and torch.func rows are "
              "always timed.")
+    resume: bool = _opt(True, "Keep the configurations that a stopped run with the same options, device, threads "
+                              "and clock wrote to output_dir/system.json, and measure only the others; false = "
+                              "measure every configuration again.")
 
 
 

@@ -277,7 +277,7 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
                      repeats: int | None = None, warmup: int = 1, threads: int | None = 1,
                      device: str | None = None, command: str | None = None, log=print,
                      seq_lengths: list[int] | None = None, scorings: list[str] | None = None,
-                     model: str = "tiny", clock: str = "wall", precision: str = "fp32") -> dict:
+                     model: str = "tiny", clock: str = "wall", precision: str = "fp32", resume: bool = True) -> dict:
     """Run the system benchmark and write ``system.json``, ``metrics.json``, ``summary.md`` and PNGs.
 
     quick: small grid for 2 CPU cores (~10 min); micro: one tiny configuration (tests); repeats: timed repeats per
@@ -286,7 +286,9 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
     ``method_list``); model: ``tiny`` or ``smollm2`` (see ``grid``); clock: ``wall`` or ``cpu`` (process CPU time,
     see ``cases.use_clock``; CUDA timings always use CUDA events); precision: ``fp32`` or ``bf16`` (every method's
     forward and backward under bf16 autocast, fp32 weights and optimizer; the floors use GEMM rates calibrated in
-    bf16; the torch.func anchor is left out)."""
+    bf16; the torch.func anchor is left out); resume: keep the configurations that a stopped run (``partial``) wrote
+    to ``out_dir/system.json`` with the same settings, device, threads and clock, and measure only the others
+    (``carried_cases``), so a grid of hours spans sittings."""
     from drpost.geometry import cost
 
     t_start = time.perf_counter()
@@ -316,7 +318,15 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
             "crossovers": None,
             "partial": True,
         }
+        done = {json.dumps(c["config"], sort_keys=True): c for c in carried_cases(out, res) if resume}
+        res["carried_cases"] = 0
         for i, cf in enumerate(cfgs):
+            old_case = done.get(json.dumps(_jsonable(cf), sort_keys=True))
+            if old_case is not None:
+                log(f"[{i + 1}/{len(cfgs)}] {cfg_label(cf)}: measured by the stopped run, kept")
+                res["cases"].append(old_case)
+                res["carried_cases"] += 1
+                continue
             ms = all_methods if cf["methods"] == "all" else [m for m in all_methods if m.core]
             r = reps if cf["methods"] == "all" or model != "tiny" else max(1, reps - 2 if quick else reps)
             log(f"[{i + 1}/{len(cfgs)}] {cfg_label(cf)}: {len(ms)} methods x {r} repeats")
@@ -337,6 +347,20 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
     return res
 
 
+def carried_cases(out: Path, res: dict) -> list[dict]:
+    """The cases in ``out/system.json`` when a stopped run (``partial``) wrote it with ``res``'s settings and on the
+    same device, CPU, torch threads and clock; [] otherwise (none there, finished, or measured another way)."""
+    path = out / "system.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    same_machine = all(old.get("machine", {}).get(k) == res["machine"].get(k)
+                       for k in ("device", "cpu_model", "torch_threads", "clock"))
+    same = old.get("settings") == json.loads(json.dumps(_jsonable(res["settings"])))
+    return list(old.get("cases", [])) if old.get("partial") and same and same_machine else []
+
+
 def _write(res: dict, out: Path, command: str, t_start: float) -> None:
     """system.json, metrics.json and summary.md of the configurations measured so far (``res['partial']`` until the
     crossovers are in)."""
@@ -352,7 +376,7 @@ def _write(res: dict, out: Path, command: str, t_start: float) -> None:
 def run(config) -> int:
     """CLI runner (``drpost bench system``): ``config`` is a ``drpost.config.BenchSystemConfig`` (or any object or
     dict with some of its keys: output_dir (or out_dir), model, quick, micro, repeats, threads, device,
-    seq_lengths, scorings, clock, precision)."""
+    seq_lengths, scorings, clock, precision, resume)."""
     get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
         lambda k, d=None: getattr(config, k, d))
     out_dir = get("out_dir") or get("output_dir") or "results/system"
@@ -363,7 +387,8 @@ def run(config) -> int:
     run_system_bench(out_dir, quick=bool(get("quick", False)), micro=bool(get("micro", False)),
                      repeats=get("repeats"), threads=threads or None, device=dev, command=command,
                      seq_lengths=get("seq_lengths"), scorings=get("scorings"), model=get("model") or "tiny",
-                     clock=get("clock") or "wall", precision=get("precision") or "fp32")
+                     clock=get("clock") or "wall", precision=get("precision") or "fp32",
+                     resume=bool(get("resume", True)))
     return 0
 
 

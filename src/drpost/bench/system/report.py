@@ -148,6 +148,10 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
     if res.get("partial"):
         L.insert(3, "**Partial**: the configurations measured so far (written after each one); the run has not "
                     "finished.\n")
+    if res.get("carried_cases"):
+        L.insert(3, f"**Resumed**: {res['carried_cases']} of the {len(res['cases'])} configurations were measured by "
+                    "an earlier, stopped run of the same command on this machine (its wall time is not counted "
+                    "above).\n")
     g = res["goals"]
     L.append("## Goals\n")
     L.append("| goal | target | met / checked | worst case (value, config, method, held back by) |")
