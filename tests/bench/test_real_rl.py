@@ -103,20 +103,8 @@ def test_dpo_sweep_records_caches_rejected_replies_and_resumes(tiny_folder, tmp_
     assert generated == [10, 16] and json.loads(path.read_text())["model"] == tiny_folder
 
 
-def test_dpo_tunes_the_learning_rate_on_the_first_seed(tiny_folder, tmp_path, small, monkeypatch):
-    out, seen = tmp_path / "dpo", []
-    train_orig, eval_orig = real_rl.RLWorker.train, real_rl.RLWorker.evaluate
-
-    def spy_train(self, policy, start, setting, seed, spec, recipe):
-        seen.append((seed, recipe.lr))
-        self.lr_trained = recipe.lr
-        return train_orig(self, policy, start, setting, seed, spec, recipe)
-
-    def rigged_evaluate(self, model, d, ref):  # validation prefers 1e-4; the test set is left as measured
-        return eval_orig(self, model, d, ref) | {"val_em": float(getattr(self, "lr_trained", None) == 1e-4)}
-
-    monkeypatch.setattr(real_rl.RLWorker, "train", spy_train)
-    monkeypatch.setattr(real_rl.RLWorker, "evaluate", rigged_evaluate)
+def test_dpo_tunes_the_learning_rate_on_the_first_seed(tiny_folder, tmp_path, small, rigged_lr):
+    out, seen = tmp_path / "dpo", rigged_lr(real_rl.RLWorker, 1e-4)  # validation prefers 1e-4
     assert _bench(tiny_folder, out, "dpo", "seeds=0,1", "methods=base,full_training", "lrs=5e-4,1e-4") == 0
     assert seen == [(0, 5e-4), (0, 1e-4), (1, 1e-4)]  # both on the first seed, the winner on the second
     assert sorted(p.name for p in (out / "raw").glob("*.json")) == sorted(

@@ -125,21 +125,9 @@ def test_rlhf_sweep_records_curves_reward_model_cache_and_resume(tiny_folder, tm
     assert len(trained) == 2 and json.loads((path / "reward_model.json").read_text())["model"] == tiny_folder
 
 
-def test_rlhf_tunes_the_learning_rate_on_the_first_seed(tiny_folder, tmp_path, small, monkeypatch):
-    out, seen, trained = tmp_path / "rlhf", [], []
-    train_orig, eval_orig = real_rlhf.RLHFWorker.train, real_rlhf.RLHFWorker.evaluate
+def test_rlhf_tunes_the_learning_rate_on_the_first_seed(tiny_folder, tmp_path, small, monkeypatch, rigged_lr):
+    out, seen, trained = tmp_path / "rlhf", rigged_lr(real_rlhf.RLHFWorker, 1e-4), []  # validation prefers 1e-4
     rm_orig = rmod.train_reward_model
-
-    def spy_train(self, policy, start, setting, seed, spec, recipe):
-        seen.append((seed, recipe.lr))
-        self.lr_trained = recipe.lr
-        return train_orig(self, policy, start, setting, seed, spec, recipe)
-
-    def rigged_evaluate(self, model, d, ref):  # validation prefers 1e-4; the test set is left as measured
-        return eval_orig(self, model, d, ref) | {"val_em": float(getattr(self, "lr_trained", None) == 1e-4)}
-
-    monkeypatch.setattr(real_rlhf.RLHFWorker, "train", spy_train)
-    monkeypatch.setattr(real_rlhf.RLHFWorker, "evaluate", rigged_evaluate)
     monkeypatch.setattr(rmod, "train_reward_model", lambda *a, **kw: trained.append(1) or rm_orig(*a, **kw))
     assert _bench(tiny_folder, out, "seeds=0,1", "methods=base,full_training", "lrs=5e-4,1e-4") == 0
     assert seen == [(0, 5e-4), (0, 1e-4), (1, 1e-4)] and trained == [1]  # the reward model once, for both seeds
