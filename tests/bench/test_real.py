@@ -21,6 +21,7 @@ SMALL = real.RealSizes(n_pool=120, n_val=6, n_test=8, n_retention=2, max_new_tok
 @pytest.fixture
 def small(monkeypatch):
     monkeypatch.setattr(real, "REAL_SIZES", SMALL)
+    monkeypatch.setattr(real, "REAL_KNOBS", {})  # the fixed knobs, unless a test tunes some
 
 
 def _bench(folder, out, *extra):
@@ -73,6 +74,13 @@ def test_knobs_are_tuned_on_the_first_seed_only(tiny_folder, tmp_path, small, mo
     assert [r["knob"] for r in recs if r["seed"] == 1] == [chosen]
     table = real_report.summarize(recs)["sparse_related"]["layerwise_subset"]
     assert table["knob"] == chosen and table["seeds"] == [0, 1]  # the losing knob is a tuning-only run
+
+
+def test_the_default_grids_hold_the_fixed_knobs():
+    # the grids are the world benchmark's, and each holds the value it chose, so the fixed-knob runs stay tuning runs
+    for m in real.REAL_METHODS:
+        if m in real.REAL_KNOBS:
+            assert real.REAL_FIXED[m] in real.REAL_KNOBS[m] and len(real.REAL_KNOBS[m]) >= 2
 
 
 def test_pareto_front():

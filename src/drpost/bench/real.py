@@ -54,10 +54,11 @@ from drpost.bench.real_common import (
 from drpost.bench.records import best_knobs, load_records, missing, record_name, tuned_sweep, write_record
 from drpost.trainers.sft import SFTRecipe, encode_examples, train_sft
 
-# knob values searched on the first seed's validation split (the mechanism of ``drpost bench quality``). Empty by
-# default: on 2 CPU cores a real-model run costs ~5 CPU-minutes, so the knobs are the ones the world benchmark
-# chose on its validation splits (``REAL_FIXED``), and the sweep fits in a few CPU hours.
-REAL_KNOBS: dict[str, list] = {}
+# knob values searched on the first seed's validation split (the mechanism of ``drpost bench quality``): the world
+# benchmark's grids (``bench.quality_methods.METHODS``: two values each), one extra ~5 CPU-minute run per method
+# with a knob and setting on the first seed. ``REAL_FIXED`` holds the values the world benchmark chose on its own
+# validation splits: the real-model demo's knobs, and a method's knob where it has no grid here.
+REAL_KNOBS: dict[str, list] = {m: list(values) for m, (_label, _build, values) in METHODS.items() if values}
 REAL_FIXED: dict[str, object] = {"dsir": 0.02, "layerwise_subset": 0.25, "global_subset": 0.5, "mixing": 0.2,
                                  "less": 0.1, "capped_simplex": 4,
                                  # composed (offline prefilter, then the Dr step within it): keep 10% of the pool
