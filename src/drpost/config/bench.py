@@ -97,12 +97,13 @@ class BenchTRLConfig:
     """TRL adapters' step time ('drpost bench trl'): DrSFTTrainer, DrDPOTrainer and DrGRPOTrainer against their plain
     TRL trainers (SFTTrainer, DPOTrainer, GRPOTrainer), single process on CPU, on a random-weight Llama (no download;
     drpost's byte tokenizer, a larger model vocabulary so the embedding and LM head cost what they would). Every
-    trainer x variant (plain, then each method) trains the same steps from the same weights; a TrainerCallback times
-    on_step_begin -> on_step_end (data, forward, backward, clipping, optimizer; GRPO: generation too) on the wall
-    and the process CPU clocks; after one untimed run of each trainer, variants run interleaved over rounds (order
-    rotated each round); the tables give the median over rounds of the median step after the warm-up, and its ratio
-    to the plain trainer. The regularized trainers take 1 target sample
-    a step (pair for DPO, prompt x 4 generations for GRPO) and subset methods keep frac 0.5."""
+    trainer x variant (plain; plain_union, the plain trainer on the general rows plus the adapter's target rows;
+    then each method) trains the same steps from the same weights; a TrainerCallback times on_step_begin ->
+    on_step_end (data, forward, backward, clipping, optimizer; GRPO: generation too) on the wall and the process CPU
+    clocks; after one untimed run of each trainer, variants run interleaved over rounds (order rotated each round);
+    the tables give the median over rounds of the median step after the warm-up, and its ratios to the plain
+    trainer and to plain_union. The regularized trainers take 1 target sample a step (pair for DPO, prompt x 4
+    generations for GRPO) and subset methods keep frac 0.5."""
 
     kind: ClassVar[str] = "trl"  # the first positional argument of 'drpost bench'
 
