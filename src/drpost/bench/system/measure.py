@@ -318,7 +318,7 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
             "crossovers": None,
             "partial": True,
         }
-        done = {json.dumps(c["config"], sort_keys=True): c for c in carried_cases(out, res) if resume}
+        done = {json.dumps(c["config"], sort_keys=True): c for c in (carried_cases(out, res) if resume else [])}
         res["carried_cases"] = 0
         for i, cf in enumerate(cfgs):
             old_case = done.get(json.dumps(_jsonable(cf), sort_keys=True))
