@@ -42,11 +42,11 @@ from pathlib import Path
 
 import torch
 
+from drpost.bench.trl_report import UNION
 from drpost.config import ConfigError, leaf_options, refuse_unread, to_dict
 
 GENERATIONS = 4  # GRPO completions per prompt (general and target)
 TARGET_ROWS = 4  # target samples in the target dataset; the adapters take 1 a step
-UNION = "plain_union"  # the plain trainer on the union batch (general rows + the adapter's target rows)
 # micro=true: these values replace the size and schedule options (which are then refused)
 MICRO = {"hidden": 64, "layers": 1, "vocab": 259, "seq": 16, "batch": 4, "steps": 2, "warmup": 1, "repeats": 1,
          "grpo_steps": None, "grpo_repeats": None}

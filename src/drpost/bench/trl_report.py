@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 CLOCKS = ("wall", "cpu")
+UNION = "plain_union"  # the plain trainer on the union batch (general rows + the adapter's target rows)
 
 
 def table(res: dict) -> list[dict]:
@@ -24,7 +25,7 @@ def table(res: dict) -> list[dict]:
 
     for kind in res["settings"]["schedule"]:
         plain = {r["round"]: r for r in runs if r["trainer"] == kind and r["variant"] == "plain"}
-        union = [r for r in runs if r["trainer"] == kind and r["variant"] == "plain_union"]
+        union = [r for r in runs if r["trainer"] == kind and r["variant"] == UNION]
         for variant in res["settings"]["variants"]:
             mine = [r for r in runs if r["trainer"] == kind and r["variant"] == variant]
             if not mine:
