@@ -54,9 +54,9 @@ def test_sweep_writes_one_record_per_run_and_resumes(tiny_folder, tmp_path, smal
     calls = []
     orig = real.Worker.run
 
-    def spy(self, *job):
+    def spy(self, *job, **kw):
         calls.append(job)
-        return orig(self, *job)
+        return orig(self, *job, **kw)
 
     monkeypatch.setattr(real.Worker, "run", spy)
     assert _bench(tiny_folder, out, "seeds=0,1,2", "methods=base,full_training,layerwise_subset") == 0

@@ -13,19 +13,31 @@
 4. Score of pool example i = sum over checkpoints c of lr_c x mean_j cos(a_i^c, g_j^c) (lr_c = the epoch's mean
    learning rate; one target task here, so the official max over tasks is that mean).
 5. ``less_select`` keeps the top ``select_frac`` of the scored rows; the caller trains on them with the shared recipe.
+
+Cost: one forward and backward per pool row per checkpoint (4 x 4,000 row passes for a real-model pool: hours on a
+CPU). Rows are batched in length order (little padding), the LM head runs only from the first position a loss
+token is read at (``label_window_loss``: the vocabulary-wide logits of prompt positions are never needed), and a
+``CheckpointStore`` keeps each finished checkpoint's cosines on disk, so that an interrupted scoring resumes at the
+checkpoint it was on.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
+import json
 import random
+import time
+from pathlib import Path
 
 import torch
 
 from drpost.baselines.greats import sample_mean_loss
 from drpost.data.collate import collate
 from drpost.geometry.capture import Capture
-from drpost.geometry.persample import per_sample_gradients
+from drpost.geometry.persample import per_sample_gradient_blocks
+from drpost.objectives.sft import token_logprobs
 from drpost.trainers.loop import warmup_linear
 
 
@@ -40,8 +52,34 @@ class CountSketch:
         self.sign = torch.randint(0, 2, (n_params,), generator=gen).float() * 2 - 1  # (P,)
 
     def __call__(self, g: torch.Tensor) -> torch.Tensor:  # (B, P) -> (B, k)
-        out = torch.zeros(g.shape[0], self.k, dtype=g.dtype)
-        return out.index_add_(1, self.bucket, g * self.sign.to(g.dtype))
+        return self.add_(torch.zeros(g.shape[0], self.k, dtype=g.dtype), g, 0)
+
+    def add_(self, out: torch.Tensor, part: torch.Tensor, offset: int) -> torch.Tensor:
+        """``out`` (B, k) += the sketch of coordinates ``offset .. offset + P_b`` given as ``part`` (B, P_b)."""
+        cols = slice(offset, offset + part.shape[1])
+        return out.index_add_(1, self.bucket[cols], part * self.sign[cols].to(part.dtype))
+
+
+def _takes_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def label_window_loss(model, batch: dict):
+    """``sample_mean_loss`` (per-row token-mean loss, count 1) with logits only from ``start`` on, the first position
+    whose next token any row's loss reads: the LM head and the vocabulary-wide log-softmax run on (R, T - start, V)
+    instead of (R, T, V) (here a chat prompt is ~85% of a row). Same values; a model whose forward has no
+    ``logits_to_keep`` gets the plain loss."""
+    labels = batch["labels"]  # (R, T)
+    read = (labels[:, 1:] != -100).any(0)  # (T-1,) position t's logits score token t+1
+    if not read.any() or not _takes_logits_to_keep(model):
+        return sample_mean_loss(model, batch)
+    start = int(read.nonzero()[0])
+    T = labels.shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_to_keep=T - start)
+    logp, mask = token_logprobs(out.logits, labels[:, start:])  # logits (R, T - start, V): positions start..T-1
+    counts = mask.sum(-1).to(logp.dtype)  # (R,)
+    return -logp.sum(-1) / counts.clamp_min(1), torch.ones_like(counts)
 
 
 def _batch(model, rows: list[dict], pad: int) -> dict:
@@ -50,11 +88,51 @@ def _batch(model, rows: list[dict], pad: int) -> dict:
     return {k: v.to(dev) for k, v in collate(rows, pad).items()}
 
 
-def _features(model, rows, pad, cap, transform, batch_size=64):
-    """Per-example gradients, transformed batch by batch: yields (B, F) feature blocks (never the (N, P) matrix)."""
+def _parts(model, rows, pad, cap):
+    """Per-example gradients of one batch of ``rows``, part by part (``per_sample_gradient_blocks``): yields
+    (column offset, (B, P_b) part on the CPU, fp32 or wider)."""
+    off = 0
+    for g in per_sample_gradient_blocks(model, _batch(model, rows, pad), label_window_loss, cap):
+        yield off, (g.float() if g.dtype in (torch.float16, torch.bfloat16) else g).cpu()
+        off += g.shape[1]
+
+
+def _target_features(model, rows, pad, cap, sketch, batch_size) -> torch.Tensor:
+    """(m, F) L2-normalized features of the target rows' plain gradients (F = P exact, or the sketch size)."""
+    feats = []
     for s in range(0, len(rows), batch_size):
-        g = per_sample_gradients(model, _batch(model, rows[s:s + batch_size], pad), sample_mean_loss, cap)  # (B, P)
-        yield transform((g.float() if g.dtype in (torch.float16, torch.bfloat16) else g).cpu())
+        chunk = rows[s:s + batch_size]
+        if sketch is None:
+            feats.append(torch.cat([g for _, g in _parts(model, chunk, pad, cap)], 1))  # (B, P)
+            continue
+        acc = None
+        for off, g in _parts(model, chunk, pad, cap):
+            acc = sketch.add_(torch.zeros(len(chunk), sketch.k, dtype=g.dtype) if acc is None else acc, g, off)
+        feats.append(acc)  # (B, k)
+    return torch.nn.functional.normalize(torch.cat(feats), dim=1)
+
+
+def _pool_cosines(model, rows, pad, cap, f_t, m, v, sketch, batch_size):
+    """Yields (B,) float64 ``mean_j cos(a_i, g_j)`` batch by batch, reduced part by part: the Adam direction
+    ``a_i`` of each part goes into the dot products with the unit target features ``f_t`` (m, F) and the squared
+    norms (exact), or into the sketch; neither the (B, P) gradients nor their Adam directions are ever held."""
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        dots = sq = acc = None
+        for off, g in _parts(model, chunk, pad, cap):  # g: (B, P_b)
+            cols = slice(off, off + g.shape[1])
+            mm, vv = m[cols].to(g.dtype), v[cols].to(g.dtype)
+            a = (0.9 * mm + 0.1 * g) / torch.sqrt(0.999 * vv + 0.001 * g * g + 1e-8)  # (B, P_b) Adam direction
+            if sketch is not None:
+                acc = sketch.add_(torch.zeros(len(chunk), sketch.k, dtype=a.dtype) if acc is None else acc, a, off)
+                continue
+            d, q = a @ f_t[:, cols].to(a.dtype).t(), a.square().sum(1)  # (B, m), (B,)
+            dots, sq = (d, q) if dots is None else (dots + d, sq + q)
+        if sketch is None:
+            cos = dots / sq.sqrt().clamp_min(1e-12)[:, None]  # F.normalize's eps: the same cosine
+        else:
+            cos = torch.nn.functional.normalize(acc, dim=1) @ f_t.to(acc.dtype).t()
+        yield cos.mean(1).double()
 
 
 def _warmup(model, params, pool_rows, pad, rng, *, warmup_frac, epochs, lr, batch_size) -> list[dict]:
@@ -69,7 +147,7 @@ def _warmup(model, params, pool_rows, pad, rng, *, warmup_frac, epochs, lr, batc
         lrs = []
         for s in range(steps_per_epoch):
             b = _batch(model, [pool_rows[i] for i in warm[s * batch_size:(s + 1) * batch_size]], pad)
-            loss, counts = sample_mean_loss(model, b)
+            loss, counts = label_window_loss(model, b)
             (loss.sum() / counts.sum()).backward()
             lrs.append(opt.param_groups[0]["lr"])
             opt.step()
@@ -96,24 +174,86 @@ def checkpoint_cosines(model, cap, params, m_list, v_list, pool_rows, target_row
     m = torch.cat([m_list[index[id(p)]].reshape(-1) for p in order]).cpu()  # (P,) in capture order
     v = torch.cat([v_list[index[id(p)]].reshape(-1) for p in order]).cpu()  # (P,)
 
-    def unit(g):  # (B, P) -> (B, F) L2-normalized features (F = P exact, or the sketch size)
-        return torch.nn.functional.normalize(g if sketch is None else sketch(g), dim=1)
+    f_t = _target_features(model, target_rows, pad, cap, sketch, score_batch)  # (m, F) plain gradients, unit
+    order = sorted(range(len(pool_rows)), key=lambda i: len(pool_rows[i]["input_ids"]))  # batches of like lengths
+    cos = torch.cat(list(_pool_cosines(model, [pool_rows[i] for i in order], pad, cap, f_t, m, v, sketch,
+                                       score_batch)))  # (N,) in length order
+    out = torch.empty_like(cos)
+    out[torch.tensor(order, dtype=torch.long)] = cos
+    return out
 
-    def adam(g):  # (B, P) Adam update direction of each example
-        mm, vv = m.to(g.dtype), v.to(g.dtype)
-        return (0.9 * mm + 0.1 * g) / torch.sqrt(0.999 * vv + 0.001 * g**2 + 1e-8)
 
-    f_t = torch.cat(list(_features(model, target_rows, pad, cap, unit, score_batch)))  # (m, F) plain gradients
-    out = [(f_p @ f_t.t()).mean(1).double()  # (B,) mean cosine over the target rows
-           for f_p in _features(model, pool_rows, pad, cap, lambda g: unit(adam(g)), score_batch)]
-    return torch.cat(out)
+class CheckpointStore:
+    """Each finished checkpoint's cosines on disk (``<directory>/<name>__ck<c>.json``), so that scoring a large pool
+    spans interruptions: a file is used only if it was made with the same settings and data (``key``) and from the
+    same warm-up checkpoint (its weights' fingerprint, relative tolerance 1e-5: a rerun warm-up on another thread
+    count differs in rounding only); otherwise the checkpoint is scored again and the file replaced."""
+
+    def __init__(self, directory: str | Path, name: str):
+        self.directory, self.name = Path(directory), name
+        self.warmup_seconds = 0.0
+
+    def _path(self, c: int) -> Path:
+        return self.directory / f"{self.name}__ck{c}.json"
+
+    def load(self, c: int, key: dict, fingerprint: float) -> torch.Tensor | None:
+        path = self._path(c)
+        if not path.exists():
+            return None
+        saved = json.loads(path.read_text())
+        if saved["key"] != key or abs(saved["fingerprint"] - fingerprint) > 1e-5 * abs(fingerprint):
+            return None
+        return torch.tensor(saved["cosines"], dtype=torch.float64)
+
+    def save(self, c: int, key: dict, fingerprint: float, lr: float, cos: torch.Tensor, seconds: float) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self._path(c).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"name": self.name, "checkpoint": c, "lr": lr, "key": key,
+                                   "fingerprint": fingerprint, "seconds": seconds,
+                                   "warmup_seconds": self.warmup_seconds,
+                                   "cosines": [float(f"{x:.9g}") for x in cos.tolist()]}))
+        tmp.replace(self._path(c))
+
+    def _saved(self, epochs: int) -> list[dict] | None:
+        files = [self._path(c) for c in range(epochs)]
+        return [json.loads(f.read_text()) for f in files] if all(f.exists() for f in files) else None
+
+    def finished(self, key: dict, epochs: int) -> list[tuple[float, torch.Tensor]] | None:
+        """(lr_c, cosines_c) of every checkpoint when all ``epochs`` are on disk with this ``key`` (no warm-up is
+        needed then), else None."""
+        saved = self._saved(epochs)
+        if saved is None or any(s["key"] != key for s in saved):
+            return None
+        return [(s["lr"], torch.tensor(s["cosines"], dtype=torch.float64)) for s in saved]
+
+    def seconds(self) -> float | None:
+        """Scoring cost as measured when each checkpoint was scored (warm-up once + every checkpoint), or None
+        while a checkpoint is missing."""
+        first = self._path(0)
+        saved = self._saved(json.loads(first.read_text())["key"]["epochs"]) if first.exists() else None
+        return None if saved is None else max(s["warmup_seconds"] for s in saved) + sum(s["seconds"] for s in saved)
+
+
+def _data_hash(rows: list[dict]) -> str:
+    h = hashlib.sha1()
+    for r in rows:
+        h.update(json.dumps([r["input_ids"], r.get("labels")]).encode())
+    return h.hexdigest()[:16]
 
 
 def less_scores(base_model, tokenizer, pool_rows: list[dict], target_rows: list[dict], *, warmup_frac=0.05,
                 epochs=4, lr=1e-3, batch_size=8, lora_r=8, lora_alpha=32, proj_dim: int | None = None, seed=0,
-                score_batch=64) -> torch.Tensor:
+                score_batch=64, store: CheckpointStore | None = None) -> torch.Tensor:
     """(len(pool_rows),) LESS scores of every pool row (module docstring): ``epochs`` lr-weighted checkpoints,
-    exact cosine (``proj_dim=None``) or count-sketch features of ``proj_dim`` dims (8,192 = the official size)."""
+    exact cosine (``proj_dim=None``) or count-sketch features of ``proj_dim`` dims (8,192 = the official size).
+    ``store``: finished checkpoints' cosines are read from and written to it (resumable scoring)."""
+    t0 = time.perf_counter()
+    key = {"warmup_frac": warmup_frac, "epochs": epochs, "lr": lr, "batch_size": batch_size, "lora_r": lora_r,
+           "lora_alpha": lora_alpha, "proj_dim": proj_dim, "seed": seed, "pool": _data_hash(pool_rows),
+           "target": _data_hash(target_rows)}
+    done = None if store is None else store.finished(key, epochs)
+    if done is not None:
+        return sum(lr_c * cos for lr_c, cos in done).float()
     rng = random.Random(seed)
     torch.manual_seed(seed)
     pad = tokenizer.pad_token_id or 0
@@ -129,14 +269,23 @@ def less_scores(base_model, tokenizer, pool_rows: list[dict], target_rows: list[
     model.eval()
     cap = Capture(model)
     sketch = None if proj_dim is None else CountSketch(sum(p.numel() for p in params), int(proj_dim), seed)
+    if store is not None:
+        store.warmup_seconds = time.perf_counter() - t0
 
     scores = torch.zeros(len(pool_rows), dtype=torch.float64)
-    for ck in checkpoints:
-        with torch.no_grad():
-            for p, w in zip(params, ck["weights"], strict=True):
-                p.copy_(w)
-        scores += ck["lr"] * checkpoint_cosines(model, cap, params, ck["m"], ck["v"], pool_rows, target_rows, pad,
-                                                sketch, score_batch)
+    for c, ck in enumerate(checkpoints):
+        fingerprint = float(sum(w.double().square().sum() for w in ck["weights"]))
+        cos = None if store is None else store.load(c, key, fingerprint)
+        if cos is None:
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                for p, w in zip(params, ck["weights"], strict=True):
+                    p.copy_(w)
+            cos = checkpoint_cosines(model, cap, params, ck["m"], ck["v"], pool_rows, target_rows, pad, sketch,
+                                     score_batch)
+            if store is not None:
+                store.save(c, key, fingerprint, ck["lr"], cos, time.perf_counter() - t1)
+        scores += ck["lr"] * cos
     return scores.float()
 
 

@@ -66,9 +66,10 @@ def _evaluator(tokenizer, data, n_val: int, n_retention: int = 50):
     return final
 
 
-def offline_selection(name, knob, base, tokenizer, data, g_rows, t_rows, seed, cache):
+def offline_selection(name, knob, base, tokenizer, data, g_rows, t_rows, seed, cache, less_dir=None):
     """Offline-selected pool indices for DSIR / LESS and the ``<selector>_prefilter_*`` methods: the top ``knob``
-    fraction of the **whole** pool for both selectors (LESS scores every pool row; scores cached per seed)."""
+    fraction of the **whole** pool for both selectors (LESS scores every pool row; scores cached per seed, and with
+    ``less_dir`` each finished warm-up checkpoint's cosines kept on disk there: ``baselines.less.CheckpointStore``)."""
     sel = prefilter_of(name)
     if sel is None:
         return None
@@ -77,13 +78,15 @@ def offline_selection(name, knob, base, tokenizer, data, g_rows, t_rows, seed, c
         from drpost.baselines.dsir import dsir_select
 
         return dsir_select(data.general, data.target_train, k, seed=seed)
-    from drpost.baselines.less import less_scores, less_select
+    from drpost.baselines.less import CheckpointStore, less_scores, less_select
 
     key = ("less", seed)
     if key not in cache:  # scored once per seed, shared by every knob value and every LESS-prefiltered method
         t0 = time.perf_counter()
-        cache[key] = less_scores(base, tokenizer, g_rows, t_rows, seed=seed)
-        cache[("less_seconds", seed)] = time.perf_counter() - t0
+        store = None if less_dir is None else CheckpointStore(less_dir, f"{data.setting.name}__s{seed}")
+        cache[key] = less_scores(base, tokenizer, g_rows, t_rows, seed=seed, store=store)
+        measured = None if store is None else store.seconds()  # as each checkpoint was scored (resumed or not)
+        cache[("less_seconds", seed)] = measured or time.perf_counter() - t0
     return less_select(cache[key], knob)
 
 

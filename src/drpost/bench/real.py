@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from drpost.bench.quality import METHODS, offline_selection
+from drpost.bench.quality_methods import prefilter_of
 from drpost.bench.real_common import (
     MODEL_DEFAULT,
     REAL_RECIPE,
@@ -63,8 +64,8 @@ REAL_FIXED: dict[str, object] = {"dsir": 0.02, "layerwise_subset": 0.25, "global
                                  "less": 0.1, "capped_simplex": 4,
                                  # composed (offline prefilter, then the Dr step within it): keep 10% of the pool
                                  "dsir_prefilter_layerwise_subset": 0.1, "dsir_prefilter_hull": 0.1}
-REAL_METHODS = ["base", "full_training", "target_only", "mixing", "dsir", "greats", "global_subset", "layerwise_subset",
-                "hull", "dsir_prefilter_hull"]
+REAL_METHODS = ["base", "full_training", "target_only", "mixing", "dsir", "less", "greats", "global_subset",
+                "layerwise_subset", "hull", "dsir_prefilter_hull"]
 
 
 def evaluate(model, tokenizer, data, rows: dict, sizes: RealSizes) -> dict:
@@ -113,8 +114,9 @@ class Worker:
             d["t_rows"] = encode_examples(self.tok, d["target"], max_len)
         return self._data[key]
 
-    def run(self, setting: str, method: str, knob, seed: int) -> dict:
-        """Train (unless ``base``) and evaluate one (setting, method, knob, seed); returns the record."""
+    def run(self, setting: str, method: str, knob, seed: int, less_dir: Path | None = None) -> dict:
+        """Train (unless ``base``) and evaluate one (setting, method, knob, seed); returns the record. ``less_dir``:
+        where LESS keeps each scored warm-up checkpoint (its scoring, ~1.4 CPU-hours per pool, then resumes)."""
         d = self.data(setting, seed)
         data = d["data"]
         t0 = time.perf_counter()
@@ -126,7 +128,7 @@ class Worker:
         else:
             label, build, _ = METHODS[method]
             selected = offline_selection(method, knob, self.base, self.tok, data, d["g_rows"], d["t_rows"], seed,
-                                  d["cache"])
+                                         d["cache"], less_dir)
             t1 = time.perf_counter()
             metrics = train_sft(copy.deepcopy(self.base), self.tok, d["general"], d["target"], build(knob), recipe,
                                 selected=selected, general_rows=d["g_rows"])
@@ -137,6 +139,7 @@ class Worker:
                 "model": self.model_name, "paradigm": "sft", **ev,
                 "family_weight": weight, "target_family": data.setting.target_family,
                 "seconds_per_step": steps_s, "wall_seconds": time.perf_counter() - t0,
+                "selection_seconds": d["cache"].get(("less_seconds", seed)) if prefilter_of(method) == "less" else None,
                 "device": device_name(self.device),
                 "budget": asdict(recipe) if method != "base" else None, "sizes": asdict(self.sizes)}
 
@@ -154,14 +157,26 @@ def _init_worker(model_name, sizes, recipe, device, threads):
         _WORKER = Worker(model_name, sizes, recipe, device)
 
 
-def _job(args):
-    job, out_dir = args
-    rec = _WORKER.run(*job)
-    write_record(out_dir, rec)
-    print(f"[bench real] {rec['setting']} {rec['label']} knob={rec['knob']} seed={rec['seed']}: target EM "
-          f"{rec['target_em']:.3f}, val EM {rec['val_em']:.3f}, retention {rec['retention_em']:.3f} "
-          f"({rec['wall_seconds']:.0f}s)", flush=True)
-    return rec
+def _task(args):
+    """Run one task (``tasks``: a single job, or the jobs that share one pool's LESS scores), writing each record as
+    it finishes."""
+    jobs, out_dir = args
+    for job in jobs:
+        rec = _WORKER.run(*job, less_dir=Path(out_dir) / "less")
+        write_record(out_dir, rec)
+        print(f"[bench real] {rec['setting']} {rec['label']} knob={rec['knob']} seed={rec['seed']}: target EM "
+              f"{rec['target_em']:.3f}, val EM {rec['val_em']:.3f}, retention {rec['retention_em']:.3f} "
+              f"({rec['wall_seconds']:.0f}s)", flush=True)
+
+
+def tasks(jobs: list[tuple]) -> list[list[tuple]]:
+    """The jobs grouped so that one process scores each (setting, seed)'s pool with LESS once: the LESS-selected
+    jobs of a (setting, seed) form one task, every other job a task of its own."""
+    groups: dict[tuple, list[tuple]] = {}
+    for j in jobs:
+        setting, method, _knob, seed = j
+        groups.setdefault(("less", setting, seed) if prefilter_of(method) == "less" else j, []).append(j)
+    return list(groups.values())
 
 
 def run_jobs(jobs: list[tuple], out_dir: Path, model_name: str, sizes: RealSizes, recipe: SFTRecipe,
@@ -172,14 +187,15 @@ def run_jobs(jobs: list[tuple], out_dir: Path, model_name: str, sizes: RealSizes
         return
     if workers <= 1:
         _init_worker(model_name, sizes, recipe, device, torch.get_num_threads())
-        for j in todo:
-            _job((j, out_dir))
+        for t in tasks(todo):
+            _task((t, out_dir))
         return
     import multiprocessing as mp
 
-    with mp.get_context("spawn").Pool(min(workers, len(todo)), _init_worker,
+    todo_tasks = tasks(todo)
+    with mp.get_context("spawn").Pool(min(workers, len(todo_tasks)), _init_worker,
                                       (model_name, sizes, recipe, device, 1)) as pool:
-        for _ in pool.imap_unordered(_job, [(j, out_dir) for j in todo]):
+        for _ in pool.imap_unordered(_task, [(t, out_dir) for t in todo_tasks]):
             pass
 
 
