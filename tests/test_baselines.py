@@ -153,6 +153,107 @@ def test_less_count_sketch_approximates_the_exact_cosine(lora_f64):
     assert torch.corrcoef(torch.stack([approx, exact]))[0, 1] > 0.9
 
 
+def test_label_window_loss_matches_the_full_loss_and_its_gradients(lora_f64):
+    import torch
+
+    from drpost.baselines.greats import sample_mean_loss
+    from drpost.baselines.less import label_window_loss
+    from drpost.data.collate import collate
+
+    lm, _cap, params, _m, _v, pool, _target, pad = lora_f64
+    batch = collate(pool[:6], pad)
+    first = int((batch["labels"][:, 1:] != -100).any(0).nonzero()[0])
+    assert first > 0  # the prompt positions are really left out of the logits
+    full, n_full = sample_mean_loss(lm, batch)
+    window, n_window = label_window_loss(lm, batch)
+    assert torch.allclose(window, full, rtol=1e-6, atol=1e-10) and torch.equal(n_window, n_full)
+    g_full = torch.autograd.grad(full.sum(), params)
+    g_window = torch.autograd.grad(label_window_loss(lm, batch)[0].sum(), params)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-10) for a, b in zip(g_window, g_full, strict=True))
+
+    class NoWindow(torch.nn.Module):  # a forward without logits_to_keep gets the plain loss
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    assert torch.equal(label_window_loss(NoWindow(lm), batch)[0], full.detach())
+
+
+def test_less_cosines_follow_the_pool_rows_whatever_their_order(lora_f64):
+    import torch
+
+    from drpost.baselines.less import checkpoint_cosines
+
+    lm, cap, params, m, v, pool, target, pad = lora_f64
+    assert len({len(r["input_ids"]) for r in pool}) > 2  # rows of several lengths: batching reorders them
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0)).tolist()
+    a = checkpoint_cosines(lm, cap, params, m, v, pool, target, pad, score_batch=4)
+    b = checkpoint_cosines(lm, cap, params, m, v, [pool[i] for i in perm], target, pad, score_batch=4)
+    assert torch.allclose(b, a[perm], rtol=1e-9, atol=1e-12)
+
+
+def test_count_sketch_by_parts_equals_the_whole_vector():
+    import torch
+
+    from drpost.baselines.less import CountSketch
+
+    g = torch.randn(3, 1000, dtype=torch.float64)
+    sk = CountSketch(1000, 64, seed=2)
+    acc = torch.zeros(3, 64, dtype=torch.float64)
+    for lo, hi in ((0, 10), (10, 400), (400, 1000)):
+        sk.add_(acc, g[:, lo:hi], lo)
+    assert torch.allclose(acc, sk(g), rtol=1e-12, atol=1e-12)
+
+
+def test_less_store_resumes_at_the_missing_checkpoint(micro_less, tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from drpost.baselines import less
+
+    model, tok, p_rows, t_rows = micro_less
+    kw = dict(warmup_frac=0.2, epochs=3, batch_size=4, seed=3)
+    calls = {"cosines": 0, "warmup": 0}
+    real_cos, real_warmup = less.checkpoint_cosines, less._warmup
+
+    def counting_cos(*a, **k):
+        calls["cosines"] += 1
+        return real_cos(*a, **k)
+
+    def counting_warmup(*a, **k):
+        calls["warmup"] += 1
+        return real_warmup(*a, **k)
+
+    monkeypatch.setattr(less, "checkpoint_cosines", counting_cos)
+    monkeypatch.setattr(less, "_warmup", counting_warmup)
+    store = less.CheckpointStore(tmp_path, "pool")
+    ref = less.less_scores(model, tok, p_rows, t_rows, **kw, store=store)
+    assert calls == {"cosines": 3, "warmup": 1} and sorted(p.name for p in tmp_path.iterdir()) == [
+        "pool__ck0.json", "pool__ck1.json", "pool__ck2.json"]
+    assert store.seconds() > 0
+    assert torch.allclose(ref, less.less_scores(model, tok, p_rows, t_rows, **kw), rtol=1e-6)  # same as no store
+
+    (tmp_path / "pool__ck1.json").unlink()  # interrupted while scoring checkpoint 1
+    assert store.seconds() is None
+    tampered = json.loads((tmp_path / "pool__ck2.json").read_text())
+    tampered["fingerprint"] *= 1.01  # a file from another warm-up is not used
+    (tmp_path / "pool__ck2.json").write_text(json.dumps(tampered))
+    calls.update(cosines=0, warmup=0)
+    again = less.less_scores(model, tok, p_rows, t_rows, **kw, store=less.CheckpointStore(tmp_path, "pool"))
+    assert calls == {"cosines": 2, "warmup": 1} and torch.allclose(again, ref, rtol=1e-6)
+
+    calls.update(cosines=0, warmup=0)  # every checkpoint on disk: no warm-up, no scoring
+    done = less.less_scores(model, tok, p_rows, t_rows, **kw, store=less.CheckpointStore(tmp_path, "pool"))
+    assert calls == {"cosines": 0, "warmup": 0} and torch.allclose(done, ref, rtol=1e-6)
+    calls.update(cosines=0, warmup=0)  # other settings (here the seed) never reuse the files
+    less.less_scores(model, tok, p_rows, t_rows, **{**kw, "seed": 4}, store=less.CheckpointStore(tmp_path, "pool"))
+    assert calls == {"cosines": 3, "warmup": 1}
+
+
 def test_count_sketch_preserves_inner_products_on_average():
     import torch
 

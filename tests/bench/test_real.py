@@ -134,3 +134,10 @@ def test_default_methods_agree_and_have_their_knobs():
         assert m in METHODS
         if METHODS[m][2] is not None:  # a method with a knob runs with a fixed or a tuned value, never None
             assert real.knob_values(m) != [None], m
+
+
+def test_less_jobs_of_one_pool_run_in_one_task():
+    jobs = [("fs", "less", 0.02, 0), ("fs", "dsir", 0.02, 0), ("fs", "less", 0.1, 0), ("sr", "less", 0.02, 0),
+            ("fs", "less", 0.02, 1), ("fs", "dsir", 0.1, 0)]
+    assert real.tasks(jobs) == [[("fs", "less", 0.02, 0), ("fs", "less", 0.1, 0)], [("fs", "dsir", 0.02, 0)],
+                                [("sr", "less", 0.02, 0)], [("fs", "less", 0.02, 1)], [("fs", "dsir", 0.1, 0)]]
