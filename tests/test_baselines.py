@@ -153,35 +153,6 @@ def test_less_count_sketch_approximates_the_exact_cosine(lora_f64):
     assert torch.corrcoef(torch.stack([approx, exact]))[0, 1] > 0.9
 
 
-def test_label_window_loss_matches_the_full_loss_and_its_gradients(lora_f64):
-    import torch
-
-    from drpost.baselines.greats import sample_mean_loss
-    from drpost.baselines.less import label_window_loss
-    from drpost.data.collate import collate
-
-    lm, _cap, params, _m, _v, pool, _target, pad = lora_f64
-    batch = collate(pool[:6], pad)
-    first = int((batch["labels"][:, 1:] != -100).any(0).nonzero()[0])
-    assert first > 0  # the prompt positions are really left out of the logits
-    full, n_full = sample_mean_loss(lm, batch)
-    window, n_window = label_window_loss(lm, batch)
-    assert torch.allclose(window, full, rtol=1e-6, atol=1e-10) and torch.equal(n_window, n_full)
-    g_full = torch.autograd.grad(full.sum(), params)
-    g_window = torch.autograd.grad(label_window_loss(lm, batch)[0].sum(), params)
-    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-10) for a, b in zip(g_window, g_full, strict=True))
-
-    class NoWindow(torch.nn.Module):  # a forward without logits_to_keep gets the plain loss
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask=None):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
-
-    assert torch.equal(label_window_loss(NoWindow(lm), batch)[0], full.detach())
-
-
 def test_less_cosines_follow_the_pool_rows_whatever_their_order(lora_f64):
     import torch
 

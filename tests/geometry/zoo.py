@@ -336,7 +336,9 @@ def vocab_of(model) -> int:
 
 def batch(model, rows: int = 8, T: int = 10, seed: int = 0, device: str | torch.device | None = None) -> dict:
     """Right-padded rows of random in-vocabulary ids with unequal lengths (several rows padded, general and
-    target), ``labels`` = ids with -100 on padding and on the first token of every third row. ``device``: None =
+    target), ``labels`` = ids with -100 on padding, on a 2-token prompt in every row and on the third token of
+    every third row (the earliest loss token is at position 2: ``causal_lm_loss`` runs the LM head on the last
+    T - 1 positions only, where the model takes ``logits_to_keep``, and the oracle on all). ``device``: None =
     the model's (the ids are drawn on the CPU, so they are the same on every device)."""
     g = torch.Generator().manual_seed(seed)
     hi = min(HIGH_ID, vocab_of(model))
@@ -347,9 +349,9 @@ def batch(model, rows: int = 8, T: int = 10, seed: int = 0, device: str | torch.
     for r, L in enumerate(lengths):
         ids[r, :L] = torch.randint(LOW_ID, hi, (L,), generator=g)
         attn[r, :L] = 1
-        labels[r, :L] = ids[r, :L]
+        labels[r, 2:L] = ids[r, 2:L]  # a 2-token prompt: no loss
         if r % 3 == 0:
-            labels[r, 1] = -100  # the first scored token (position 1) carries no loss in some rows
+            labels[r, 2] = -100  # the first scored token (position 2) carries no loss in some rows
     if device is None:
         device = next(model.parameters()).device
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
@@ -365,22 +367,29 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
 
 
 def per_sample_grads(model, b: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Exact per-row gradients in the batch's own context: one forward of the whole batch, then one
-    ``autograd.grad`` of each row's summed loss (unused parameters -> zeros). Returns ({name: (R, *shape)},
-    counts (R,), loss_sums (R,))."""
-    from drpost.objectives import causal_lm_loss
-
+    """Exact per-row gradients in the batch's own context: one forward of the whole batch (logits at every
+    position: ``full_logits_loss``, not drpost's windowed loss), then one ``autograd.grad`` of each row's summed
+    loss (unused parameters -> zeros). Returns ({name: (R, *shape)}, counts (R,), loss_sums (R,))."""
     params = trainable(model)
     names, ps = list(params), list(params.values())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loss_sums, counts = causal_lm_loss(model, b)
+        loss_sums, counts = full_logits_loss(model, b)
     rows = []
     for r in range(loss_sums.shape[0]):
         gs = torch.autograd.grad(loss_sums[r], ps, retain_graph=r + 1 < loss_sums.shape[0], allow_unused=True)
         rows.append([torch.zeros_like(p) if gr is None else gr.detach() for p, gr in zip(ps, gs)])
     u = {n: torch.stack([row[j] for row in rows]) for j, n in enumerate(names)}
     return u, counts.detach(), loss_sums.detach()
+
+
+def full_logits_loss(model, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed next-token cross-entropy from the logits at every position (what ``causal_lm_loss`` computes
+    with its LM-head window): (loss_sums (R,), counts (R,))."""
+    from drpost.objectives.sft import token_logprobs
+
+    logp, mask = token_logprobs(_logits(model, b), b["labels"])
+    return -logp.sum(-1), mask.sum(-1).to(logp.dtype)
 
 
 def flat(u: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:

@@ -16,7 +16,7 @@
 
 Cost: one forward and backward per pool row per checkpoint (4 x 4,000 row passes for a real-model pool: hours on a
 CPU). Rows are batched in length order (little padding), the LM head runs only from the first position a loss
-token is read at (``label_window_loss``: the vocabulary-wide logits of prompt positions are never needed), and a
+token is read at (``objectives.sft.causal_lm_loss``: prompt positions get no vocabulary-wide logits), and a
 ``CheckpointStore`` keeps each finished checkpoint's cosines on disk, so that an interrupted scoring resumes at the
 checkpoint it was on.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import json
 import random
 import time
@@ -37,7 +36,6 @@ from drpost.baselines.greats import sample_mean_loss
 from drpost.data.collate import collate
 from drpost.geometry.capture import Capture
 from drpost.geometry.persample import per_sample_gradient_blocks
-from drpost.objectives.sft import token_logprobs
 from drpost.trainers.loop import warmup_linear
 
 
@@ -60,28 +58,6 @@ class CountSketch:
         return out.index_add_(1, self.bucket[cols], part * self.sign[cols].to(part.dtype))
 
 
-def _takes_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-def label_window_loss(model, batch: dict):
-    """``sample_mean_loss`` (per-row token-mean loss, count 1) with logits only from ``start`` on, the first position
-    whose next token any row's loss reads: the LM head and the vocabulary-wide log-softmax run on (R, T - start, V)
-    instead of (R, T, V) (here a chat prompt is ~85% of a row). Same values; a model whose forward has no
-    ``logits_to_keep`` gets the plain loss."""
-    labels = batch["labels"]  # (R, T)
-    read = (labels[:, 1:] != -100).any(0)  # (T-1,) position t's logits score token t+1
-    if not read.any() or not _takes_logits_to_keep(model):
-        return sample_mean_loss(model, batch)
-    start = int(read.nonzero()[0])
-    T = labels.shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_to_keep=T - start)
-    logp, mask = token_logprobs(out.logits, labels[:, start:])  # logits (R, T - start, V): positions start..T-1
-    counts = mask.sum(-1).to(logp.dtype)  # (R,)
-    return -logp.sum(-1) / counts.clamp_min(1), torch.ones_like(counts)
-
-
 def _batch(model, rows: list[dict], pad: int) -> dict:
     """The padded batch of ``rows`` on the model's device."""
     dev = next(model.parameters()).device
@@ -92,7 +68,7 @@ def _parts(model, rows, pad, cap):
     """Per-example gradients of one batch of ``rows``, part by part (``per_sample_gradient_blocks``): yields
     (column offset, (B, P_b) part on the CPU, fp32 or wider)."""
     off = 0
-    for g in per_sample_gradient_blocks(model, _batch(model, rows, pad), label_window_loss, cap):
+    for g in per_sample_gradient_blocks(model, _batch(model, rows, pad), sample_mean_loss, cap):
         yield off, (g.float() if g.dtype in (torch.float16, torch.bfloat16) else g).cpu()
         off += g.shape[1]
 
@@ -147,7 +123,7 @@ def _warmup(model, params, pool_rows, pad, rng, *, warmup_frac, epochs, lr, batc
         lrs = []
         for s in range(steps_per_epoch):
             b = _batch(model, [pool_rows[i] for i in warm[s * batch_size:(s + 1) * batch_size]], pad)
-            loss, counts = label_window_loss(model, b)
+            loss, counts = sample_mean_loss(model, b)
             (loss.sum() / counts.sum()).backward()
             lrs.append(opt.param_groups[0]["lr"])
             opt.step()

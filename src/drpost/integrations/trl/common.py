@@ -11,7 +11,8 @@ from accelerate.utils import DistributedType
 from packaging.version import Version
 from torch import Tensor
 
-from drpost.integrations.trl.logits import _accepts_logits_to_keep, _label_positions_only, _tapped
+from drpost.integrations.trl.logits import _label_positions_only, _tapped
+from drpost.objectives.sft import accepts_logits_to_keep
 from drpost.step import DataRegularizer, merge_batches, take_rows
 
 TRL_RANGE = (">=1.0", "<2")
@@ -115,7 +116,7 @@ class _DrMixin:
     def _dr_head(self, loss_fn, reg):
         """``loss_fn`` with the LM head on label positions only, where the model takes ``logits_to_keep``."""
         if getattr(self, "_dr_keep_ok", None) is None:
-            self._dr_keep_ok = _accepts_logits_to_keep(reg.model)
+            self._dr_keep_ok = accepts_logits_to_keep(reg.model)
         return _label_positions_only(loss_fn) if self._dr_keep_ok else loss_fn
 
     def _dr_two_pass(self, reg) -> bool:

@@ -4,11 +4,10 @@ positions only (``logits_to_keep``, as TRL's fused LM head does) and the logit t
 
 from __future__ import annotations
 
-import inspect
-
 import torch
-from accelerate.utils import is_peft_model
 from torch import Tensor
+
+from drpost.objectives.sft import label_window
 
 
 # --------------------------------------------------------------------------- LM head on label positions only
@@ -27,14 +26,6 @@ class _FullInputs(torch.nn.Module):
         return self.inner(input_ids=self.ids, attention_mask=self.mask, logits_to_keep=self.keep, **kw)
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if is_peft_model(model) else model
-    try:
-        return "logits_to_keep" in inspect.signature(type(base).forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - exotic forward
-        return False
-
-
 def _label_positions_only(loss_fn):
     """``loss_fn`` with the LM head run only from the position before the batch's earliest label token onward (the
     prompt columns that precede every row's completion get no logits): the model still sees the full rows, the loss
@@ -45,8 +36,7 @@ def _label_positions_only(loss_fn):
     def fn(model, batch):
         labels = batch["labels"]  # (R, T)
         R, T = labels.shape
-        cols = torch.nonzero((labels[:, 1:] != -100).any(0)).flatten()  # columns t+1 with a label in some row
-        keep = T - int(cols[0]) if cols.numel() else T  # logits of positions first_label - 1 .. T - 1
+        keep = label_window(labels)  # logits of positions first_label - 1 .. T - 1
         if keep >= T:
             return loss_fn(model, batch)
         trimmed = {k: (v[:, T - keep:] if isinstance(v, Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (R, T)
