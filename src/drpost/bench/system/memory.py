@@ -22,7 +22,9 @@ step's start.
 
 The ratios (``peak_mem_ratio``, ``step_mem_ratio``, in ``measure.measure_case``) divide by the standard step's.
 
-Logits: the model computes its LM head at every position, ``R T V`` float32 values (``logits_bytes``), and the loss
+Logits: the SFT loss computes the LM head from the batch's earliest label position on (``objectives.sft.
+causal_lm_loss``); the benchmark's rows are labelled at every position, so here that is every position, ``R T V``
+float32 values (``logits_bytes``), and the loss
 (``objectives.sft.token_logprobs``, which shifts the labels rather than slicing the logits, so no copy) holds up to
 three tensors of that size at once in the backward: the log-softmax output it saved, its gradient and the logits'
 gradient. Computing the head only at label positions would make each of them ``label_positions x V`` instead: it
