@@ -141,3 +141,24 @@ def test_less_jobs_of_one_pool_run_in_one_task():
             ("fs", "less", 0.02, 1), ("fs", "dsir", 0.1, 0)]
     assert real.tasks(jobs) == [[("fs", "less", 0.02, 0), ("fs", "less", 0.1, 0)], [("fs", "dsir", 0.02, 0)],
                                 [("sr", "less", 0.02, 0)], [("fs", "less", 0.02, 1)], [("fs", "dsir", 0.1, 0)]]
+
+
+def test_less_scores_the_pool_once_per_seed_and_resumes_by_checkpoint(tiny_folder, tmp_path, small, monkeypatch):
+    out = tmp_path / "r"
+    assert _bench(tiny_folder, out, "seeds=0", "methods=less") == 0
+    files = sorted((out / "less").glob("*.json"))
+    assert [f.name for f in files] == [f"sparse_related__s0__ck{c}.json" for c in range(4)]
+    saved = json.loads(files[0].read_text())
+    assert len(saved["cosines"]) == SMALL.n_pool and saved["key"]["seed"] == 0 and saved["key"]["proj_dim"] is None
+    name = real.record_name("sparse_related", "less", real.REAL_FIXED["less"], 0)
+    rec = json.loads((out / "raw" / name).read_text())
+    assert rec["selection_seconds"] > 0
+
+    # stopped while scoring checkpoint 3: the rerun scores checkpoint 3 only and trains again
+    (out / "raw" / name).unlink()
+    files[3].unlink()
+    before = {f.name: f.stat().st_mtime_ns for f in files[:3]}
+    monkeypatch.setattr(real, "_WORKER", None)  # a new process: no scores kept in memory
+    assert _bench(tiny_folder, out, "seeds=0", "methods=less") == 0
+    assert files[3].exists() and (out / "raw" / name).exists()
+    assert {f.name: f.stat().st_mtime_ns for f in files[:3]} == before
