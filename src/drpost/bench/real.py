@@ -116,7 +116,7 @@ class Worker:
 
     def run(self, setting: str, method: str, knob, seed: int, less_dir: Path | None = None) -> dict:
         """Train (unless ``base``) and evaluate one (setting, method, knob, seed); returns the record. ``less_dir``:
-        where LESS keeps each scored warm-up checkpoint (its scoring, ~1.4 CPU-hours per pool, then resumes)."""
+        where LESS keeps each scored warm-up checkpoint (its scoring, ~1.7 CPU-hours per pool, then resumes)."""
         d = self.data(setting, seed)
         data = d["data"]
         t0 = time.perf_counter()
