@@ -107,7 +107,8 @@ class DataRegularizer:
         linear_only: score and update only Linear/Conv1D layers (others are frozen during the step).
         report_scores: also compute scores for full_training / target_only (otherwise skipped: not needed).
         autotune: with ``scoring="auto"``, time every exact candidate once on the first sight of each block shape
-            (block, rows, target rows, T, Gram needed) and keep the fastest, instead of trusting the cost model.
+            (block, rows, target rows, T, Gram needed, positions its uses ran on) and keep the fastest, instead of
+            trusting the cost model.
         process_group: data parallelism (geometry/distributed.py, docs/distributed.md): ``"auto"`` (default)
             computes the global step over all ranks when torch.distributed is initialized with world size > 1;
             None keeps each rank's step local; or a ProcessGroup. Pass the unwrapped module, not a DDP wrapper.
@@ -147,7 +148,8 @@ class DataRegularizer:
         self.sketcher = Sketcher(*self.sketch, seed=seed)
         self.rates = cost.Rates()
         self.local_geometry = LocalGeometry()
-        self._choice: dict[tuple, str] = {}  # scoring method per (block, rows, target rows, T, Gram needed)
+        # scoring method per (block, rows, target rows, T, Gram needed, positions its uses ran on)
+        self._choice: dict[tuple, str] = {}
         self._needs_capture = False  # full_training / target_only's loss reached a leaf the shortcut cannot serve
 
     # ------------------------------------------------------------------ public
@@ -184,8 +186,8 @@ class DataRegularizer:
             return "direct", None  # per-row gradients materialized in the backward: every exact method reads them
         if self.scoring != "auto":
             return self.scoring, None
-        key = (block_idx, n_rows, m_rows, T, need_gram)
-        if key not in self._choice:  # re-decided whenever the shapes change
+        key = (block_idx, n_rows, m_rows, T, need_gram, cost.positions(block))
+        if key not in self._choice:  # re-decided whenever the shapes change (an LM head's loss window too)
             if self.autotune and tc is not None and block.factored:
                 needs = self.needs()
                 cands = ["full_ghost", "direct"] + ([] if need_gram else ["reduced_ghost"])

@@ -14,17 +14,24 @@ from drpost.bench.system.memory import cpu_peak_available
 CORE = {m.name for m in system.method_list() if m.core}
 
 
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory):
+RATES = dict(flops_per_s=77e9, bytes_per_s=16.6e9)
+
+
+def _micro(tmp_path_factory, **kw):
     """One micro run, its floors at fixed rates (these CPUs, one thread): rates calibrated on a loaded machine can
     make a GEMV look dearer than a GEMM, and the floor checks below are about the model, not the machine's load."""
     from drpost.geometry import cost
 
     out = tmp_path_factory.mktemp("smollm2")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cost, "calibrate", lambda *a, **k: cost.Rates(flops_per_s=77e9, bytes_per_s=16.6e9))
-        res = system.run_system_bench(out, micro=True, model="smollm2", repeats=1, log=lambda *a: None)
+        mp.setattr(cost, "calibrate", lambda *a, **k: cost.Rates(**RATES))
+        res = system.run_system_bench(out, micro=True, model="smollm2", repeats=1, log=lambda *a: None, **kw)
     return out, res
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    return _micro(tmp_path_factory)
 
 
 def test_smollm2_micro_rows_floors_and_memory(micro_run):
@@ -64,13 +71,42 @@ def test_smollm2_micro_rows_floors_and_memory(micro_run):
     assert "model=smollm2 micro=true" in md and "peak MiB" in md and "Logits:" in md
 
 
-@pytest.mark.parametrize("size, mode", [("smollm2-micro", "lora"), ("smollm2-micro", "full"), ("micro", "full")])
-def test_floor_held_weights_are_the_engines(size, mode):
-    """``floors.block_weights`` says which weights hold per-row gradients; the captured backward agrees."""
+def test_a_prompt_moves_the_lm_head_to_the_loss_window(micro_run, tmp_path_factory):
+    """``prompt_frac=0.5`` masks the first 8 of 16 positions: the LM head runs on the last 9, and the floor's skipped
+    weight-gradient GEMMs shrink by exactly the head's 2 R (16 - 9) p q FLOPs; the logits fields say the window."""
+    out, res = _micro(tmp_path_factory, prompt_frac=0.5)
+    data = json.loads((out / "system.json").read_text())
+    assert data["settings"]["prompt_frac"] == 0.5
+    for c, c0 in zip(res["cases"], micro_run[1]["cases"], strict=True):
+        cf, lg = c["config"], c["logits"]
+        R = cf["n"] + cf["m"]
+        assert cf["prompt_frac"] == 0.5 and "prompt_frac" not in c0["config"]
+        assert lg["window_positions"] == 9 and c0["logits"]["window_positions"] == 16
+        assert lg["window_logits_bytes"] == R * 9 * 1024 * 4 and lg["label_positions"] == R * 8
+        a, b = c["methods"]["layerwise/one_pass/auto"], c0["methods"]["layerwise/one_pass/auto"]
+        if cf["mode"] == "full":  # the tied head is trained: its GEMM is skipped at 9 positions instead of 16
+            want = 2 * R * (16 - 9) * 1024 * 576 / RATES["flops_per_s"]
+            assert b["wgrad_skipped_s"] - a["wgrad_skipped_s"] == pytest.approx(want, rel=1e-9)
+        else:  # LoRA leaves the head frozen: nothing of it in the floor
+            assert a["wgrad_skipped_s"] == pytest.approx(b["wgrad_skipped_s"], rel=1e-9)
+    md = (out / "summary.md").read_text()
+    assert "prompt=0.5" in md and "last 9 of 16 positions" in md and "prompt_frac=0.5" in md
+
+
+def test_prompt_frac_is_checked():
+    with pytest.raises(ValueError, match="option 'prompt_frac'"):
+        system.run_system_bench("/nonexistent/x", micro=True, prompt_frac=1.0, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("size, mode, prompt_frac", [("smollm2-micro", "lora", 0.0), ("smollm2-micro", "full", 0.0),
+                                                      ("micro", "full", 0.0), ("smollm2-micro", "full", 0.75)])
+def test_floor_held_weights_are_the_engines(size, mode, prompt_frac):
+    """``floors.block_weights`` says which weights hold per-row gradients; the captured backward agrees (with a
+    prompt too: the LM head then runs on the loss window)."""
     from drpost.objectives import causal_lm_loss
 
     methods = [m for m in system.method_list() if m.name == "layerwise/one_pass/auto"]
-    case = system.Case(size, mode, 16, 4, 1, "cpu", methods)
+    case = system.Case(size, mode, 16, 4, 1, "cpu", methods, prompt_frac=prompt_frac)
     reg = case.regs["layerwise/one_pass/auto"]
     cap = reg.capture
     with cap:
@@ -81,10 +117,12 @@ def test_floor_held_weights_are_the_engines(size, mode):
         engine = [b.rows is not None for b in cap.collect()]
     finally:
         cap.reset()
-    assert [any(w.held for w in ws) for ws in block_weights(reg, 16)] == engine
+    assert case.head_T == (16 if prompt_frac == 0 else 16 - 12 + 1)
+    weights = block_weights(reg, 16, case.head_T)
+    assert [any(w.held for w in ws) for ws in weights] == engine
     if size == "smollm2-micro" and mode == "full":  # the tied embedding / LM head: one weight, two uses
-        tied = [w for ws in block_weights(reg, 16) for w in ws if w.onehot]
-        assert [(w.p, w.q, w.dense, w.onehot) for w in tied] == [(1024, 576, 1, 1)]
+        tied = [w for ws in weights for w in ws if w.onehot]
+        assert [(w.p, w.q, w.dense, w.onehot, w.tokens) for w in tied] == [(1024, 576, 1, 1, case.head_T)]
 
 
 def test_smollm2_grid_and_seq_lengths():

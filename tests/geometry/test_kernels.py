@@ -221,23 +221,32 @@ def test_direct_beyond_its_budget_scores_in_chunks(setup, monkeypatch, chunk_byt
         assert torch.allclose(P, want, rtol=ORACLE_RTOL, atol=ORACLE_RTOL * full.norm() ** 2), b.name
 
 
+def _tied_head(R: int, T: int, k: int | None = None):
+    """SmolLM2's tied 49,152 x 576 embedding / LM head as a block of meta tensors: the lookup at T positions, the
+    head at the last k (T where None)."""
+    from types import SimpleNamespace
+
+    from drpost.geometry.factors import OneHot
+
+    k = T if k is None else k
+    lm_head = SimpleNamespace(a=torch.empty(R, k, 576, device="meta"), b=torch.empty(R, k, 49152, device="meta"))
+    lookup = SimpleNamespace(a=OneHot(torch.empty(R, T, device="meta"), 49152),
+                             b=torch.empty(R, T, 576, device="meta"))
+    return SimpleNamespace(rows=None, factored={torch.empty(49152, 576, device="meta"): [lm_head, lookup]})
+
+
 def test_auto_prices_a_large_block_by_time_and_chunks_it(monkeypatch):
     """``scoring=auto`` keeps ``direct`` for a block of any size (it is chunked beyond the budget): for the tied
     SmolLM2 head it picks full ghost for scores and for a Gram of 9 rows at T=64, direct for a Gram at T=256 or of 33
     rows (as measured: cost.choose). End to end, chunking
     changes nothing but memory: the hull step with a 1-byte budget fills the same ``.grad``."""
-    from types import SimpleNamespace
-
     from drpost.geometry import cost, kernels
-    from drpost.geometry.factors import OneHot
 
-    lm_head, lookup = SimpleNamespace(a=torch.empty(0)), SimpleNamespace(a=OneHot(torch.empty(0), 49152))
-    head = SimpleNamespace(rows=None, factored={torch.empty(49152, 576, device="meta"): [lm_head, lookup]})
     rates = cost.Rates(flops_per_s=84e9, bytes_per_s=15.8e9)  # these CPUs, one thread
-    assert cost.choose(head, 8, 1, 64, False, rates) == "full_ghost"
-    assert cost.choose(head, 8, 1, 64, True, rates) == "full_ghost"
-    assert cost.choose(head, 8, 1, 256, True, rates) == "direct"
-    assert cost.choose(head, 32, 1, 64, True, rates) == "direct"
+    assert cost.choose(_tied_head(9, 64), 8, 1, 64, False, rates) == "full_ghost"
+    assert cost.choose(_tied_head(9, 64), 8, 1, 64, True, rates) == "full_ghost"
+    assert cost.choose(_tied_head(9, 256), 8, 1, 256, True, rates) == "direct"
+    assert cost.choose(_tied_head(33, 64), 32, 1, 64, True, rates) == "direct"
 
     from tests.helpers import batch, tiny_model
 
@@ -255,3 +264,46 @@ def test_auto_prices_a_large_block_by_time_and_chunks_it(monkeypatch):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_cost_model_prices_each_use_at_its_own_positions():
+    """An LM head that runs only on the loss window (k of T positions) is priced at k: the Gram over 9 rows at T=256
+    goes to full ghost when the head saw the last 8 positions (8^2 token pairs, not 256^2), and a use's positions
+    enter every method's terms as a single use at that length would."""
+    from drpost.geometry import cost
+
+    rates = cost.Rates(flops_per_s=84e9, bytes_per_s=15.8e9)
+    assert cost.choose(_tied_head(9, 256, k=8), 8, 1, 256, True, rates) == "full_ghost"
+    assert cost.block_shapes(_tied_head(9, 256, k=8), dense_uses=True) == [(49152, 576, 1, 8)]
+    assert cost.block_shapes(_tied_head(9, 256, k=8)) == [(49152, 576, 2, 264)]
+    assert cost.positions(_tied_head(9, 256, k=8)) == 264
+    for need_gram in (False, True):
+        at_k = cost.method_costs([(1536, 576, 1)], 8, 1, 8, need_gram, rates)
+        assert cost.method_costs([(1536, 576, 1, 8)], 8, 1, 256, need_gram, rates) == at_k
+        two_uses = cost.method_costs([(1536, 576, 2)], 8, 1, 64, need_gram, rates)
+        assert cost.method_costs([(1536, 576, 2, 128)], 8, 1, 999, need_gram, rates) == two_uses
+    assert cost.compress_seconds([(1536, 576, 1, 8)], 8, 1, 256, 64, 64, True, rates) == \
+        cost.compress_seconds([(1536, 576, 1)], 8, 1, 8, 64, 64, True, rates)
+
+
+def test_a_new_loss_window_is_priced_again():
+    """The step caches the cost model's choice per block shape; the positions the uses ran on are part of the key,
+    so a batch whose loss window is shorter (same T) is priced again rather than given the old choice."""
+    from tests.helpers import batch, tiny_model
+
+    import drpost
+    from drpost.objectives import causal_lm_loss
+
+    model = tiny_model("llama")
+    reg = drpost.DataRegularizer(model, method="layerwise_subset", frac=0.5)
+    gen, tgt = batch(4, seed=0), batch(1, seed=1)
+    assert reg.step(gen, tgt, causal_lm_loss)
+    keys = set(reg._choice)
+    T = gen["labels"].shape[1]
+    for b in (gen, tgt):
+        b["labels"][:, : T // 2] = -100  # a prompt: the LM head runs on the last half only
+    assert reg.step(gen, tgt, causal_lm_loss)
+    new = set(reg._choice) - keys
+    assert new and all(k[3] == T for k in new)
+    head = {k[0] for k in new}
+    assert {k[0] for k in keys} >= head and len(new) < len(keys)  # the head's block, not the layers, is new

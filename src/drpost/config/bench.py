@@ -86,6 +86,9 @@ class BenchSystemConfig:
         factory=lambda: ["auto", "full_ghost", "reduced_ghost", "direct", "compress"],
         help="Scoring methods whose rows are timed; the standard step, full_training and torch.func rows are "
              "always timed.")
+    prompt_frac: float = _opt(0.0, "Share of each row's leading tokens that are a prompt without labels: the loss, "
+                                   "and the LM head with it, runs only on the window after it (0 = every position "
+                                   "a label); the floors price the head at the window.", min=0.0, max=0.99)
     resume: bool = _opt(True, "Keep the configurations that a stopped run with the same options, device, threads "
                               "and clock wrote to output_dir/system.json, and measure only the others; false = "
                               "measure every configuration again.")

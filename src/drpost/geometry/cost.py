@@ -1,6 +1,8 @@
 """Per-block cost model for ``scoring: auto``: FLOPs and memory traffic of each exact method.
 
-For a block with factored weights of parameter shapes (p_j, q_j), n general rows, m target rows, T tokens:
+For a block with factored weights of parameter shapes (p_j, q_j), n general rows, m target rows, T tokens (each
+use of a weight at its own token count: an LM head that runs only on the loss window has k < T positions, and its
+terms below take k; a weight with several uses sums them: S = sum of its uses' tokens, S^2 for the token pairs):
 
 ==============  =====================================================  ==========================================
 method          FLOPs (scores; + Gram when needed)                     bytes moved (dominant terms)
@@ -31,31 +33,54 @@ class Rates:
     bytes_per_s: float = 1e10
 
 
-def block_shapes(block: Block, dense_uses: bool = False) -> list[tuple[int, int, int]]:
-    """(p, q, number of uses) of each factored weight of the block; ``dense_uses``: embedding lookups (one-hot
-    uses) not counted beside a dense use of the same weight (at least one use per weight)."""
-    def count(us) -> int:
-        return max(1, sum(not isinstance(u.a, OneHot) for u in us)) if dense_uses else len(us)
+def block_shapes(block: Block, dense_uses: bool = False) -> list[tuple[int, int, int, int]]:
+    """(p, q, number of uses, tokens per row summed over those uses) of each factored weight of the block;
+    ``dense_uses``: embedding lookups (one-hot uses) not counted beside a dense use of the same weight (at least one
+    use per weight)."""
+    def counted(us) -> list:
+        if not dense_uses:
+            return list(us)
+        dense = [u for u in us if not isinstance(u.a, OneHot)]
+        return dense or list(us[:1])
 
-    return [(p.shape[0], p.numel() // p.shape[0], count(us)) for p, us in block.factored.items()]
+    return [(p.shape[0], p.numel() // p.shape[0], max(1, len(c)), sum(_tokens(u) for u in c))
+            for p, us in block.factored.items() for c in [counted(us)]]
+
+
+def _tokens(u) -> int:
+    """Positions per row of one use: its output gradient ``b`` is (R, T_use, d_out)."""
+    return int(u.b.shape[1])
+
+
+def positions(block: Block) -> int:
+    """The positions per row that the block's factored uses ran on, summed (a key for the cost model's choice)."""
+    return sum(_tokens(u) for us in block.factored.values() for u in us)
+
+
+def _uses_tokens(shape, T: int) -> tuple[int, int, int, int]:
+    """(p, q, uses, S) of a shape given as (p, q, uses) (every use at T tokens: S = uses T) or (p, q, uses, S)."""
+    p, q, k = shape[:3]
+    return p, q, k, (shape[3] if len(shape) > 3 else k * T)
 
 
 def method_costs(shapes, n: int, m: int, T: int, need_gram: bool, rates: Rates, elem: int = 4) -> dict[str, float]:
-    """Estimated seconds per exact method for one block (``reduced_ghost`` absent when the Gram is needed)."""
+    """Estimated seconds per exact method for one block (``reduced_ghost`` absent when the Gram is needed).
+    ``shapes``: (p, q, uses) at T tokens each, or (p, q, uses, S) with S the tokens per row summed over the uses."""
     fl = {"full_ghost": 0.0, "reduced_ghost": 0.0, "direct": 0.0}
     by = {"full_ghost": 0.0, "reduced_ghost": 0.0, "direct": 0.0}
     R = n + m
-    for p, q, k in shapes:
-        u2 = k * k  # pairs of uses of a tied weight
-        fl["full_ghost"] += u2 * 2 * (n * m + m * m) * T * T * (p + q)
-        by["full_ghost"] += u2 * (n * m + m * m) * T * T * 2 * elem
-        fl["reduced_ghost"] += k * 2 * R * T * p * q
-        by["reduced_ghost"] += (p * q + k * R * T * (p + q)) * elem
-        fl["direct"] += k * 2 * R * T * p * q + 2 * R * p * q
+    for shape in shapes:
+        p, q, _, S = _uses_tokens(shape, T)
+        S2 = S * S  # token pairs, over every pair of uses of a tied weight
+        fl["full_ghost"] += 2 * (n * m + m * m) * S2 * (p + q)
+        by["full_ghost"] += (n * m + m * m) * S2 * 2 * elem
+        fl["reduced_ghost"] += 2 * R * S * p * q
+        by["reduced_ghost"] += (p * q + R * S * (p + q)) * elem
+        fl["direct"] += 2 * R * S * p * q + 2 * R * p * q
         by["direct"] += 2 * R * p * q * elem
         if need_gram:
-            fl["full_ghost"] += u2 * 2 * n * n * T * T * (p + q)
-            by["full_ghost"] += u2 * n * n * T * T * 2 * elem
+            fl["full_ghost"] += 2 * n * n * S2 * (p + q)
+            by["full_ghost"] += n * n * S2 * 2 * elem
             fl["direct"] += 2 * R * R * p * q
     costs = {k: fl[k] / rates.flops_per_s + by[k] / rates.bytes_per_s for k in fl}
     if need_gram:
@@ -64,11 +89,12 @@ def method_costs(shapes, n: int, m: int, T: int, need_gram: bool, rates: Rates, 
 
 
 def choose(block: Block, n: int, m: int, T: int, need_gram: bool, rates: Rates) -> str:
-    """The exact scoring method of least estimated time for this block. ``direct`` holds per-row gradients whole
-    only where they are worth keeping for the assembly (else they come in chunks and the factors stay for the
-    assembly), so a large-vocabulary embedding / LM head (SmolLM2-135M's tied 49,152 x 576: ~1 GB for 9
-    whole rows) is priced by time alone: full ghost where its token pairs are few, direct where they are many
-    (a Gram over 33 rows, or T=256)."""
+    """The exact scoring method of least estimated time for this block, each use priced at the positions it ran on
+    (its factors say; ``T`` is the batch's length): an LM head that runs on the loss window only has few token
+    pairs. ``direct`` holds per-row gradients whole only where they are worth keeping for the assembly (else they
+    come in chunks and the factors stay for the assembly), so a large-vocabulary embedding / LM head
+    (SmolLM2-135M's tied 49,152 x 576: ~1 GB for 9 whole rows) is priced by time alone: full ghost where its token
+    pairs are few, direct where they are many (a Gram over 33 rows, or T=256 at every position)."""
     if block.rows is not None:
         return "direct"  # per-row gradients already materialized in the backward: reading them is all it takes
     # an embedding lookup (one-hot use) costs a scatter in direct and a gather / id comparison in full ghost, next
@@ -84,12 +110,12 @@ def choose(block: Block, n: int, m: int, T: int, need_gram: bool, rates: Rates) 
 
 def crossover_m(shapes, T: int) -> float:
     """m* = sum(p q) / (T sum(p+q)): above it reduced ghost beats full ghost (scores only)."""
-    return sum(p * q for p, q, _ in shapes) / (T * sum(p + q for p, q, _ in shapes))
+    return sum(p * q for p, q, *_ in shapes) / (T * sum(p + q for p, q, *_ in shapes))
 
 
 def crossover_T(shapes) -> float:
     """T* = sum(p q) / sum sqrt(p q): reduced ghost vs direct."""
-    return sum(p * q for p, q, _ in shapes) / sum((p * q) ** 0.5 for p, q, _ in shapes)
+    return sum(p * q for p, q, *_ in shapes) / sum((p * q) ** 0.5 for p, q, *_ in shapes)
 
 
 def calibrate(device="cpu", dtype=torch.float32, size: int = 512, repeats: int = 5) -> Rates:
@@ -116,21 +142,18 @@ def calibrate(device="cpu", dtype=torch.float32, size: int = 512, repeats: int =
 
 
 # --------------------------------------------------------------------------- floors (system benchmark)
-def gemm_seconds(shapes, rows: int, T: int, rates: Rates) -> float:
-    """One weight-gradient GEMM per use, ``sum_r B_r^T A_r`` over ``rows`` rows: 2 rows T p q FLOPs each."""
-    return sum(k * 2 * rows * T * p * q for p, q, k in shapes) / rates.flops_per_s
-
-
 def compress_seconds(shapes, n: int, m: int, T: int, k_out: int, k_in: int, need_gram: bool, rates: Rates,
                      elem: int = 4) -> float:
     """Kronecker sketch of every row: project B and A (2 R T (p k_out + q k_in)), form the k_out x k_in sketch
-    (2 R T k_out k_in); scores (and the Gram) from the (R, k_out k_in) matrix; bytes: the projected factors."""
+    (2 R T k_out k_in); scores (and the Gram) from the (R, k_out k_in) matrix; bytes: the projected factors.
+    ``shapes`` as in ``method_costs`` (T S: the tokens of every use together)."""
     R = n + m
     fl = by = 0.0
-    for p, q, k in shapes:
+    for shape in shapes:
+        p, q, _, S = _uses_tokens(shape, T)
         ko, ki = min(k_out, p), min(k_in, q)
-        fl += k * (2 * R * T * (p * ko + q * ki) + 2 * R * T * ko * ki) + 2 * R * ko * ki
-        by += k * R * T * (ko + ki) * elem * 2
+        fl += 2 * R * S * (p * ko + q * ki) + 2 * R * S * ko * ki + 2 * R * ko * ki
+        by += R * S * (ko + ki) * elem * 2
         if need_gram:
             fl += 2 * n * n * ko * ki
     return fl / rates.flops_per_s + by / rates.bytes_per_s

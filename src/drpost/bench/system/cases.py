@@ -128,12 +128,22 @@ def build_model(size: str, mode: str, T: int, device, seed: int = 0, attn: str =
     return model
 
 
-def make_batch(rows: int, T: int, seed: int, device, vocab: int = VOCAB) -> dict:
-    """``rows`` rows of ``T`` random tokens, every position a label."""
+def make_batch(rows: int, T: int, seed: int, device, vocab: int = VOCAB, prompt: int = 0) -> dict:
+    """``rows`` rows of ``T`` random tokens, every position a label but the first ``prompt`` (a prompt: label
+    -100, so the LM head runs on the last T - prompt + 1 positions only, ``objectives.label_window``)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (rows, T), generator=g)  # (rows, T)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "labels": ids.clone().to(device)}
+            "labels": labels.to(device)}
+
+
+def prompt_tokens(T: int, prompt_frac: float) -> int:
+    """The prompt positions of a row of T tokens at ``prompt_frac`` (at least 2 positions keep a label)."""
+    if not 0.0 <= prompt_frac < 1.0:
+        raise ValueError(f"option 'prompt_frac' must be in [0, 1), got {prompt_frac!r}")
+    return min(int(round(prompt_frac * T)), T - 2)
 
 
 # --------------------------------------------------------------------------- clocks
@@ -187,7 +197,9 @@ class Clock:
 class Case:
     """One configuration: model, batches, optimizer and a runner per method."""
 
-    def __init__(self, size, mode, T, n, m, device, methods: list[Method], sketch="64x64", precision="fp32"):
+    def __init__(self, size, mode, T, n, m, device, methods: list[Method], sketch="64x64", precision="fp32",
+                 prompt_frac: float = 0.0):
+        from drpost.objectives.sft import accepts_logits_to_keep, label_window
         from drpost.step import merge_batches
 
         if precision not in ("fp32", "bf16"):
@@ -199,8 +211,12 @@ class Case:
         self.model = build_model(size, mode, T, device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=LR)
-        self.gen, self.tgt = make_batch(n, T, 1, device, self.vocab), make_batch(m, T, 2, device, self.vocab)
+        self.prompt = prompt_tokens(T, prompt_frac)
+        self.gen = make_batch(n, T, 1, device, self.vocab, self.prompt)
+        self.tgt = make_batch(m, T, 2, device, self.vocab, self.prompt)
         self.merged = merge_batches(self.gen, self.tgt, device)
+        # positions the LM head runs on (causal_lm_loss): the loss window where the model takes logits_to_keep
+        self.head_T = label_window(self.merged["labels"]) if accepts_logits_to_keep(self.model) else T
         self.methods = methods
         self.regs = {}
         self.reports = {}
@@ -320,4 +336,5 @@ class Case:
 
 
 def cfg_label(c: dict) -> str:
-    return f"{c['size']} {c['mode']} T={c['T']} n={c['n']} m={c['m']}"
+    return f"{c['size']} {c['mode']} T={c['T']} n={c['n']} m={c['m']}" + (
+        f" prompt={c['prompt_frac']:g}" if c.get("prompt_frac") else "")

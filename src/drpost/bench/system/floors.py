@@ -3,7 +3,8 @@
 
 The floor models what the engine runs (``drpost.step``, ``geometry/capture.py``, ``kernels.py``), per factored
 weight of shape (p, q) with R = n + m rows of T tokens, at the calibrated GEMM rate F and copy bandwidth B
-(``cost.calibrate``), 4-byte elements:
+(``cost.calibrate``), 4-byte elements. Below, a dense use's T is the positions it runs on: the LM head's is the loss
+window (the last k positions, ``objectives.label_window``) when the rows have a prompt (``prompt_frac``):
 
 * the measured standard step, minus what the captured backward skips: autograd's weight-gradient GEMM of every
   dense use (2 R T p q / F) and, for an embedding lookup (a one-hot use), its scatter into a dense gradient
@@ -44,22 +45,30 @@ class Weight(NamedTuple):
     dense: int  # dense uses (Linear / Conv1D calls)
     onehot: int  # one-hot uses (embedding lookups)
     held: bool  # per-row gradients materialized in the backward
+    tokens: int  # positions per row of its dense uses, summed (T each; the LM head: its window)
 
 
-def block_weights(reg, T: int) -> list[list[Weight]]:
+def block_weights(reg, T: int, head_T: int | None = None) -> list[list[Weight]]:
     """Per capture block, its factored weights (a tied embedding and LM head: one weight, one dense and one one-hot
     use). ``held`` follows the capture's rule: ``materialize`` (set for a Linear/Conv1D weight alone in its block)
-    and p q <= T (p + q) (``handlers._FactoredHandler._materialized``, equal element sizes)."""
+    and p q <= T (p + q) (``handlers._FactoredHandler._materialized``, equal element sizes). ``head_T``: the positions
+    the model's output embedding runs on (its loss window; None = T)."""
     from drpost.geometry.handlers import EmbeddingHandler
 
     cap = reg.capture
+    head = reg.model.get_output_embeddings() if head_T is not None else None
     out: list[dict[int, list]] = [{} for _ in cap.blocks]
     for i, h in enumerate(cap.handlers):
+        t = head_T if head is not None and h.module is head else T
         for w in h.factored_params():
             p, q = w.shape[0], w.numel() // w.shape[0]
-            e = out[cap.block_of[i]].setdefault(id(w), [p, q, 0, 0, False])
-            e[3 if isinstance(h, EmbeddingHandler) else 2] += 1
-            e[4] = e[4] or (getattr(h, "materialize", False) and p * q <= T * (p + q))
+            e = out[cap.block_of[i]].setdefault(id(w), [p, q, 0, 0, False, 0])
+            if isinstance(h, EmbeddingHandler):
+                e[3] += 1
+            else:
+                e[2] += 1
+                e[5] += t
+            e[4] = e[4] or (getattr(h, "materialize", False) and p * q <= t * (p + q))
     return [[Weight(*e) for e in blk.values()] for blk in out]
 
 
@@ -68,7 +77,7 @@ def _rows_kept(ws: list[Weight], meth: str | None, T: int) -> bool:
     backward, or materialized by ``direct`` scoring and no larger than the factors (``kernels.worth_keeping``)."""
     if any(w.held for w in ws):
         return True
-    factors = sum(T * (w.dense * (w.p + w.q) + w.onehot * (w.q + 1)) for w in ws)
+    factors = sum(w.tokens * (w.p + w.q) + T * w.onehot * (w.q + 1) for w in ws)
     return meth == "direct" and sum(w.p * w.q for w in ws) <= factors
 
 
@@ -91,7 +100,8 @@ def _scoring_s(ws: list[Weight], meth: str, n: int, m: int, T: int, sketch, need
     from drpost.geometry import cost
 
     held = [w for w in ws if w.held]
-    rest = [(w.p, w.q, w.dense or 1) for w in ws if not w.held]  # an embedding alone: priced as one dense use
+    # an embedding alone: priced as one dense use at T
+    rest = [(w.p, w.q, w.dense or 1, w.tokens or T) for w in ws if not w.held]
     s = sum(_held_scoring_s(w, meth, n, m, sketch, gram, rates) for w in held)
     if rest:
         if meth == "compress":
@@ -112,6 +122,7 @@ def floor(case: Case, me: Method, t_std: dict[str, float], rates) -> dict | None
     F, B = rates.flops_per_s, rates.bytes_per_s
     n, m, T = case.n, case.m, case.T
     R = n + m
+    head_T = case.head_T
     need_gram, need_tgram, trivial = reg.needs()
     std = sum(t_std.values())
     if trivial:  # full_training / target_only: one plain forward/backward, nothing captured (step.py)
@@ -120,7 +131,7 @@ def floor(case: Case, me: Method, t_std: dict[str, float], rates) -> dict | None
     w, tw = rep.weights, rep.target_weight  # (L', n), (L',)
     wgrad = mat = score = asm = 0.0
     held = kept_max = 0
-    for l, (b, ws) in enumerate(zip(reg.capture.blocks, block_weights(reg, T), strict=True)):
+    for l, (b, ws) in enumerate(zip(reg.capture.blocks, block_weights(reg, T, head_T), strict=True)):
         if not ws:
             continue
         wl, tl = w[l if w.shape[0] > 1 else 0], tw[l if tw.shape[0] > 1 else 0]
@@ -128,7 +139,7 @@ def floor(case: Case, me: Method, t_std: dict[str, float], rates) -> dict | None
         kept_max = max(kept_max, kept)
         meth = None if trivial else rep.scoring.get(b.name)
         for x in ws:
-            g = x.dense * 2 * R * T * x.p * x.q / F + x.onehot * (R * T * x.q + x.p * x.q) * ELEM / B
+            g = 2 * R * x.tokens * x.p * x.q / F + x.onehot * (R * T * x.q + x.p * x.q) * ELEM / B
             wgrad += g
             if x.held:
                 held += 1
@@ -138,7 +149,7 @@ def floor(case: Case, me: Method, t_std: dict[str, float], rates) -> dict | None
         if _rows_kept(ws, meth, T):
             asm += sum(2 * R * x.p * x.q / F + R * x.p * x.q * ELEM / B for x in ws)
         else:
-            asm += sum(x.dense * 2 * kept * T * x.p * x.q / F
+            asm += sum(2 * kept * x.tokens * x.p * x.q / F
                        + x.onehot * (kept * T * x.q + (0 if x.dense else x.p * x.q)) * ELEM / B for x in ws)
     if me.one_pass:
         total = std - wgrad + mat + asm + score

@@ -30,6 +30,7 @@ from drpost.bench.system.cases import (
     cfg_label,
     method_list,
     now,
+    prompt_tokens,
     use_clock,
 )
 from drpost.bench.system.floors import floor, scoring_check
@@ -55,7 +56,8 @@ def measure_case(cfg: dict, methods: list[Method], repeats: int, warmup: int, ra
     """Warm-up, interleaved timed repeats, floors, the scoring check (tiny sizes only: on SmolLM2 it would time
     full ghost Grams and materialize the tied 49,152 x 576 embedding per row), then one memory step per method
     (``memory``)."""
-    case = Case(cfg["size"], cfg["mode"], cfg["T"], cfg["n"], cfg["m"], device, methods, precision=precision)
+    case = Case(cfg["size"], cfg["mode"], cfg["T"], cfg["n"], cfg["m"], device, methods, precision=precision,
+                prompt_frac=cfg.get("prompt_frac", 0.0))
     total_p, train_p = case.n_params()
     runs = {me.name: [] for me in methods}
     rng = random.Random(0)
@@ -112,7 +114,7 @@ def measure_case(cfg: dict, methods: list[Method], repeats: int, warmup: int, ra
             row[f"{k}_ratio"] = a / b if a and b else None
     lg = logits_memory(case)
     if std_mem["step_mem_bytes"]:
-        lg["logits_over_standard_step_mem"] = lg["logits_bytes"] / std_mem["step_mem_bytes"]
+        lg["logits_over_standard_step_mem"] = lg["window_logits_bytes"] / std_mem["step_mem_bytes"]
     log("    step memory (MiB, x standard): " + ", ".join(
         f"{me.name} {_mb(mem[me.name]['step_mem_bytes'])} ({_x(rows[me.name]['step_mem_ratio'])})" for me in methods))
     return {"config": cfg, "params": total_p, "trainable": train_p, "standard_s": std_med,
@@ -277,7 +279,8 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
                      repeats: int | None = None, warmup: int = 1, threads: int | None = 1,
                      device: str | None = None, command: str | None = None, log=print,
                      seq_lengths: list[int] | None = None, scorings: list[str] | None = None,
-                     model: str = "tiny", clock: str = "wall", precision: str = "fp32", resume: bool = True) -> dict:
+                     model: str = "tiny", clock: str = "wall", precision: str = "fp32", resume: bool = True,
+                     prompt_frac: float = 0.0) -> dict:
     """Run the system benchmark and write ``system.json``, ``metrics.json``, ``summary.md`` and PNGs.
 
     quick: small grid for 2 CPU cores (~10 min); micro: one tiny configuration (tests); repeats: timed repeats per
@@ -288,7 +291,9 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
     forward and backward under bf16 autocast, fp32 weights and optimizer; the floors use GEMM rates calibrated in
     bf16; the torch.func anchor is left out); resume: keep the configurations that a stopped run (``partial``) wrote
     to ``out_dir/system.json`` with the same settings, device, threads and clock, and measure only the others
-    (``carried_cases``), so a grid of hours spans sittings."""
+    (``carried_cases``), so a grid of hours spans sittings; prompt_frac: the share of each row's leading tokens
+    that are a prompt without labels (``cases.prompt_tokens``), so the loss and the LM head run on the window after
+    it (0 = every position a label)."""
     from drpost.geometry import cost
 
     t_start = time.perf_counter()
@@ -297,7 +302,9 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
     dev = resolve_device(device or "auto")
     command = command or (f"drpost bench system{' model=' + model if model != 'tiny' else ''}"
                           f"{' quick=true' if quick else ''}{' micro=true' if micro else ''}"
-                          f"{' precision=bf16' if precision == 'bf16' else ''} output_dir={out_dir}")
+                          f"{' precision=bf16' if precision == 'bf16' else ''}"
+                          f"{f' prompt_frac={prompt_frac:g}' if prompt_frac else ''} output_dir={out_dir}")
+    prompt_tokens(64, prompt_frac)  # a bad fraction is refused before anything runs
     use_clock(clock)
     old_threads = torch.get_num_threads()
     if threads and dev.type == "cpu":
@@ -306,12 +313,15 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
         rates = cost.calibrate(str(dev) if dev.type == "cuda" else "cpu", repeats=7,
                                dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
         cfgs, xcfg = grid(quick, micro, seq_lengths, model)
+        if prompt_frac:
+            cfgs = [dict(c, prompt_frac=float(prompt_frac)) for c in cfgs]
         reps = repeats or (1 if micro else 3 if model == "smollm2" else 5 if quick else 7)
         all_methods = [m for m in method_list(scorings=scorings) if precision == "fp32" or m.kind != "func"]
         res = {
             "machine": machine_record(dev, threads=threads if dev.type == "cpu" else None,
                                       clock="cuda_events" if dev.type == "cuda" else clock, rates=rates),
-            "settings": {"model": model, "precision": precision, "quick": quick, "micro": micro, "repeats": reps, "warmup": warmup,
+            "settings": {"model": model, "precision": precision, "quick": quick, "micro": micro, "repeats": reps,
+                         "warmup": warmup, "prompt_frac": prompt_frac,
                          "lr": LR, "vocab": VOCAB, "seq_lengths": seq_lengths, "scorings": scorings,
                          "sizes": {k: list(v) for k, v in SIZES.items()}, "smollm2": SMOLLM2, "goals": GOALS},
             "cases": [],
@@ -376,7 +386,7 @@ def _write(res: dict, out: Path, command: str, t_start: float) -> None:
 def run(config) -> int:
     """CLI runner (``drpost bench system``): ``config`` is a ``drpost.config.BenchSystemConfig`` (or any object or
     dict with some of its keys: output_dir (or out_dir), model, quick, micro, repeats, threads, device,
-    seq_lengths, scorings, clock, precision, resume)."""
+    seq_lengths, scorings, clock, precision, resume, prompt_frac)."""
     get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
         lambda k, d=None: getattr(config, k, d))
     out_dir = get("out_dir") or get("output_dir") or "results/system"
@@ -388,7 +398,7 @@ def run(config) -> int:
                      repeats=get("repeats"), threads=threads or None, device=dev, command=command,
                      seq_lengths=get("seq_lengths"), scorings=get("scorings"), model=get("model") or "tiny",
                      clock=get("clock") or "wall", precision=get("precision") or "fp32",
-                     resume=bool(get("resume", True)))
+                     resume=bool(get("resume", True)), prompt_frac=float(get("prompt_frac", 0.0) or 0.0))
     return 0
 
 

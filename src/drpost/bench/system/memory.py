@@ -23,14 +23,14 @@ step's start.
 The ratios (``peak_mem_ratio``, ``step_mem_ratio``, in ``measure.measure_case``) divide by the standard step's.
 
 Logits: the SFT loss computes the LM head from the batch's earliest label position on (``objectives.sft.
-causal_lm_loss``); the benchmark's rows are labelled at every position, so here that is every position, ``R T V``
-float32 values (``logits_bytes``), and the loss
+causal_lm_loss``, ``label_window``: the last ``window_positions`` = k positions; the rows are labelled at every
+position unless the benchmark's ``prompt_frac`` masks a prompt, and then k = T - prompt + 1). The loss
 (``objectives.sft.token_logprobs``, which shifts the labels rather than slicing the logits, so no copy) holds up to
-three tensors of that size at once in the backward: the log-softmax output it saved, its gradient and the logits'
-gradient. Computing the head only at label positions would make each of them ``label_positions x V`` instead: it
-saves ``(R T - label positions) V 4`` bytes per such tensor (``head_at_labels_saves_bytes``). The benchmark's rows
-are labelled at every position, so that is the last position of each row only (R V 4 bytes); with a masked prompt
-it is the prompt's share of ``logits_bytes``.
+three logits-sized tensors at once in the backward: the log-softmax output it saved, its gradient and the logits'
+gradient. ``logits_bytes`` = R T V 4, one such tensor at every position; ``window_logits_bytes`` = R k V 4, what
+the loss holds per tensor with the window; ``window_saves_bytes`` their difference. Computing the head only at the
+label positions (not a window but a gather) would make each ``label_positions x V``
+(``head_at_labels_saves_bytes``, against every position).
 """
 
 from __future__ import annotations
@@ -110,12 +110,15 @@ def measure(case, methods) -> dict[str, dict]:
 
 
 def logits(case) -> dict:
-    """Bytes of the (R, T, V) logits, of the logits at label positions only, and the difference."""
+    """Bytes of one logits-sized tensor at every position (R, T, V), on the loss window (R, k, V) and at the label
+    positions only, and what the window and the label positions save (module docstring)."""
     labels = case.merged["labels"]  # (R, T)
     R, T = labels.shape
     elem = next(case.model.parameters()).element_size()
     label_pos = int((labels[:, 1:] != -100).sum())  # position t scores token t + 1
     full = R * T * case.vocab * elem
+    window = R * case.head_T * case.vocab * elem
     at_labels = label_pos * case.vocab * elem
-    return {"logits_bytes": full, "label_logits_bytes": at_labels, "head_at_labels_saves_bytes": full - at_labels,
-            "label_positions": label_pos}
+    return {"logits_bytes": full, "window_positions": case.head_T, "window_logits_bytes": window,
+            "window_saves_bytes": full - window, "label_logits_bytes": at_labels,
+            "head_at_labels_saves_bytes": full - at_labels, "label_positions": label_pos}

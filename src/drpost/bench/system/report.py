@@ -98,12 +98,15 @@ def _logits_line(c: dict) -> str:
     if not lg:
         return ""
     share = lg.get("logits_over_standard_step_mem")
+    T, k = c["config"]["T"], lg.get("window_positions", c["config"]["T"])
+    window = (f"; the loss window (the LM head on the last {k} of {T} positions) makes it "
+              f"{lg['window_logits_bytes'] / 2**20:.1f} MiB" if k < T else "")
     return (f"Logits: R x T x vocab x 4 bytes = {lg['logits_bytes'] / 2**20:.1f} MiB per logits-sized tensor (the "
             f"loss holds up to three at once in the backward)"
-            + ("" if share is None else f", {share:.2f}x the memory the standard step adds")
+            + ("" if share is None else f", {share:.2f}x the memory the standard step adds") + window
             + f"; computing the LM head only at the {lg['label_positions']} label positions would save "
-            f"{lg['head_at_labels_saves_bytes'] / 2**20:.2f} MiB per such tensor (every position but each row's "
-            "last is labelled here).")
+            f"{lg['head_at_labels_saves_bytes'] / 2**20:.2f} MiB per such tensor"
+            + (" (every position but each row's last is labelled here)." if k == T else "."))
 
 
 def _overview(cases: list[dict]) -> list[str]:
