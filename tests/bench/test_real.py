@@ -138,9 +138,12 @@ def test_default_methods_agree_and_have_their_knobs():
 
 def test_less_jobs_of_one_pool_run_in_one_task():
     jobs = [("fs", "less", 0.02, 0), ("fs", "dsir", 0.02, 0), ("fs", "less", 0.1, 0), ("sr", "less", 0.02, 0),
-            ("fs", "less", 0.02, 1), ("fs", "dsir", 0.1, 0)]
-    assert real.tasks(jobs) == [[("fs", "less", 0.02, 0), ("fs", "less", 0.1, 0)], [("fs", "dsir", 0.02, 0)],
-                                [("sr", "less", 0.02, 0)], [("fs", "less", 0.02, 1)], [("fs", "dsir", 0.1, 0)]]
+            ("fs", "less", 0.02, 1), ("fs", "dsir", 0.1, 0), ("fs", "less_prefilter_hull", 0.1, 0),
+            ("fs", "dsir_prefilter_hull", 0.1, 0)]
+    assert real.tasks(jobs) == [
+        [("fs", "less", 0.02, 0), ("fs", "less", 0.1, 0), ("fs", "less_prefilter_hull", 0.1, 0)],
+        [("fs", "dsir", 0.02, 0)], [("sr", "less", 0.02, 0)], [("fs", "less", 0.02, 1)], [("fs", "dsir", 0.1, 0)],
+        [("fs", "dsir_prefilter_hull", 0.1, 0)]]
 
 
 def test_less_scores_the_pool_once_per_seed_and_resumes_by_checkpoint(tiny_folder, tmp_path, small, monkeypatch):

@@ -68,6 +68,7 @@ METHODS: dict[str, tuple[str, callable, list | None]] = {
     "less_prefilter_layerwise_subset": ("LESS>LayerWiseSubset",
                                         lambda k: _prefilter("LESS>LayerWiseSubset", "layerwise_subset", k,
                                                              {"frac": 0.5}), [0.02, 0.1]),
+    "less_prefilter_hull": ("LESS>Hull", lambda k: _prefilter("LESS>Hull", "hull", k), [0.02, 0.1]),
 }
 COMPOSED = {m for m in METHODS if m.startswith("guided_") or "_prefilter_" in m}
 DR_METHODS = {"global_subset", "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem",

@@ -182,11 +182,12 @@ class BenchRealConfig:
                                     "dpo, rlvr and rlhf: this default means format_shift only.")
     methods: list[str] = _opt(
         factory=lambda: ["base", "full_training", "target_only", "mixing", "dsir", "less", "greats", "global_subset",
-                         "layerwise_subset", "hull", "dsir_prefilter_hull"],
+                         "layerwise_subset", "hull", "dsir_prefilter_hull", "less_prefilter_hull"],
         help="Methods, comma-separated: 'base' (the untrained model) and, sft: any method of 'drpost bench "
              "quality' (LESS scores each seed's whole pool once, about 1.7 CPU-hours on SmolLM2, kept checkpoint by "
-             "checkpoint under output_dir/less/ so that an interrupted scoring resumes); dpo, rlvr, rlhf: a method of 'drpost bench quality --paradigm dpo|rlvr|rlhf' (this default "
-             "means base, full_training, target_only, global_subset, layerwise_subset, hull; rlhf adds iif; rlvr "
+             "checkpoint under output_dir/less/ so that an interrupted scoring resumes; the LESS-prefiltered methods "
+             "read the same scores); dpo, rlvr, rlhf: a method of 'drpost bench quality --paradigm dpo|rlvr|rlhf' "
+             "(this default means base, full_training, target_only, global_subset, layerwise_subset, hull; rlhf adds iif; rlvr "
              "and rlhf add warm_start, the SFT warm start's row, where they start there).")
     seeds: list[int] = _opt(factory=lambda: [0, 1, 2], help="Seeds, comma-separated; each seed draws the data "
                                                              "(pool, 16 targets, validation/test) and the training.",
