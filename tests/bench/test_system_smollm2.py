@@ -71,16 +71,19 @@ def test_smollm2_micro_rows_floors_and_memory(micro_run):
     assert "model=smollm2 micro=true" in md and "peak MiB" in md and "Logits:" in md
 
 
-def test_a_prompt_moves_the_lm_head_to_the_loss_window(micro_run, tmp_path_factory):
-    """``prompt_frac=0.5`` masks the first 8 of 16 positions: the LM head runs on the last 9, and the floor's skipped
-    weight-gradient GEMMs shrink by exactly the head's 2 R (16 - 9) p q FLOPs; the logits fields say the window."""
+def test_a_prompt_moves_the_lm_head_to_the_loss_window(tmp_path_factory):
+    """``prompt_frac=0.5`` times each configuration without and then with the first 8 of 16 positions masked: the LM
+    head runs on the last 9, the floor's skipped weight-gradient GEMMs shrink by exactly the head's
+    2 R (16 - 9) p q FLOPs, the logits fields say the window, and summary.md compares the pairs."""
     out, res = _micro(tmp_path_factory, prompt_frac=0.5)
     data = json.loads((out / "system.json").read_text())
     assert data["settings"]["prompt_frac"] == 0.5
-    for c, c0 in zip(res["cases"], micro_run[1]["cases"], strict=True):
+    cases = res["cases"]
+    assert [(c["config"]["mode"], c["config"].get("prompt_frac")) for c in cases] == [
+        ("full", None), ("full", 0.5), ("lora", None), ("lora", 0.5)]
+    for c0, c in zip(cases[::2], cases[1::2], strict=True):
         cf, lg = c["config"], c["logits"]
         R = cf["n"] + cf["m"]
-        assert cf["prompt_frac"] == 0.5 and "prompt_frac" not in c0["config"]
         assert lg["window_positions"] == 9 and c0["logits"]["window_positions"] == 16
         assert lg["window_logits_bytes"] == R * 9 * 1024 * 4 and lg["label_positions"] == R * 8
         a, b = c["methods"]["layerwise/one_pass/auto"], c0["methods"]["layerwise/one_pass/auto"]
@@ -91,6 +94,8 @@ def test_a_prompt_moves_the_lm_head_to_the_loss_window(micro_run, tmp_path_facto
             assert a["wgrad_skipped_s"] == pytest.approx(b["wgrad_skipped_s"], rel=1e-9)
     md = (out / "summary.md").read_text()
     assert "prompt=0.5" in md and "last 9 of 16 positions" in md and "prompt_frac=0.5" in md
+    window = md[md.index("## The loss window"):].split("\n\n")[2].splitlines()
+    assert len(window) == 2 + 2 and window[2].startswith("| smollm2-micro full T=16 n=8 m=1 | 9 / 16 | ")
 
 
 def test_prompt_frac_is_checked():

@@ -87,8 +87,10 @@ class BenchSystemConfig:
         help="Scoring methods whose rows are timed; the standard step, full_training and torch.func rows are "
              "always timed.")
     prompt_frac: float = _opt(0.0, "Share of each row's leading tokens that are a prompt without labels: the loss, "
-                                   "and the LM head with it, runs only on the window after it (0 = every position "
-                                   "a label); the floors price the head at the window.", min=0.0, max=0.99)
+                                   "and the LM head with it, runs only on the window after it, and the floors "
+                                   "price the head there. Every configuration is then timed without and with the "
+                                   "prompt, back to back, and summary.md compares the pairs (what the window "
+                                   "saves); 0 = every position a label.", min=0.0, max=0.99)
     resume: bool = _opt(True, "Keep the configurations that a stopped run with the same options, device, threads "
                               "and clock wrote to output_dir/system.json, and measure only the others; false = "
                               "measure every configuration again.")

@@ -293,7 +293,8 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
     to ``out_dir/system.json`` with the same settings, device, threads and clock, and measure only the others
     (``carried_cases``), so a grid of hours spans sittings; prompt_frac: the share of each row's leading tokens
     that are a prompt without labels (``cases.prompt_tokens``), so the loss and the LM head run on the window after
-    it (0 = every position a label)."""
+    it: every configuration is then timed twice, back to back, without and with the prompt, and ``summary.md``
+    compares the pairs (0 = every position a label, once)."""
     from drpost.geometry import cost
 
     t_start = time.perf_counter()
@@ -313,8 +314,8 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
         rates = cost.calibrate(str(dev) if dev.type == "cuda" else "cpu", repeats=7,
                                dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
         cfgs, xcfg = grid(quick, micro, seq_lengths, model)
-        if prompt_frac:
-            cfgs = [dict(c, prompt_frac=float(prompt_frac)) for c in cfgs]
+        if prompt_frac:  # each configuration twice, back to back: every position a label, then the prompt
+            cfgs = [c2 for c in cfgs for c2 in (c, dict(c, prompt_frac=float(prompt_frac)))]
         reps = repeats or (1 if micro else 3 if model == "smollm2" else 5 if quick else 7)
         all_methods = [m for m in method_list(scorings=scorings) if precision == "fp32" or m.kind != "func"]
         res = {

@@ -109,6 +109,39 @@ def _logits_line(c: dict) -> str:
             + (" (every position but each row's last is labelled here)." if k == T else "."))
 
 
+def _window(cases: list[dict]) -> list[str]:
+    """The loss window's saving (``prompt_frac``): each configuration measured without and with the prompt, its
+    standard step, each core method's step and ratio, and one logits-sized tensor, side by side."""
+    from drpost.bench.system.cases import method_list
+
+    bare = {cfg_label(c["config"]): c for c in cases if not c["config"].get("prompt_frac")}
+    pairs = [(bare[cfg_label({**c["config"], "prompt_frac": 0})], c) for c in cases if c["config"].get("prompt_frac")
+             and cfg_label({**c["config"], "prompt_frac": 0}) in bare]
+    if not pairs:
+        return []
+    names = [m.name for m in method_list() if m.core and m.kind == "dr" and all(m.name in c["methods"]
+                                                                                  for p in pairs for c in p)]
+    L = ["## The loss window\n", "Each configuration measured twice, back to back: every position a label, then the "
+         "prompt masked (the LM head and the loss on the last k positions only). Seconds per step (every position "
+         "→ window, and the saving), the ratio to the standard step of the same rows, and one logits-sized tensor "
+         "(the loss holds up to three).\n",
+         "| config | k / T | standard step s | " + " | ".join(f"{nm} s (ratio)" for nm in names) + " | logits MiB |",
+         "|---" * (len(names) + 4) + "|"]
+
+    def pair(a: float, b: float) -> str:
+        return f"{a:.2f} → {b:.2f} ({100 * (b - a) / a:+.0f}%)"
+
+    for a, b in pairs:
+        cells = [f"{pair(a['methods'][nm]['total_s'], b['methods'][nm]['total_s'])} "
+                 f"({a['methods'][nm]['ratio']:.2f}x → {b['methods'][nm]['ratio']:.2f}x)" for nm in names]
+        lg_a, lg_b = a.get("logits", {}), b.get("logits", {})
+        mib = (f"{lg_a['logits_bytes'] / 2**20:.1f} → {lg_b['window_logits_bytes'] / 2**20:.1f}"
+               if "window_logits_bytes" in lg_b else "—")
+        L.append(f"| {cfg_label(a['config'])} | {lg_b.get('window_positions', '—')} / {b['config']['T']} | "
+                 f"{pair(a['standard_s'], b['standard_s'])} | " + " | ".join(cells) + f" | {mib} |")
+    return L + [""]
+
+
 def _overview(cases: list[dict]) -> list[str]:
     """One line per configuration: time ratio, peak-memory ratio and step-memory ratio of each core method."""
     from drpost.bench.system.cases import method_list
@@ -179,6 +212,7 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
              "GlobalSubset's time ratio / LayerWiseSubset's (scoring auto; their IQRs say how much of a miss is "
              "noise).\n")
     L += _overview(res["cases"])
+    L += _window(res["cases"])
     for c in res["cases"]:
         cf = c["config"]
         L.append(f"## {cfg_label(cf)} — {c['params'] / 1e6:.2f}M params ({c['trainable'] / 1e6:.3f}M trainable); "
