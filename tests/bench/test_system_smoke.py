@@ -194,6 +194,17 @@ def test_a_stopped_run_is_resumed_and_a_finished_or_other_one_is_not(tmp_path, m
     res = system.run_system_bench(tmp_path, **quiet)
     assert measured == [12] and res["carried_cases"] == 1 and res["cases"][0] == stopped["cases"][0]
     assert "**Resumed**: 1 of the 2" in (tmp_path / "summary.md").read_text()
+    # stopped after the second config only: a crash while measuring the first again keeps the second on disk
+    later = dict(stopped, cases=first["cases"][1:])
+    (tmp_path / "system.json").write_text(json.dumps(later))
+    monkeypatch.setattr(measure, "crossovers", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        system.run_system_bench(tmp_path, **quiet)
+    kept = json.loads((tmp_path / "system.json").read_text())
+    assert kept["partial"] and [c["config"]["T"] for c in kept["cases"]] == [8, 12]
+    assert kept["cases"][1] == json.loads(json.dumps(first["cases"][1]))
+    monkeypatch.undo()
+    monkeypatch.setattr(measure, "measure_case", spy)
     # a finished run is measured again, as is a stopped one with other settings, or with resume off
     for change, expect in ((dict(), [8, 12]), (dict(repeats=2), [8, 12]), (dict(resume=False), [8, 12])):
         (tmp_path / "system.json").write_text(json.dumps(stopped if change else res))

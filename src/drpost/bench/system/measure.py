@@ -330,9 +330,10 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
             "partial": True,
         }
         done = {json.dumps(c["config"], sort_keys=True): c for c in (carried_cases(out, res) if resume else [])}
+        keys = [json.dumps(_jsonable(cf), sort_keys=True) for cf in cfgs]
         res["carried_cases"] = 0
         for i, cf in enumerate(cfgs):
-            old_case = done.get(json.dumps(_jsonable(cf), sort_keys=True))
+            old_case = done.get(keys[i])
             if old_case is not None:
                 log(f"[{i + 1}/{len(cfgs)}] {cfg_label(cf)}: measured by the stopped run, kept")
                 res["cases"].append(old_case)
@@ -344,7 +345,10 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 res["cases"].append(measure_case(cf, ms, r, warmup, rates, dev, log, precision))
-            _write(res, out, command, t_start)  # what has run so far survives a later crash (e.g. out of memory)
+            # what has run so far survives a later crash (e.g. out of memory), and so do the stopped run's
+            # configurations that come later in the grid
+            later = [done[k] for k in keys[i + 1:] if k in done]
+            _write(dict(res, cases=res["cases"] + later), out, command, t_start)
         log("crossovers")
         res["crossovers"] = crossovers(xcfg["shape"], xcfg["m_sweep"], xcfg["T_m"], xcfg["T_sweep"], xcfg["n"],
                                        max(3, reps), rates, dev)
