@@ -139,11 +139,16 @@ def make_batch(rows: int, T: int, seed: int, device, vocab: int = VOCAB, prompt:
             "labels": labels.to(device)}
 
 
-def prompt_tokens(T: int, prompt_frac: float) -> int:
-    """The prompt positions of a row of T tokens at ``prompt_frac`` (at least 2 positions keep a label)."""
+def check_prompt_frac(prompt_frac: float) -> float:
+    """``prompt_frac`` itself, refused by name outside [0, 1)."""
     if not 0.0 <= prompt_frac < 1.0:
         raise ValueError(f"option 'prompt_frac' must be in [0, 1), got {prompt_frac!r}")
-    return min(int(round(prompt_frac * T)), T - 2)
+    return prompt_frac
+
+
+def prompt_tokens(T: int, prompt_frac: float) -> int:
+    """The prompt positions of a row of T tokens at ``prompt_frac`` (at least 2 positions keep a label)."""
+    return min(int(round(check_prompt_frac(prompt_frac) * T)), T - 2)
 
 
 # --------------------------------------------------------------------------- clocks

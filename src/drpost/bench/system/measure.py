@@ -28,9 +28,9 @@ from drpost.bench.system.cases import (
     Case,
     Method,
     cfg_label,
+    check_prompt_frac,
     method_list,
     now,
-    prompt_tokens,
     use_clock,
 )
 from drpost.bench.system.floors import floor, scoring_check
@@ -305,7 +305,7 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
                           f"{' quick=true' if quick else ''}{' micro=true' if micro else ''}"
                           f"{' precision=bf16' if precision == 'bf16' else ''}"
                           f"{f' prompt_frac={prompt_frac:g}' if prompt_frac else ''} output_dir={out_dir}")
-    prompt_tokens(64, prompt_frac)  # a bad fraction is refused before anything runs
+    check_prompt_frac(prompt_frac)  # refused before anything runs
     use_clock(clock)
     old_threads = torch.get_num_threads()
     if threads and dev.type == "cpu":
