@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from drpost import cli
 from drpost.bench import real, real_report
@@ -62,6 +63,17 @@ def test_sweep_writes_one_record_per_run_and_resumes(tiny_folder, tmp_path, smal
     assert _bench(tiny_folder, out, "seeds=0,1,2", "methods=base,full_training,layerwise_subset") == 0
     assert sorted(calls) == sorted(("sparse_related", m, real.REAL_FIXED.get(m), 2)
                                    for m in ("base", "full_training", "layerwise_subset"))
+
+    # the directory keeps its recipe: another steps is refused by name before anything trains ...
+    calls.clear()
+    assert _bench(tiny_folder, out, "seeds=0", "methods=base", "steps=3") == 2
+    assert "option 'steps'" in capsys.readouterr().err and not calls
+    # ... and a narrower invocation adds to its config.yaml instead of shrinking it; the tables name that file
+    assert _bench(tiny_folder, out, "seeds=0", "methods=base") == 0 and not calls
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["seeds"] == [0, 1, 2] and saved["methods"] == ["base", "full_training", "layerwise_subset"]
+    assert saved["steps"] == 2
+    assert f"drpost bench real --config {out / 'config.yaml'}" in (out / "tables.md").read_text()
 
 
 def test_knobs_are_tuned_on_the_first_seed_only(tiny_folder, tmp_path, small, monkeypatch):

@@ -287,3 +287,20 @@ def test_the_resolved_config_goes_to_the_paradigms_default_directory(tmp_path, m
     resolved = yaml.safe_load(saved)
     assert resolved["settings"] == real_rl.RL_SETTINGS and "warm_start" in resolved["methods"]
     assert "dsir" not in resolved["methods"]
+
+
+def test_a_sweep_directory_compares_the_learning_rates_it_tunes_over(tmp_path):
+    """The default grid given in another order is the same sweep; one learning rate instead is refused by name."""
+    from drpost.bench.real_common import claim_output
+    from drpost.bench.records import write_record
+    from drpost.config import parse_config
+
+    def claim(*argv):
+        config = parse_config(BenchRealConfig, ["paradigm=rlvr", f"output_dir={tmp_path}", *argv])
+        return claim_output(config, tmp_path, "made", real_rl.lr_grid("rlvr"))
+
+    assert claim("lrs=[1e-3,2e-4,5e-4]") == "made"
+    write_record(tmp_path, {"setting": "format_shift", "method": "base", "knob": None, "seed": 0})
+    assert claim() == "made"  # lrs=none: LR_GRID["rlvr"], the same three rates
+    with pytest.raises(ConfigError, match="option 'lrs'"):
+        claim("lr=5e-4")

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import yaml
 from tests.bench.test_quality import tiny_setting
 
 from drpost.bench import quality, records
+from drpost.config import ConfigError, parse_config
+from drpost.config.bench import BenchRealConfig
 from drpost.trainers.sft import SFTRecipe
 
 KNOBS = {"a": [1, 2], "b": [None]}
@@ -93,3 +97,36 @@ def test_less_scores_are_computed_once_per_seed_and_cached_on_disk(tmp_path, mon
     quality._CTX.clear()  # a new process: only the disk cache remains
     quality.run_quality(tiny_setting(), ["less"], [0], budget, n_val=2, out_dir=tmp_path)
     assert scored == [0]
+
+
+def _real(out, *argv):
+    return parse_config(BenchRealConfig, [f"output_dir={out}", *argv])
+
+
+def test_claim_dir_keeps_the_recipe_of_the_records_and_merges_the_run_lists(tmp_path):
+    first = _real(tmp_path, "settings=format_shift", "seeds=0,1", "methods=base,less", "steps=20")
+    assert records.claim_dir(first, tmp_path, {"workers"}) == (first, True)  # nothing on disk yet: written as given
+    records.write_record(tmp_path, {"setting": "format_shift", "method": "base", "knob": None, "seed": 0})
+    text = (tmp_path / "config.yaml").read_text()
+
+    with pytest.raises(ConfigError, match="option 'steps'.*steps=20"):
+        records.claim_dir(_real(tmp_path, "settings=format_shift", "steps=40"), tmp_path, {"workers"})
+    assert (tmp_path / "config.yaml").read_text() == text  # a refused invocation changes nothing
+
+    narrower = _real(tmp_path, "settings=sparse_related", "seeds=2", "methods=less,dsir", "steps=20", "workers=1")
+    written, covered = records.claim_dir(narrower, tmp_path, {"workers"})
+    assert not covered
+    assert written.settings == ["format_shift", "sparse_related"] and written.seeds == [0, 1, 2]
+    assert written.methods == ["base", "less", "dsir"] and written.workers == 1  # a free option follows the call
+    assert parse_config(BenchRealConfig, ["--config", str(tmp_path / "config.yaml")]) == written
+
+    wider = _real(tmp_path, "settings=format_shift,sparse_related", "seeds=0,1,2", "methods=base,less,dsir",
+                  "steps=20")
+    assert records.claim_dir(wider, tmp_path, {"workers"})[1]
+
+
+def test_claim_dir_overwrites_a_config_without_records(tmp_path):
+    records.claim_dir(_real(tmp_path, "steps=20"), tmp_path, set())
+    written, covered = records.claim_dir(_real(tmp_path, "steps=40", "seeds=5"), tmp_path, set())
+    assert covered and yaml.safe_load((tmp_path / "config.yaml").read_text())["steps"] == 40
+    assert written.seeds == [5]

@@ -44,7 +44,7 @@ from drpost.bench.real_common import (
     RealSizes,
     chat_exact_match,
     chat_examples,
-    command,
+    claim_output,
     device_name,
     device_of,
     output_dir_of,
@@ -259,6 +259,8 @@ def run(config) -> list[dict] | dict:
         if m != "base" and m not in METHODS:
             raise ConfigError(f"option 'methods': {m!r} is not a method; choose from base, {', '.join(METHODS)}")
     out = output_dir_of(config)
+    made_by = claim_output(config, out, "drpost bench real", resolve=lambda c: {
+        k: getattr(recipe_of(c), k) for k in ("steps", "general_batch_size", "lr")})
     if not config.rewrite:
         from drpost.models import resolve_model
 
@@ -270,7 +272,7 @@ def run(config) -> list[dict] | dict:
     records = load_records(out)
     if not records:
         raise ConfigError(f"option 'output_dir': no records in {out / 'raw'}")
-    return write_report(records, out, command("drpost bench real"))
+    return write_report(records, out, made_by)
 
 
 __all__ = ["MODEL_DEFAULT", "REAL_FIXED", "REAL_KNOBS", "REAL_METHODS", "REAL_RECIPE", "REAL_SIZES", "RealSizes",

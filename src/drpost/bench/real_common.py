@@ -138,6 +138,29 @@ def output_dir_of(config) -> Path:
     return config.output_path()
 
 
+# options that say how to run, not what runs: they may change between the sittings of one sweep
+FREE = frozenset({"output_dir", "workers", "device", "rewrite"})
+
+
+def claim_output(config, out: Path, default: str, resolve=None, **resolved) -> str:
+    """Write ``out/config.yaml`` before the sweep and return the command the tables name.
+
+    ``drpost.bench.records.claim_dir``: a directory that holds records keeps the recipe they were made with (another
+    value is refused by name; ``resolve`` maps ``none`` options to the values they take) and its run lists grow, so
+    the file always describes every run on disk. ``resolved`` are run lists a paradigm resolved from its defaults. The command is this invocation where its lists hold every
+    run of the directory, else ``drpost bench real --config out/config.yaml``; ``rewrite=true`` leaves an existing
+    config.yaml as it is."""
+    from drpost.bench.records import claim_dir
+
+    config = replace(config, **resolved)
+    path = out / "config.yaml"
+    if not (config.rewrite and path.exists()):
+        _, covered = claim_dir(config, out, FREE, resolve)
+        if covered and not config.rewrite:
+            return command(default)
+    return f"drpost bench real --config {path}"
+
+
 def command(default: str) -> str:
     """The command line that made the records (``rewrite=...`` left out), or ``default`` outside the CLI."""
     import sys
@@ -147,5 +170,5 @@ def command(default: str) -> str:
     return default
 
 
-__all__ = ["MODEL_DEFAULT", "REAL_SIZES", "SYSTEM", "RealSizes", "chat_examples", "chat_exact_match", "command",
+__all__ = ["FREE", "MODEL_DEFAULT", "REAL_SIZES", "SYSTEM", "RealSizes", "chat_examples", "chat_exact_match", "claim_output", "command",
            "output_dir_of", "real_settings", "sized", "split_lr", "token_mean_loss", "with_lr"]

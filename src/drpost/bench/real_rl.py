@@ -67,7 +67,7 @@ from drpost.bench.real_common import (
     RealSizes,
     chat_exact_match,
     chat_examples,
-    command,
+    claim_output,
     device_name,
     device_of,
     output_dir_of,
@@ -479,6 +479,13 @@ def resolve_runs(config, default_methods: list[str], default_warm: str) -> tuple
     return settings, methods, warm
 
 
+def lr_grid(paradigm: str, recipe=None):
+    """``resolve`` for ``claim_output``: ``lr`` / ``lrs`` as the learning rates a sweep tunes over (as ``sweep``
+    resolves them: ``LR_GRID``, else the recipe's lr), in order."""
+    recipe = recipe or recipe_of
+    return lambda c: {"lr": None, "lrs": sorted(lrs_of(c) or LR_GRID.get(paradigm, (recipe(c).lr,)))}
+
+
 def lrs_of(config) -> list[float] | None:
     """The learning rates a sweep tunes over: ``lrs``, or ``lr`` alone, or None (the paradigm's ``LR_GRID``); both
     given is refused naming them (ConfigError)."""
@@ -487,14 +494,6 @@ def lrs_of(config) -> list[float] | None:
     if config.lr is not None and config.lrs is not None:
         raise ConfigError("options 'lr' and 'lrs': give one (lr: that learning rate only; lrs: the ones tuned)")
     return list(config.lrs) if config.lrs is not None else [config.lr] if config.lr is not None else None
-
-
-def save_runs(config, settings: list[str], methods: list[str], out: Path) -> None:
-    """Rewrite ``out/config.yaml`` with the settings and methods the paradigm resolved (the CLI wrote the options as
-    given, and left at their defaults they name the SFT sweep's lists), so the file says what ran."""
-    from drpost.config import save_resolved
-
-    save_resolved(replace(config, settings=list(settings), methods=list(methods)), out)
 
 
 def run(config) -> dict:
@@ -512,7 +511,8 @@ def run(config) -> dict:
                                            WARM_DEFAULT[p])
     lrs = lrs_of(config)
     out = output_dir_of(config)
-    save_runs(config, settings, methods, out)
+    made_by = claim_output(config, out, f"drpost bench real paradigm={p}", lr_grid(p), settings=list(settings),
+                           methods=list(methods))  # the lists resolved, not the SFT defaults they were left at
     if not config.rewrite:
         from drpost.models import resolve_model
 
@@ -526,9 +526,9 @@ def run(config) -> dict:
     records = [r for r in load_records(out) if r.get("paradigm") == p]
     if not records:
         raise ConfigError(f"option 'output_dir': no {p} records in {out / 'raw'}")
-    return write_report(records, out, command(f"drpost bench real paradigm={p}"))
+    return write_report(records, out, made_by)
 
 
 __all__ = ["BUDGETS", "LR_GRID", "N_PAIRS", "N_TEST", "PARTIAL", "READ", "RLWorker", "RL_METHODS", "RL_SETTINGS", "UNTRAINED",
            "WARM_DEFAULT", "base_replies", "chosen_text", "dpo_pair", "knob_of", "pair_pool", "recipe_of",
-           "lr_of", "lrs_of", "resolve_runs", "reward_fn", "run", "run_jobs", "save_runs", "shaped_reward", "strict_check", "sweep", "with_lr"]
+           "lr_grid", "lr_of", "lrs_of", "resolve_runs", "reward_fn", "run", "run_jobs", "shaped_reward", "strict_check", "sweep", "with_lr"]

@@ -54,7 +54,7 @@ from drpost.bench.real_common import (
     REAL_SIZES,
     RealSizes,
     chat_examples,
-    command,
+    claim_output,
     device_of,
     output_dir_of,
     real_settings,
@@ -421,7 +421,8 @@ def run(config) -> dict:
     lrs = real_rl.lrs_of(config)
     settings, methods, warm = real_rl.resolve_runs(config, RLHF_METHODS, "sft")
     out = output_dir_of(config)
-    real_rl.save_runs(config, settings, methods, out)
+    made_by = claim_output(config, out, "drpost bench real paradigm=rlhf", real_rl.lr_grid("rlhf", recipe_of),
+                           settings=list(settings), methods=list(methods))
     if not config.rewrite:
         from drpost.models import resolve_model
 
@@ -434,7 +435,7 @@ def run(config) -> dict:
     records = [r for r in load_records(out) if r.get("paradigm") == "rlhf"]
     if not records:
         raise ConfigError(f"option 'output_dir': no rlhf records in {out / 'raw'}")
-    return write_report(records, out, command("drpost bench real paradigm=rlhf"))
+    return write_report(records, out, made_by)
 
 
 __all__ = ["BUDGET", "N_CURVE", "READ", "RLHFWorker", "RLHF_METHODS", "RM_RECIPE", "curve_every",

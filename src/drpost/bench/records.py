@@ -4,14 +4,17 @@ Shared by the world SFT benchmark (``drpost.bench.quality``) and the real-model 
 A run is named by ``(setting, method, knob, seed)``; its record lives at ``out_dir/raw/<setting>__<method>__k<knob>
 __s<seed>.json``. ``tuned_sweep`` runs the knob-tuning runs (every knob value, first seed) of a setting, chooses each
 method's knob by validation (``stats.best_by_validation``), then runs the other seeds with it, so an interrupted sweep
-resumes exactly where it stopped. ``mark_tuning`` tells the tables which records only served the tuning.
+resumes exactly where it stopped. ``mark_tuning`` tells the tables which records only served the tuning. ``claim_dir`` writes the sweep's
+``config.yaml``: a directory that holds records keeps the recipe they were made with, and its run lists grow.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from drpost.bench.stats import best_by_validation
 
@@ -67,6 +70,57 @@ def tuned_sweep(settings: list[str], methods: list[str], seeds: list[int], out_d
             run_jobs(todo)
     return [r for r in load_records(out_dir) if r["setting"] in settings and r["method"] in methods
             and r["seed"] in seeds]
+
+
+RUN_LISTS = ("settings", "methods", "seeds")  # the options that choose which runs a sweep makes
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def claim_dir(config: Any, out_dir: str | Path, free: frozenset[str] | set[str],
+              resolve: Callable[[Any], dict] | None = None) -> tuple[Any, bool]:
+    """Write ``out_dir/config.yaml`` for a resumable sweep so that it describes every run on disk.
+
+    Where ``out_dir/raw/`` already holds records, a re-run skips the finished runs, so they must have been made the
+    same way: an option outside ``RUN_LISTS`` and ``free`` (options that only say how to run: workers, device...)
+    that differs from the saved ``config.yaml`` is refused by name (ConfigError) before anything runs. The run lists
+    are merged, the saved entries first, so a narrower invocation (one setting, more seeds) adds to the file instead
+    of shrinking it. ``resolve(config)`` gives options as they take effect (``none`` -> its default value), so
+    that both configs are compared by what they run. Returns the config written and whether this invocation's lists
+    already held all of it."""
+    from drpost.config import ConfigError, parse_config, save_resolved, to_dict
+
+    out = Path(out_dir)
+    path = out / "config.yaml"
+    if not (path.exists() and any((out / "raw").glob("*.json"))):
+        save_resolved(config, out)
+        return config, True
+    try:
+        saved = parse_config(type(config), ["--config", str(path)])
+    except ConfigError as e:
+        raise ConfigError(f"option 'output_dir': {out} holds runs, and its config.yaml does not load ({e}); "
+                          "choose another output_dir or mend that file") from None
+    def effective(c):
+        return _flat(to_dict(replace(c, **resolve(c)) if resolve else c))
+
+    new, old = effective(config), effective(saved)
+    for name, value in new.items():
+        if name in RUN_LISTS or name in free or name not in old or old[name] == value:
+            continue
+        raise ConfigError(f"option '{name}': {out} holds runs made with {name}={old[name]!r} (its config.yaml), "
+                          f"not {value!r}; a re-run skips finished runs, so give {name}={old[name]!r} to add runs "
+                          "to that sweep, or another output_dir for a new one")
+    merged = {k: list(getattr(saved, k)) + [v for v in getattr(config, k) if v not in getattr(saved, k)]
+              for k in RUN_LISTS if hasattr(config, k)}
+    covered = all(set(v) <= set(getattr(config, k)) for k, v in merged.items())
+    config = replace(config, **merged)
+    save_resolved(config, out)
+    return config, covered
 
 
 def mark_tuning(records: list[dict]) -> list[dict]:

@@ -167,8 +167,8 @@ class BenchMesoConfig:
 @dataclass
 class BenchRealConfig:
     """Real-model benchmark ('drpost bench real'): world settings as chat turns on a pretrained LLM (LoRA), SFT, DPO,
-    RLVR or RLHF, methods x settings x seeds, one record per finished run (re-running skips finished runs), tables and
-    plots."""
+    RLVR or RLHF, methods x settings x seeds, one record per finished run (re-running skips finished runs, and refuses
+    to change the recipe of a directory that holds runs), tables and plots."""
 
     kind: ClassVar[str] = "real"  # the first positional argument of 'drpost bench'
 
