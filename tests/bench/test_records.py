@@ -82,21 +82,24 @@ def test_less_scores_are_computed_once_per_seed_and_cached_on_disk(tmp_path, mon
     from drpost.baselines import less
 
     budget = SFTRecipe(steps=1, eval_every=0)
-    scored = []
-    real_scores = less.less_scores
+    scored = []  # one entry per warm-up checkpoint whose pool cosines were computed
+    real_cosines = less.checkpoint_cosines
 
     def counting(*a, **kw):
-        scored.append(kw.get("seed"))
-        return real_scores(*a, **kw)
+        scored.append(1)
+        return real_cosines(*a, **kw)
 
-    monkeypatch.setattr(less, "less_scores", counting)
+    monkeypatch.setattr(less, "checkpoint_cosines", counting)
     quality.run_quality(tiny_setting(), ["less"], [0], budget, n_val=2, out_dir=tmp_path)
-    assert scored == [0]  # both knob values share one scoring
-    assert (tmp_path / "cache" / "less__tiny_shift__s0.pt").exists()
+    assert len(scored) == 4  # both knob values share one scoring: 4 checkpoints
+    assert len(list((tmp_path / "less").glob("tiny_shift__s0__ck*.json"))) == 4
+    first = json.loads((tmp_path / "raw" / records.record_name("tiny_shift", "less", 0.1, 0)).read_text())
     (tmp_path / "raw" / records.record_name("tiny_shift", "less", 0.1, 0)).unlink()
-    quality._CTX.clear()  # a new process: only the disk cache remains
+    quality._CTX.clear()  # a new process: only the disk store remains
     quality.run_quality(tiny_setting(), ["less"], [0], budget, n_val=2, out_dir=tmp_path)
-    assert scored == [0]
+    assert len(scored) == 4  # read back, not scored again
+    again = json.loads((tmp_path / "raw" / records.record_name("tiny_shift", "less", 0.1, 0)).read_text())
+    assert again["target_em"] == first["target_em"] and again["selection_seconds"] == first["selection_seconds"]
 
 
 def _real(out, *argv):

@@ -16,8 +16,8 @@ with the best *validation* exact match (ties: lower validation loss) is kept and
 
 CLI: ``drpost bench quality --paradigm sft`` writes ``results/sft/`` (raw JSON per run, summary.json, README.md
 table, PNG plots). Resumable (``drpost.bench.records``): each run's record is written to ``raw/`` as it finishes and a
-re-run skips the runs that have one, so a sweep longer than one sitting finishes across several; LESS scores are
-cached per (setting, seed) in ``cache/``. Workers: ``DRPOST_WORKERS`` processes (default 2), one torch thread each.
+re-run skips the runs that have one, so a sweep longer than one sitting finishes across several; LESS's cosines are
+kept per (setting, seed, warm-up checkpoint) in ``less/`` (``baselines.less.CheckpointStore``, as ``bench real``). Workers: ``DRPOST_WORKERS`` processes (default 2), one torch thread each.
 """
 
 from __future__ import annotations
@@ -90,15 +90,12 @@ def offline_selection(name, knob, base, tokenizer, data, g_rows, t_rows, seed, c
     return less_select(cache[key], knob)
 
 
-def _less_cache_file(ctx: dict, setting: str, seed: int) -> Path | None:
-    return Path(ctx["cache_dir"]) / f"less__{setting}__s{seed}.pt" if ctx.get("cache_dir") else None
-
-
 def run_one(setting, name: str, knob, seed: int, budget: SFTRecipe, base_size: str = "tiny",
             n_val: int = 100, _ctx: dict | None = None) -> dict:
     """Train and evaluate one (setting, method, knob, seed); returns a flat record. ``_ctx`` keeps the base model
-    and each (setting, seed)'s data between calls; with ``_ctx["cache_dir"]`` set, LESS scores (the costly part:
-    4 warm-up checkpoints x every pool row) are kept on disk per (setting, seed) and shared by every LESS run."""
+    and each (setting, seed)'s data between calls; with ``_ctx["less_dir"]`` set, LESS's cosines (the costly part:
+    4 warm-up checkpoints x every pool row) are kept on disk there per (setting, seed, checkpoint), checked against
+    the data and settings that made them (``baselines.less.CheckpointStore``), and shared by every LESS run."""
     from drpost.world.model import load_base_model
     from drpost.world.settings import build_setting
 
@@ -119,16 +116,8 @@ def run_one(setting, name: str, knob, seed: int, budget: SFTRecipe, base_size: s
     label, build, _ = METHODS[name]
     spec = build(knob)
     t0 = time.perf_counter()
-    less_file = _less_cache_file(ctx, setting.name, seed) if prefilter_of(name) == "less" else None
-    if less_file is not None and ("less", seed) not in sd["cache"] and less_file.exists():
-        saved = torch.load(less_file, weights_only=True)
-        sd["cache"][("less", seed)], sd["cache"][("less_seconds", seed)] = saved["scores"], saved["seconds"]
-    selected = offline_selection(name, knob, base, tok, data, sd["g_rows"], sd["t_rows"], seed, sd["cache"])
-    if less_file is not None and not less_file.exists():
-        less_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"scores": sd["cache"][("less", seed)], "seconds": sd["cache"][("less_seconds", seed)]},
-                   less_file.with_suffix(".tmp"))
-        less_file.with_suffix(".tmp").replace(less_file)
+    selected = offline_selection(name, knob, base, tok, data, sd["g_rows"], sd["t_rows"], seed, sd["cache"],
+                                 ctx.get("less_dir"))
     recipe = replace(budget, seed=seed)
     metrics = train_sft(copy.deepcopy(base), tok, data.general, data.target_train, spec, recipe,
                         selected=selected, general_rows=sd["g_rows"])
@@ -164,7 +153,7 @@ def _task(args) -> list[dict]:
     finishes."""
     jobs, settings, budget, base_size, n_val, out_dir, threads = args
     torch.set_num_threads(threads)
-    _CTX["cache_dir"] = str(Path(out_dir) / "cache")
+    _CTX["less_dir"] = str(Path(out_dir) / "less")
     out = []
     for setting, name, knob, seed in jobs:
         r = run_one(settings[setting], name, knob, seed, budget, base_size, n_val, _CTX)
