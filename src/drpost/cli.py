@@ -12,7 +12,8 @@ explicit table ``RUNNERS`` ("module:function"); a runner's module is imported on
 called as ``run(config)``. Before running, the resolved config is written to ``<output_dir>/config.yaml``, except
 for the runners in ``VALIDATING_RUNNERS``: they check their model, data and checkpoint first and write config.yaml
 themselves, so a run that fails validation leaves only its log (with the error) in output_dir; ``bench real``
-writes it too, so that a sweep directory keeps the recipe of its records and the union of the runs asked for.
+and ``bench quality`` write it too, so that a sweep directory keeps the recipe of its records (and, for ``bench
+real``, the union of the runs asked for) and the RL benchmarks' file lands beside their results.
 A resumed training run (``resume=...``) starts from its saved ``config.yaml``; options given again must agree
 with it (``drpost.trainers.runner.reconcile_resume``).
 Exit codes: 0 success or --help, 2 bad usage / bad config / bad data / runner not available, 130 interrupted
@@ -42,11 +43,11 @@ RUNNERS: dict[str, str] = {
     "bench trl": "drpost.bench.trl:run",
 }
 
-# runners that validate everything before writing, and write config.yaml themselves (bench real: a resumable
-# sweep's config.yaml keeps its recipe and grows its run lists, drpost.bench.records.claim_dir)
+# runners that validate everything before writing, and write config.yaml themselves (bench real / quality: a
+# resumable sweep's config.yaml keeps its recipe and grows its run lists, drpost.bench.records.claim_dir)
 VALIDATING_RUNNERS: frozenset[str] = frozenset({"drpost.world.runs:sft", "drpost.world.runs:dpo",
                                                 "drpost.world.runs:rlhf", "drpost.world.runs:rlvr",
-                                                "drpost.bench.real:run"})
+                                                "drpost.bench.real:run", "drpost.bench.quality:run"})
 # training commands: a resumed run reuses its saved config.yaml (drpost.trainers.runner.reconcile_resume)
 TRAINING_COMMANDS: frozenset[str] = frozenset({"sft", "dpo", "rlhf", "rlvr"})
 

@@ -133,3 +133,15 @@ def test_claim_dir_overwrites_a_config_without_records(tmp_path):
     written, covered = records.claim_dir(_real(tmp_path, "steps=40", "seeds=5"), tmp_path, set())
     assert covered and yaml.safe_load((tmp_path / "config.yaml").read_text())["steps"] == 40
     assert written.seeds == [5]
+
+
+def test_the_world_sweep_refuses_another_recipe_for_a_directory_with_records(tmp_path, capsys):
+    from drpost import cli
+    from drpost.config import BenchConfig, save_resolved
+
+    save_resolved(parse_config(BenchConfig, ["steps=3", f"output_dir={tmp_path}"]), tmp_path)
+    records.write_record(tmp_path, {"setting": "format_shift", "method": "full_training", "knob": None, "seed": 0})
+    argv = ["bench", "quality", f"output_dir={tmp_path}", "settings=format_shift", "methods=full_training", "seeds=0"]
+    assert cli.main([*argv, "steps=5"]) == 2
+    assert "option 'steps'" in capsys.readouterr().err
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["steps"] == 3

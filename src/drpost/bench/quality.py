@@ -237,10 +237,13 @@ def run(config) -> dict:
         from drpost.bench.rl import run as run_rl_bench
 
         return run_rl_bench(config)
-    from drpost.config import ConfigError, refuse_unread
+    from drpost.bench.records import claim_dir
+    from drpost.config import ConfigError, refuse_unread, save_resolved
     from drpost.world.settings import get_setting
 
     refuse_unread(config, READ, "bench quality --paradigm sft")
+    if config.rewrite and not (Path(config.output_dir) / "config.yaml").exists():
+        save_resolved(config, config.output_dir)
     if config.rewrite:
         old = (Path(config.output_dir) / "README.md").read_text() if (Path(config.output_dir) / "README.md").exists() \
             else ""
@@ -263,6 +266,7 @@ def run(config) -> dict:
                        target_batch_size=config.target_batch_size, lr=o.lr, weight_decay=o.weight_decay,
                        warmup_ratio=o.warmup_ratio, max_grad_norm=o.max_grad_norm)
     out_dir = config.output_dir
+    claim_dir(config, out_dir, {"output_dir", "rewrite"})  # a directory with records keeps their recipe
     workers = int(os.environ.get("DRPOST_WORKERS", "2"))
     records = []
     for s in settings:  # tables rewritten after each setting; a re-run skips the finished runs

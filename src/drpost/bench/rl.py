@@ -389,7 +389,7 @@ def run(config) -> dict:
     """
     import sys
 
-    from drpost.config import BenchConfig, ConfigError, refuse_unread
+    from drpost.config import BenchConfig, ConfigError, refuse_unread, save_resolved
     from drpost.world.rl_settings import RL_SETTINGS, get_rl_setting
 
     paradigm = config.paradigm
@@ -416,6 +416,7 @@ def run(config) -> dict:
         field = "rounds" if paradigm == "rlhf" else "steps"
         budget = replace(budget, **{field: config.steps})
     out_dir = config.output_dir if config.output_dir != default.output_dir else f"results/{paradigm}"
+    save_resolved(config, out_dir)  # where the results go (every run is made again: nothing to keep)
     workers = int(os.environ.get("DRPOST_WORKERS", "2"))
     t0 = time.perf_counter()
     records = run_rl(paradigm, setting, methods, list(config.seeds), budget, config.model.size, workers, progress=True)
