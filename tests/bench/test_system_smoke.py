@@ -23,6 +23,14 @@ def test_micro_grid_writes_files_and_keys(tmp_path):
     row = case["methods"]["layerwise/one_pass/auto"]
     assert {"ratio", "ratio_q25", "ratio_q75", "components_s", "floor_ratio", "over_floor", "held_back_by"} <= set(row)
     assert set(row["components_s"]) == set(system.COMPONENTS)
+    # counted FLOPs (drpost.bench.system.flops): full_training runs the standard step's products, the two subset
+    # sets the same scoring and assembly; the rate ratio is what the time ratio adds to the FLOP ratio
+    rows = case["methods"]
+    assert rows["standard"]["gflop"] > 0 and "mm" in rows["standard"]["gflop_by_op"]
+    assert rows["full_training"]["gflop"] == pytest.approx(rows["standard"]["gflop"], rel=1e-9)
+    assert rows["global/one_pass/auto"]["gflop"] == pytest.approx(row["gflop"], rel=1e-9)
+    assert row["flop_ratio"] * row["rate_ratio"] == pytest.approx(row["ratio"])
+    assert "FLOP ratio" in (tmp_path / "summary.md").read_text()
     assert {"m_sweep", "T_sweep"} <= set(data["crossovers"])
     assert {"analytic_m_star", "measured_m_star"} <= set(data["crossovers"]["m_sweep"])
     assert "Command:" in (tmp_path / "summary.md").read_text()

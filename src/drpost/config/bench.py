@@ -56,8 +56,8 @@ class BenchConfig(RunConfig):
 @dataclass
 class BenchSystemConfig:
     """System benchmark ('drpost bench system'): the cost of one regularized step split by component, as a ratio
-    to a standard step, with analytic floors, peak memory per method and the scoring-method crossovers, on tiny
-    Llama sizes or SmolLM2-135M's shapes (option model)."""
+    to a standard step, with analytic floors, peak memory and counted FLOPs per method and the scoring-method
+    crossovers, on tiny Llama sizes or SmolLM2-135M's shapes (option model)."""
 
     kind: ClassVar[str] = "system"  # the first positional argument of 'drpost bench'
 

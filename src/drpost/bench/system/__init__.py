@@ -10,13 +10,16 @@ step, minus the weight-gradient GEMMs the captured backward skips, plus the per-
 LoRA-sized weights, plus the scoring FLOPs/bytes of the method chosen per block, plus the assembly: one GEMM per use
 over the rows that carry weight, or one GEMV per weight over held per-row gradients, at the machine's measured GEMM
 rate and bandwidth). After the timed repeats it runs one more step of every method for its peak memory
-(``memory``: CPU peak RSS, CUDA max_memory_allocated; ratios to the standard step) and reports the logits' share.
+(``memory``: CPU peak RSS, CUDA max_memory_allocated; ratios to the standard step) and reports the logits' share,
+and one more with its matrix-product FLOPs counted (``flops``: the FLOP ratio to the standard step, and the rate
+ratio = time ratio / FLOP ratio, which separates work a method adds from work it runs slowly).
 On the tiny sizes it also checks ``scoring="auto"`` against the best fixed exact method; and it measures the two
 scoring crossovers (full vs reduced ghost over m; reduced ghost vs direct over T) on one layer shape against the
 analytic formulas.
 
 Modules, by job: ``cases`` (methods, models, batches, clock, one configuration's runners), ``floors`` (analytic
-floors, the auto-scoring check), ``memory`` (peak memory per method, logits bytes), ``measure`` (repeats,
+floors, the auto-scoring check), ``memory`` (peak memory per method, logits bytes), ``flops`` (counted FLOPs per
+method), ``measure`` (repeats,
 crossovers, grids, ``run_system_bench``, the CLI runner), ``report`` (goals, summary.md, plots).
 
 Run:

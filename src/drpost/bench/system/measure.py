@@ -34,6 +34,7 @@ from drpost.bench.system.cases import (
     use_clock,
 )
 from drpost.bench.system.floors import floor, scoring_check
+from drpost.bench.system.flops import measure as measure_flops
 from drpost.bench.system.memory import logits as logits_memory
 from drpost.bench.system.memory import measure as measure_memory
 from drpost.bench.system.report import GOALS, _jsonable, evaluate_goals, plot, write_markdown
@@ -55,7 +56,7 @@ def measure_case(cfg: dict, methods: list[Method], repeats: int, warmup: int, ra
                  precision: str = "fp32") -> dict:
     """Warm-up, interleaved timed repeats, floors, the scoring check (tiny sizes only: on SmolLM2 it would time
     full ghost Grams and materialize the tied 49,152 x 576 embedding per row), then one memory step per method
-    (``memory``)."""
+    (``memory``) and one counted step per method (``flops``)."""
     case = Case(cfg["size"], cfg["mode"], cfg["T"], cfg["n"], cfg["m"], device, methods, precision=precision,
                 prompt_frac=cfg.get("prompt_frac", 0.0))
     total_p, train_p = case.n_params()
@@ -112,6 +113,13 @@ def measure_case(cfg: dict, methods: list[Method], repeats: int, warmup: int, ra
         for k in ("peak_mem", "step_mem"):
             a, b = mem[me.name][f"{k}_bytes"], std_mem[f"{k}_bytes"]
             row[f"{k}_ratio"] = a / b if a and b else None
+    arithmetic = measure_flops(case, methods)
+    std_gflop = arithmetic["standard"]["gflop"]
+    for me in methods:
+        row = rows[me.name]
+        row.update(arithmetic[me.name])
+        row["flop_ratio"] = row["gflop"] / std_gflop if std_gflop else None
+        row["rate_ratio"] = row["ratio"] / row["flop_ratio"] if row["flop_ratio"] else None
     lg = logits_memory(case)
     if std_mem["step_mem_bytes"]:
         lg["logits_over_standard_step_mem"] = lg["window_logits_bytes"] / std_mem["step_mem_bytes"]

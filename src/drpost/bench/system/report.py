@@ -93,6 +93,13 @@ def _mem(row: dict, key: str) -> str:
     return "—" if b is None else f"{b / 2**20:.0f}" + ("" if r is None else f" ({r:.2f}x)")
 
 
+def _arith(row: dict) -> str:
+    """'FLOP ratio · rate ratio' of a method's row (``flops``), or — where a run before the count made it."""
+    if row.get("flop_ratio") is None:
+        return "—"
+    return f"{row['flop_ratio']:.2f} · {row['rate_ratio']:.2f}"
+
+
 def _logits_line(c: dict) -> str:
     lg = c.get("logits")
     if not lg:
@@ -123,17 +130,21 @@ def _window(cases: list[dict]) -> list[str]:
                                                                                   for p in pairs for c in p)]
     L = ["## The loss window\n", "Each configuration measured twice, back to back: every position a label, then the "
          "prompt masked (the LM head and the loss on the last k positions only). Seconds per step (every position "
-         "→ window, and the saving), the ratio to the standard step of the same rows, and one logits-sized tensor "
-         "(the loss holds up to three).\n",
+         "→ window, and the saving), the ratio to the standard step of the same rows and its FLOP ratio (counted, "
+         "`flops`), and one logits-sized tensor (the loss holds up to three).\n",
          "| config | k / T | standard step s | " + " | ".join(f"{nm} s (ratio)" for nm in names) + " | logits MiB |",
          "|---" * (len(names) + 4) + "|"]
+
+    def flops(r: dict) -> str:
+        return "—" if r.get("flop_ratio") is None else f"{r['flop_ratio']:.2f}x"
 
     def pair(a: float, b: float) -> str:
         return f"{a:.2f} → {b:.2f} ({100 * (b - a) / a:+.0f}%)"
 
     for a, b in pairs:
         cells = [f"{pair(a['methods'][nm]['total_s'], b['methods'][nm]['total_s'])} "
-                 f"({a['methods'][nm]['ratio']:.2f}x → {b['methods'][nm]['ratio']:.2f}x)" for nm in names]
+                 f"({a['methods'][nm]['ratio']:.2f}x → {b['methods'][nm]['ratio']:.2f}x; FLOPs "
+                 f"{flops(a['methods'][nm])} → {flops(b['methods'][nm])})" for nm in names]
         lg_a, lg_b = a.get("logits", {}), b.get("logits", {})
         mib = (f"{lg_a['logits_bytes'] / 2**20:.1f} → {lg_b['window_logits_bytes'] / 2**20:.1f}"
                if "window_logits_bytes" in lg_b else "—")
@@ -180,7 +191,11 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
          "by* = the component with the largest excess over the standard step's same component (scoring/solve/"
          "assembly count in full). *Peak* = peak memory during one more step of the method after the timed "
          "repeats (CPU: the process's peak RSS; CUDA: max_memory_allocated), *step* = the peak minus the memory at "
-         "the step's start; MiB, (x the standard step's) (`drpost.bench.system.memory`).\n"]
+         "the step's start; MiB, (x the standard step's) (`drpost.bench.system.memory`). *FLOP ratio* = the matrix-"
+         "product FLOPs of one more step of the method, counted (`torch.utils.flop_counter`), / the standard step's; "
+         "*rate ratio* = time ratio / FLOP ratio: above 1, the method ran its FLOPs slower than the standard step "
+         "(memory-bound or small products, overhead), which no count of its arithmetic shows "
+         "(`drpost.bench.system.flops`).\n"]
     if res.get("partial"):
         L.insert(3, "**Partial**: the configurations measured so far (written after each one); the run has not "
                     "finished.\n")
@@ -217,9 +232,9 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
         cf = c["config"]
         L.append(f"## {cfg_label(cf)} — {c['params'] / 1e6:.2f}M params ({c['trainable'] / 1e6:.3f}M trainable); "
                  f"standard step {1e3 * c['standard_s']:.1f} ms\n")
-        L.append("| method | ratio [IQR] | floor | meas/floor | fwd | bwd | scoring | solve | assembly | opt | "
-                 "held back by | scoring choices | peak MiB | step MiB |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        L.append("| method | ratio [IQR] | floor | meas/floor | FLOP ratio · rate ratio | fwd | bwd | scoring | solve | "
+                 "assembly | opt | held back by | scoring choices | peak MiB | step MiB |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, r in c["methods"].items():
             comp = r["components_s"]
             fl = f"{r['floor_ratio']:.2f}x" if "floor_ratio" in r else "—"
@@ -228,7 +243,7 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
             if r["kind"] == "func":
                 ch = f"per-sample grads by {r.get('func_mode')} (in bwd)"
             L.append(f"| {name} | {r['ratio']:.2f}x [{r['ratio_q25']:.2f}–{r['ratio_q75']:.2f}] | {fl} | {of} | "
-                     + " | ".join(_ms(comp[k]) for k in COMPONENTS)
+                     f"{_arith(r)} | " + " | ".join(_ms(comp[k]) for k in COMPONENTS)
                      + f" | {r['held_back_by'] or ''} | {ch} | {_mem(r, 'peak_mem')} | {_mem(r, 'step_mem')} |")
         if _logits_line(c):
             L.append("")
