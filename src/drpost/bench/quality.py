@@ -17,7 +17,8 @@ with the best *validation* exact match (ties: lower validation loss) is kept and
 CLI: ``drpost bench quality --paradigm sft`` writes ``results/sft/`` (raw JSON per run, summary.json, README.md
 table, PNG plots). Resumable (``drpost.bench.records``): each run's record is written to ``raw/`` as it finishes and a
 re-run skips the runs that have one, so a sweep longer than one sitting finishes across several; LESS's cosines are
-kept per (setting, seed, warm-up checkpoint) in ``less/`` (``baselines.less.CheckpointStore``, as ``bench real``). Workers: ``DRPOST_WORKERS`` processes (default 2), one torch thread each.
+kept per (setting, seed, warm-up checkpoint) in ``less/`` (``baselines.less.CheckpointStore``, as ``bench real``).
+Workers: ``DRPOST_WORKERS`` processes (default 2), one torch thread each.
 """
 
 from __future__ import annotations

@@ -147,9 +147,9 @@ def claim_output(config, out: Path, default: str, resolve=None, **resolved) -> s
 
     ``drpost.bench.records.claim_dir``: a directory that holds records keeps the recipe they were made with (another
     value is refused by name; ``resolve`` maps ``none`` options to the values they take) and its run lists grow, so
-    the file always describes every run on disk. ``resolved`` are run lists a paradigm resolved from its defaults. The command is this invocation where its lists hold every
-    run of the directory, else ``drpost bench real --config out/config.yaml``; ``rewrite=true`` leaves an existing
-    config.yaml as it is."""
+    the file always describes every run on disk. ``resolved`` are run lists a paradigm resolved from its defaults.
+    The command is this invocation where its lists hold every run of the directory, else ``drpost bench real
+    --config out/config.yaml``; ``rewrite=true`` leaves an existing config.yaml as it is."""
     from drpost.bench.records import claim_dir
 
     config = replace(config, **resolved)
