@@ -243,9 +243,9 @@ def run(config) -> dict:
     from drpost.world.settings import get_setting
 
     refuse_unread(config, READ, "bench quality --paradigm sft")
-    if config.rewrite and not (Path(config.output_dir) / "config.yaml").exists():
-        save_resolved(config, config.output_dir)
-    if config.rewrite:
+    if config.rewrite:  # rebuilds the tables only; an existing config.yaml stays as it is
+        if not (Path(config.output_dir) / "config.yaml").exists():
+            save_resolved(config, config.output_dir)
         old = (Path(config.output_dir) / "README.md").read_text() if (Path(config.output_dir) / "README.md").exists() \
             else ""
         command = next((line.split("`")[1] for line in old.splitlines() if line.startswith("Command: `")),

@@ -4,8 +4,9 @@ Shared by the world SFT benchmark (``drpost.bench.quality``) and the real-model 
 A run is named by ``(setting, method, knob, seed)``; its record lives at ``out_dir/raw/<setting>__<method>__k<knob>
 __s<seed>.json``. ``tuned_sweep`` runs the knob-tuning runs (every knob value, first seed) of a setting, chooses each
 method's knob by validation (``stats.best_by_validation``), then runs the other seeds with it, so an interrupted sweep
-resumes exactly where it stopped. ``mark_tuning`` tells the tables which records only served the tuning. ``claim_dir`` writes the sweep's
-``config.yaml``: a directory that holds records keeps the recipe they were made with, and its run lists grow.
+resumes exactly where it stopped. ``mark_tuning`` tells the tables which records only served the tuning.
+``claim_dir`` writes the sweep's ``config.yaml``: a directory that holds records keeps the recipe they were made
+with, and its run lists grow.
 """
 
 from __future__ import annotations

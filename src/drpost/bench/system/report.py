@@ -93,11 +93,12 @@ def _mem(row: dict, key: str) -> str:
     return "—" if b is None else f"{b / 2**20:.0f}" + ("" if r is None else f" ({r:.2f}x)")
 
 
-def _arith(row: dict) -> str:
-    """'FLOP ratio · rate ratio' of a method's row (``flops``), or — where a run before the count made it."""
+def _arith(row: dict, rate: bool = True) -> str:
+    """'FLOP ratio · rate ratio' of a method's row (``flops``; the FLOP ratio alone, as 'Nx', without ``rate``), or
+    — where a run before the count made it."""
     if row.get("flop_ratio") is None:
         return "—"
-    return f"{row['flop_ratio']:.2f} · {row['rate_ratio']:.2f}"
+    return f"{row['flop_ratio']:.2f} · {row['rate_ratio']:.2f}" if rate else f"{row['flop_ratio']:.2f}x"
 
 
 def _logits_line(c: dict) -> str:
@@ -135,16 +136,13 @@ def _window(cases: list[dict]) -> list[str]:
          "| config | k / T | standard step s | " + " | ".join(f"{nm} s (ratio)" for nm in names) + " | logits MiB |",
          "|---" * (len(names) + 4) + "|"]
 
-    def flops(r: dict) -> str:
-        return "—" if r.get("flop_ratio") is None else f"{r['flop_ratio']:.2f}x"
-
     def pair(a: float, b: float) -> str:
         return f"{a:.2f} → {b:.2f} ({100 * (b - a) / a:+.0f}%)"
 
     for a, b in pairs:
         cells = [f"{pair(a['methods'][nm]['total_s'], b['methods'][nm]['total_s'])} "
                  f"({a['methods'][nm]['ratio']:.2f}x → {b['methods'][nm]['ratio']:.2f}x; FLOPs "
-                 f"{flops(a['methods'][nm])} → {flops(b['methods'][nm])})" for nm in names]
+                 f"{_arith(a['methods'][nm], rate=False)} → {_arith(b['methods'][nm], rate=False)})" for nm in names]
         lg_a, lg_b = a.get("logits", {}), b.get("logits", {})
         mib = (f"{lg_a['logits_bytes'] / 2**20:.1f} → {lg_b['window_logits_bytes'] / 2**20:.1f}"
                if "window_logits_bytes" in lg_b else "—")
