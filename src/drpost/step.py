@@ -50,9 +50,11 @@ from drpost.geometry.step_geometry import (  # noqa: F401  (merge_batches, take_
     MergedBatch,
     Timer,
     merge_batches,
+    row_coefficients,
     take_rows,
     time_candidates,
 )
+from drpost.geometry.stream import Streamer
 
 ASSEMBLIES = ("one_pass", "two_pass")
 
@@ -78,6 +80,7 @@ class StepReport:
     target_weight: Tensor | None = None  # (L',)
     blocks: list[str] = field(default_factory=list)
     scoring: dict[str, str] = field(default_factory=dict)
+    streamed: list[str] = field(default_factory=list)  # blocks solved and assembled as scored (geometry/stream.py)
     loss: float = math.nan  # token-mean loss of the general rows
     target_loss: float = math.nan  # token-mean loss of the target rows
     counts: Tensor | None = None  # (n,) loss tokens per general sample
@@ -150,6 +153,7 @@ class DataRegularizer:
         self.local_geometry = LocalGeometry()
         # scoring method per (block, rows, target rows, T, Gram needed, positions its uses ran on)
         self._choice: dict[tuple, str] = {}
+        self._cast: dict = {}  # the caller's autocast during the current step (``_autocast_state``)
         self._needs_capture = False  # full_training / target_only's loss reached a leaf the shortcut cannot serve
 
     # ------------------------------------------------------------------ public
@@ -178,24 +182,28 @@ class DataRegularizer:
         return Needs(fs.needs_gram, fs.needs_target_gram, trivial)
 
     def scoring_method(self, block_idx: int, block, n_rows: int, m_rows: int, T: int, need_gram: bool,
-                       tc: Tensor | None = None):
+                       tc: Tensor | None = None, assembly_rows: float | None = None):
         """(method, stats or None) for a block at these shapes: the fixed ``scoring``, or the cost model's choice
         (cached per shape). With ``autotune`` and the target coefficients ``tc`` (R,), the first sight of a shape
-        times every exact candidate and returns the fastest together with the stats it computed."""
+        times every exact candidate and returns the fastest together with the stats it computed.
+        ``assembly_rows``: the block would stream under ``direct`` (``cost.choose``; autotune, which times the
+        scoring alone, leaves such a block to the cost model)."""
         if block.rows is not None and self.scoring != "compress":
             return "direct", None  # per-row gradients materialized in the backward: every exact method reads them
         if self.scoring != "auto":
             return self.scoring, None
         key = (block_idx, n_rows, m_rows, T, need_gram, cost.positions(block))
+        if assembly_rows is not None:
+            key += (round(float(assembly_rows), 3),)
         if key not in self._choice:  # re-decided whenever the shapes change (an LM head's loss window too)
-            if self.autotune and tc is not None and block.factored:
+            if self.autotune and tc is not None and block.factored and assembly_rows is None:
                 needs = self.needs()
                 cands = ["full_ghost", "direct"] + ([] if need_gram else ["reduced_ghost"])
                 meth, st = time_candidates(block, block_idx, cands, tc, n_rows, needs.gram, needs.target_gram,
                                            self.sketcher)
                 self._choice[key] = meth
                 return meth, st
-            self._choice[key] = cost.choose(block, n_rows, m_rows, T, need_gram, self.rates)
+            self._choice[key] = cost.choose(block, n_rows, m_rows, T, need_gram, self.rates, assembly_rows)
         return self._choice[key], None
 
     def state_dict(self) -> dict:
@@ -222,6 +230,8 @@ class DataRegularizer:
         report, timer = StepReport(blocks=self.blocks), Timer(device)
         # coefficients known before any gradient: no capture, one plain backward (unless a step showed it cannot)
         plain = self.needs().trivial and not self._needs_capture
+        self._cast = _autocast_state(device)  # the caller's autocast, for forwards (the two-pass reference's too)
+        rest = contextlib.ExitStack()
         try:
             loss_sums = self._forward(mb, loss_fn, timer, report, capture=not plain)
             if plain and not _leaves_within(loss_sums, self.capture):  # e.g. a value head outside the model
@@ -229,6 +239,9 @@ class DataRegularizer:
                 self.capture.reset()
                 plain = False
                 loss_sums = self._forward(mb, loss_fn, timer, report)
+            # everything after the forward outside any autocast region, as a trainer runs its backward: factors
+            # keep the forward's compute dtype, and scores, Grams and the assembly accumulate in float32
+            rest.enter_context(torch.autocast(device.type, enabled=False))
             ds = self._parallel(loss_sums, mb, report)  # None unless data-parallel
             if not (ds.finite if ds is not None else bool(torch.isfinite(loss_sums.detach()).all())):
                 return _skip(report, "non-finite loss")
@@ -237,14 +250,18 @@ class DataRegularizer:
             if not plain:
                 with timer("backward"):
                     blocks = self._backward(loss_sums)
-            geo = (ds or self.local_geometry).geometry(self, blocks, mb, lr, timer, report)
+            stream = None  # a separable set's blocks solved and assembled as they are scored (geometry/stream.py)
+            if write_grads and self.assembly == "one_pass" and not plain and ds is None and self.feasible.separable:
+                stream = Streamer(self.feasible, mb, lr, timer)
+            geo = (ds.geometry(self, blocks, mb, lr, timer, report) if ds is not None
+                   else self.local_geometry.geometry(self, blocks, mb, lr, timer, report, stream=stream))
             if geo is None:
                 return _skip(report, "non-finite scores or Gram")
             with timer("solve"):
-                coefs = self._solve(geo, ds, report)
+                coefs = self._solve(geo, ds, report, stream)
             if not ensure_finite(coefs.coef, coefs.target_coef):
                 return _skip(report, "non-finite solver output")
-            row_c = _row_coefficients(coefs, mb, ds, len(blocks))  # (L, R)
+            row_c = row_coefficients(coefs, mb, ds, len(blocks))  # (L, R)
             if not write_grads:
                 report.info["row_weights"] = row_c
                 return report
@@ -253,7 +270,7 @@ class DataRegularizer:
                     grads = _weighted_grads(loss_sums, row_c, self.capture.blocks)
             else:
                 with timer("assembly"):
-                    grads = self._assemble(blocks, mb, loss_fn, row_c, coefs)
+                    grads = self._assemble(blocks, mb, loss_fn, row_c, coefs, stream)
             if ds is not None:
                 with timer("all_reduce"):
                     grads = ds.reduce_grads(grads, [p for b in self.capture.blocks for p in b.params])
@@ -262,6 +279,7 @@ class DataRegularizer:
             _add_to_grad(grads, fresh=self.assembly == "one_pass")
             return report
         finally:
+            rest.close()
             self.capture.reset()
             report.timings = timer.t
 
@@ -296,28 +314,39 @@ class DataRegularizer:
             return None
         return DistributedStep.begin(group, loss_sums, mb.R_g, mb.counts, mb.target_counts, report)
 
-    def _solve(self, geo: StepGeometry, ds, report: StepReport) -> Coefficients:
+    def _solve(self, geo: StepGeometry, ds, report: StepReport, stream: Streamer | None = None) -> Coefficients:
         """Stage 4: coefficients from the feasible set (slack included: ``WithSlack``); an unconverged solve falls
-        back to standard training for this step, without slack."""
+        back to standard training for this step, without slack. Blocks already solved and assembled as they were
+        scored (``stream``) keep the coefficients their updates were built with."""
         coefs = self.feasible(geo)
         inner = getattr(self.feasible, "inner", self.feasible)
         failure = solver_failure(coefs.info, getattr(inner, "max_iter", None))
         if failure is not None:
+            if stream is not None and stream.coef:  # a separable set has no iterative solver: never reached
+                raise RuntimeError(f"drpost: a streamed layer-scope step cannot fall back ({failure})")
             coefs = fallback_full_training(geo, failure)
+        if stream is not None:
+            coefs = stream.override(coefs)
+            report.streamed = [self.capture.blocks[l].name for l in sorted(stream.coef)]
         if ds is not None:
             ds.agree(coefs)
         report.weights, report.target_weight = coefs.coef, coefs.target_coef
         report.info.update(coefs.info)
         return coefs
 
-    def _assemble(self, blocks, mb: MergedBatch, loss_fn, row_c: Tensor, coefs: Coefficients) -> dict:
-        """Stage 5: every parameter's update, from the captured factors (one pass) or a second backward."""
+    def _assemble(self, blocks, mb: MergedBatch, loss_fn, row_c: Tensor, coefs: Coefficients,
+                  stream: Streamer | None = None) -> dict:
+        """Stage 5: every parameter's update, from the captured factors (one pass) or a second backward; a block
+        streamed during scoring already has its update."""
         if self.assembly == "two_pass":
             self.capture.reset()  # free the factors before the second forward
             return self._second_pass(mb.batch, loss_fn, row_c, coefs.coef.shape[0] == 1)
         grads = {}
         host = row_c.detach().cpu()  # (L, R) one sync: plans which rows each block's GEMM needs
         for l, b in enumerate(blocks):
+            if stream is not None and l in stream.grads:
+                grads.update(stream.grads.pop(l))
+                continue
             grads.update(assemble(b, row_c[l], host[l]))
             b.clear()  # its factors are spent: the next blocks' updates reuse their memory
         return grads
@@ -329,11 +358,19 @@ class DataRegularizer:
             if keep.numel() == 0:
                 return {p: torch.zeros_like(p) for b in self.capture.blocks for p in b.params}
             merged, row_c = take_rows(merged, keep), row_c[:1, keep]
-        loss_sums, _ = loss_fn(self.model, merged)
+        with torch.autocast(**self._cast):  # the same precision as the step's forward
+            loss_sums, _ = loss_fn(self.model, merged)
         return _weighted_grads(loss_sums, row_c, self.capture.blocks)
 
 
 # --------------------------------------------------------------------------- helpers of the stages
+def _autocast_state(device: torch.device) -> dict:
+    """``torch.autocast`` arguments that restore the caller's autocast state on this device."""
+    on = torch.is_autocast_enabled(device.type)
+    return {"device_type": device.type, "enabled": on,
+            **({"dtype": torch.get_autocast_dtype(device.type)} if on else {})}
+
+
 def _leaves_within(loss: Tensor, capture: Capture) -> bool:
     """Whether ``loss``'s graph reaches only leaves of the captured blocks (or ones the capture freezes) and no
     reentrant checkpoint (``autograd.grad`` cannot run through one). Otherwise the fixed-weight shortcut would
@@ -367,15 +404,6 @@ def _weighted_grads(loss_sums: Tensor, row_c: Tensor, blocks) -> dict:
                                  allow_unused=True)
         out.update({p: (torch.zeros_like(p) if g is None else g) for p, g in zip(b.params, gs, strict=True)})
     return out
-
-
-def _row_coefficients(coefs: Coefficients, mb: MergedBatch, ds, L: int) -> Tensor:
-    """(L, R) per-row coefficients: general rows take their sample's coefficient, target rows c_T / N_T."""
-    cc = coefs.coef if ds is None else ds.local(coefs.coef)  # this rank's samples
-    coef = cc.expand(L, mb.n) if cc.shape[0] == 1 else cc
-    tcoef = coefs.target_coef.expand(L) if coefs.target_coef.shape[0] == 1 else coefs.target_coef
-    n_T = mb.target_counts.sum() if ds is None else ds.target_tokens
-    return torch.cat([coef[:, mb.g_ids], (tcoef / n_T)[:, None].expand(L, mb.R - mb.R_g)], 1)
 
 
 def _add_to_grad(grads: dict, fresh: bool) -> None:

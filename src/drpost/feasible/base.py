@@ -82,6 +82,13 @@ class FeasibleSet:
     needs_target_gram: bool = False  # auto strength
     uses_target_rows: bool = False  # the update may contain g_T (target rows get a backward weight)
     uses_general_rows: bool = True
+    # block l's coefficients depend on block l's geometry alone, whatever the other blocks hold: the step may solve
+    # (and assemble) a block as soon as its geometry exists (geometry/stream.py); layer-scope sets only
+    separable: bool = False
+
+    def expected_kept(self, n: int) -> float:
+        """About how many of n general samples get a non-zero coefficient (the cost model's assembly estimate)."""
+        return float(n)
 
     def __init__(self, scope: str = "global"):
         if scope not in ("global", "layer"):

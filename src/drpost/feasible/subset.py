@@ -77,6 +77,12 @@ class Subset(FeasibleSet):
         self.k = k
         self.selection = selection
         self.needs_gram = selection == "greedy"
+        self.separable = self.scope == "layer"  # each block's selection reads its own scores (and Gram) only
+
+    def expected_kept(self, n: int) -> float:
+        if self.selection == "filter":  # drops frac of the negative-score samples: about half of them negative
+            return n * (1.0 - self.frac / 2)
+        return float(min(self.k, n) if self.k is not None else frac_to_k(self.frac, n))
 
     def mask(self, geo: StepGeometry) -> Tensor:
         """(L, n) bool: the selected samples of each block."""

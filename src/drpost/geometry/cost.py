@@ -63,9 +63,13 @@ def _uses_tokens(shape, T: int) -> tuple[int, int, int, int]:
     return p, q, k, (shape[3] if len(shape) > 3 else k * T)
 
 
-def method_costs(shapes, n: int, m: int, T: int, need_gram: bool, rates: Rates, elem: int = 4) -> dict[str, float]:
+def method_costs(shapes, n: int, m: int, T: int, need_gram: bool, rates: Rates, elem: int = 4,
+                 assembly_rows: float | None = None) -> dict[str, float]:
     """Estimated seconds per exact method for one block (``reduced_ghost`` absent when the Gram is needed).
-    ``shapes``: (p, q, uses) at T tokens each, or (p, q, uses, S) with S the tokens per row summed over the uses."""
+    ``shapes``: (p, q, uses) at T tokens each, or (p, q, uses, S) with S the tokens per row summed over the uses.
+    ``assembly_rows``: the block is streamed when scored ``direct`` (``geometry/stream.py``: its update is then a
+    GEMV over the per-row gradients direct builds anyway), so the ghost methods are charged the assembly GEMM they
+    leave to do, over this many rows (the rows the set is expected to keep)."""
     fl = {"full_ghost": 0.0, "reduced_ghost": 0.0, "direct": 0.0}
     by = {"full_ghost": 0.0, "reduced_ghost": 0.0, "direct": 0.0}
     R = n + m
@@ -82,17 +86,22 @@ def method_costs(shapes, n: int, m: int, T: int, need_gram: bool, rates: Rates, 
             fl["full_ghost"] += 2 * n * n * S2 * (p + q)
             by["full_ghost"] += n * n * S2 * 2 * elem
             fl["direct"] += 2 * R * R * p * q
+        if assembly_rows is not None:
+            fl["full_ghost"] += 2 * assembly_rows * S * p * q
+            fl["reduced_ghost"] += 2 * assembly_rows * S * p * q
     costs = {k: fl[k] / rates.flops_per_s + by[k] / rates.bytes_per_s for k in fl}
     if need_gram:
         del costs["reduced_ghost"]
     return costs
 
 
-def choose(block: Block, n: int, m: int, T: int, need_gram: bool, rates: Rates) -> str:
+def choose(block: Block, n: int, m: int, T: int, need_gram: bool, rates: Rates,
+           assembly_rows: float | None = None) -> str:
     """The exact scoring method of least estimated time for this block, each use priced at the positions it ran on
     (its factors say; ``T`` is the batch's length): an LM head that runs on the loss window only has few token
-    pairs. ``direct`` holds per-row gradients whole only where they are worth keeping for the assembly (else they
-    come in chunks and the factors stay for the assembly), so a large-vocabulary embedding / LM head
+    pairs. ``assembly_rows``: the block streams under ``direct`` (``method_costs``). Otherwise ``direct`` holds
+    per-row gradients whole only where they are worth keeping for the assembly (else they come in chunks and the
+    factors stay for the assembly), so a large-vocabulary embedding / LM head
     (SmolLM2-135M's tied 49,152 x 576: ~1 GB for 9 whole rows) is priced by time alone: full ghost where its token
     pairs are few, direct where they are many (a Gram over 33 rows, or T=256 at every position)."""
     if block.rows is not None:
@@ -104,7 +113,7 @@ def choose(block: Block, n: int, m: int, T: int, need_gram: bool, rates: Rates) 
     shapes = block_shapes(block, dense_uses=True)
     if not shapes:
         return "direct"  # only small (materialized) parameters: every method is the same
-    costs = method_costs(shapes, n, m, T, need_gram, rates)
+    costs = method_costs(shapes, n, m, T, need_gram, rates, assembly_rows=assembly_rows)
     return min(costs, key=costs.get)
 
 

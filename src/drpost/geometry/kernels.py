@@ -149,8 +149,8 @@ def _param_rows(u: Use, lo: int, hi: int, dtype: torch.dtype, out: Tensor, accum
         out.add_(g) if accumulate else out.copy_(g)
         return
     x, y = (a, b) if u.transposed else (b, a)
-    if accumulate:
-        out.baddbmm_(x.transpose(1, 2), y)
+    if accumulate:  # out= rather than baddbmm_: a FLOP counter sees it
+        torch.baddbmm(out, x.transpose(1, 2), y, out=out)
     else:
         torch.bmm(x.transpose(1, 2), y, out=out)
 
@@ -475,8 +475,32 @@ def _scaled_rows(b: Tensor, a, coef: Tensor, keep, uniform: float | None, dtype:
     return b * c, a, None
 
 
+def _runs(keep: Tensor) -> list[tuple[int, int]]:
+    """Maximal runs [lo, hi) of consecutive row indices in ``keep`` (sorted, host)."""
+    idx = keep.tolist()
+    out, lo = [], idx[0]
+    for prev, cur in zip(idx, idx[1:] + [None], strict=True):
+        if cur != prev + 1:
+            out.append((lo, prev + 1))
+            lo = cur
+    return out
+
+
 def _weighted_outer(b: Tensor, a, coef: Tensor, keep, uniform: float | None, dtype: torch.dtype) -> Tensor:
-    """sum_r c_r B_r^T A_r over the kept rows only (canonical layout), scaling the smallest operand."""
+    """sum_r c_r B_r^T A_r over the kept rows only (canonical layout), scaling the smallest operand.
+
+    Rows kept with one common coefficient (a subset) that are not one contiguous run are summed run by run into one
+    output (views, no gathered copies: a gather of an LM head's (rows, T, vocabulary) factor writes hundreds of MB
+    of fresh memory, which costs more on CPU than the GEMM's share of them)."""
+    if (uniform is not None and isinstance(keep, Tensor) and keep.numel() > 0 and isinstance(a, Tensor)
+            and not narrow(b.shape[-1], a.shape[-1])):
+        g = None
+        for lo, hi in _runs(keep):
+            bf = b[lo:hi].to(dtype).reshape(-1, b.shape[-1])  # (run T, d_out)
+            af = a[lo:hi].to(dtype).reshape(-1, a.shape[-1])  # (run T, d_in)
+            # out= rather than addmm_: the same kernel, and a FLOP counter sees it (benchmarks count matmul FLOPs)
+            g = bf.t() @ af if g is None else torch.addmm(g, bf.t(), af, out=g)
+        return g.mul_(uniform)
     b, a, scale = _scaled_rows(b, a, coef, keep, uniform, dtype)
     g = outer_sum(b, a)
     return g.mul_(scale) if scale is not None else g

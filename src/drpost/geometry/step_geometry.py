@@ -135,6 +135,16 @@ class MergedBatch:
             0, self.t_ids, row_counts[R_g:])
 
 
+def row_coefficients(coefs, mb: MergedBatch, ds, L: int) -> Tensor:
+    """(L, R) per-row coefficients from a feasible set's ``Coefficients``: general rows take their sample's
+    coefficient, target rows c_T / N_T (``ds``: data parallel, this rank's samples and the global N_T)."""
+    cc = coefs.coef if ds is None else ds.local(coefs.coef)  # this rank's samples
+    coef = cc.expand(L, mb.n) if cc.shape[0] == 1 else cc
+    tcoef = coefs.target_coef.expand(L) if coefs.target_coef.shape[0] == 1 else coefs.target_coef
+    n_T = mb.target_counts.sum() if ds is None else ds.target_tokens
+    return torch.cat([coef[:, mb.g_ids], (tcoef / n_T)[:, None].expand(L, mb.R - mb.R_g)], 1)
+
+
 STAGE_CLOCK = {"fn": time.perf_counter}  # the stages' clock: wall time; the system benchmark may set process_time
 
 
@@ -162,6 +172,23 @@ class Timer:
 
         return _Ctx()
 
+    def within(self, inner: str, outer: str):
+        """Time a sub-stage that runs inside the running stage ``outer``: its seconds count under ``inner`` and are
+        taken out of ``outer`` (which adds the whole span when it ends)."""
+        ctx = self(inner)
+        timer = self
+
+        class _Sub:
+            def __enter__(self):
+                self.before = timer.t.get(inner, 0.0)
+                ctx.__enter__()
+
+            def __exit__(self, *exc):
+                ctx.__exit__(*exc)
+                timer.t[outer] = timer.t.get(outer, 0.0) - (timer.t[inner] - self.before)
+
+        return _Sub()
+
 
 # --------------------------------------------------------------------------- the local geometry
 class LocalGeometry:
@@ -174,7 +201,9 @@ class LocalGeometry:
     def __init__(self, batched: bool = True):
         self.batched = batched
 
-    def geometry(self, reg, blocks, mb: MergedBatch, lr, timer: Timer, report) -> StepGeometry | None:
+    def geometry(self, reg, blocks, mb: MergedBatch, lr, timer: Timer, report, stream=None) -> StepGeometry | None:
+        """The step's ``StepGeometry`` (None: non-finite, skip the step). ``stream`` (``geometry/stream.py``'s
+        ``Streamer``): a block it can take that is scored ``direct`` is solved and assembled at once."""
         needs = reg.needs()
         n_i, n_t = mb.counts, mb.target_counts
         L, n, m, R_g, R = len(blocks), mb.n, mb.m, mb.R_g, mb.R
@@ -192,8 +221,16 @@ class LocalGeometry:
         ws = Workspace()  # direct's per-row gradients, block after block: one buffer for the step
         with timer("scoring"):
             for l, b in enumerate(blocks):
-                meth, st = reg.scoring_method(l, b, R_g, R - R_g, mb.T, any_gram, tc=tc)
+                streamable = stream is not None and stream.eligible(b)
+                meth, st = reg.scoring_method(l, b, R_g, R - R_g, mb.T, any_gram, tc=tc,
+                                              assembly_rows=stream.assembly_rows if streamable else None)
                 report.scoring[b.name] = meth
+                if streamable and meth == "direct" and st is None:  # whole rows, then scores, solve and update
+                    stream.hold(b, ws)
+                    P, _ = row_products(b, R_g, tc, full=needs.gram)  # (R, R_t) or (R, R)
+                    _finish_products([(l, P)], tc, S_g, R_g, needs.gram, scores, tsq, grams)
+                    stream.finish(l, b, scores[l], tsq[l], grams[l] if needs.gram else None)
+                    continue
                 if st is None and meth == "direct" and self.batched and not needs.target_gram:
                     P, b.rows = row_products(b, R_g, tc, full=needs.gram, workspace=ws)
                     prods.setdefault((P.dtype, P.device), []).append((l, P))

@@ -131,6 +131,7 @@ def floor(case: Case, me: Method, t_std: dict[str, float], rates) -> dict | None
     w, tw = rep.weights, rep.target_weight  # (L', n), (L',)
     wgrad = mat = score = asm = 0.0
     held = kept_max = 0
+    streamed = set(rep.streamed)
     for l, (b, ws) in enumerate(zip(reg.capture.blocks, block_weights(reg, T, head_T), strict=True)):
         if not ws:
             continue
@@ -146,7 +147,7 @@ def floor(case: Case, me: Method, t_std: dict[str, float], rates) -> dict | None
                 mat += g + R * x.p * x.q * ELEM / B
         if meth is not None:
             score += _scoring_s(ws, meth, n, m, T, reg.sketch, need_gram, need_gram or need_tgram, rates)
-        if _rows_kept(ws, meth, T):
+        if _rows_kept(ws, meth, T) or b.name in streamed:  # streamed: a GEMV over the rows direct built
             asm += sum(2 * R * x.p * x.q / F + R * x.p * x.q * ELEM / B for x in ws)
         else:
             asm += sum(2 * kept * x.tokens * x.p * x.q / F

@@ -99,6 +99,7 @@ def measure_case(cfg: dict, methods: list[Method], repeats: int, warmup: int, ra
             for v in rep.scoring.values():
                 ch[v] = ch.get(v, 0) + 1
             row["scoring_choices"] = ch
+            row["streamed_blocks"] = len(rep.streamed)
         if me.kind == "func":
             row["func_mode"] = case.func_mode
         rows[me.name] = row

@@ -185,7 +185,9 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
          "standard step − skipped weight-gradient GEMMs + the per-row gradients the backward materializes for "
          "weights whose per-row gradients are no larger than their factors (every LoRA matrix) + estimated scoring "
          "FLOPs/bytes + the assembly (one GEMM per use over the rows that carry weight, or one GEMV per weight over "
-         "held per-row gradients), at the measured rates (`drpost.bench.system.floors`). *Held back "
+         "held or streamed per-row gradients), at the measured rates (`drpost.bench.system.floors`). *Streamed* = "
+         "blocks LayerWiseSubset scored direct, solved and assembled at once from their whole per-row gradients "
+         "(`drpost.geometry.stream`). *Held back "
          "by* = the component with the largest excess over the standard step's same component (scoring/solve/"
          "assembly count in full). *Peak* = peak memory during one more step of the method after the timed "
          "repeats (CPU: the process's peak RSS; CUDA: max_memory_allocated), *step* = the peak minus the memory at "
@@ -238,6 +240,8 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
             fl = f"{r['floor_ratio']:.2f}x" if "floor_ratio" in r else "—"
             of = f"{r['over_floor']:.2f}" if "over_floor" in r else "—"
             ch = ", ".join(f"{k}:{v}" for k, v in r.get("scoring_choices", {}).items())
+            if r.get("streamed_blocks"):
+                ch += f" ({r['streamed_blocks']} streamed)"
             if r["kind"] == "func":
                 ch = f"per-sample grads by {r.get('func_mode')} (in bwd)"
             L.append(f"| {name} | {r['ratio']:.2f}x [{r['ratio_q25']:.2f}–{r['ratio_q75']:.2f}] | {fl} | {of} | "
