@@ -15,7 +15,10 @@ One step, as named stages over a ``MergedBatch`` (``assembly="one_pass"``, the d
      per-row gradients: one GEMM each, finished together);
   4. ``_solve``: the feasible set turns them into coefficients of ``d = sum_i c_i u_i + c_T g_T`` (feasible/);
   5. ``_assemble``: every parameter's ``d`` with one GEMM per use from the captured factors (one GEMV over held
-     per-row gradients), each block's factors freed once its update is built, added to ``.grad``.
+     per-row gradients), each block's factors freed once its update is built, added to ``.grad``. A separable
+     layer-scope set (LayerWiseSubset) has its ``direct``-scored blocks solved and assembled already in 3, as
+     each was scored (geometry/stream.py).
+Stages 2-5 run outside any autocast region (as a trainer runs its backward): products accumulate in float32.
 ``assembly="two_pass"`` replaces 5 by a second, ordinary forward/backward of the weighted loss (the reference).
 ``full_training`` and ``target_only`` (without ``report_scores`` or ``slack``) weigh rows by token counts alone, so
 they skip 2, 3 and 5: no capture, one ordinary backward of ``sum_r c_r loss_r`` (any model, at a plain step's cost).

@@ -81,3 +81,15 @@ def test_chunked_direct_scoring_in_bf16_matches_float32(family, mode, monkeypatc
     got, rep = _step(family, "hull", mode, scoring="direct")
     assert set(rep.scoring.values()) == {"direct"}
     assert _rel(got, ref) <= 2e-2 and _rel(rep.scores, rep_ref.scores) <= 2e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("method,opts", METHODS[1:], ids=[m for m, _ in METHODS[1:]])
+def test_step_inside_autocast_equals_backward_outside(family, method, opts):
+    """A step called inside ``torch.autocast`` runs its backward, scoring and assembly outside it, exactly as a
+    trainer that runs only the forward under autocast: the same factors, the same float32 accumulation, the same
+    ``.grad`` (run under autocast, the scoring and assembly products were rounded to bf16)."""
+    inside, rep_in = _step(family, method, "autocast_both", **opts)
+    outside, rep_out = _step(family, method, "autocast_forward", **opts)
+    assert torch.equal(rep_in.weights, rep_out.weights)
+    assert _rel(inside, outside) <= 1e-6, _rel(inside, outside)
