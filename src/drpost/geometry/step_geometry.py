@@ -17,6 +17,7 @@ The math is in ``docs/design.md``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -172,22 +173,16 @@ class Timer:
 
         return _Ctx()
 
+    @contextlib.contextmanager
     def within(self, inner: str, outer: str):
         """Time a sub-stage that runs inside the running stage ``outer``: its seconds count under ``inner`` and are
         taken out of ``outer`` (which adds the whole span when it ends)."""
-        ctx = self(inner)
-        timer = self
-
-        class _Sub:
-            def __enter__(self):
-                self.before = timer.t.get(inner, 0.0)
-                ctx.__enter__()
-
-            def __exit__(self, *exc):
-                ctx.__exit__(*exc)
-                timer.t[outer] = timer.t.get(outer, 0.0) - (timer.t[inner] - self.before)
-
-        return _Sub()
+        before = self.t.get(inner, 0.0)
+        try:
+            with self(inner):
+                yield
+        finally:
+            self.t[outer] = self.t.get(outer, 0.0) - (self.t[inner] - before)
 
 
 # --------------------------------------------------------------------------- the local geometry

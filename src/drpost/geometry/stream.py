@@ -79,8 +79,3 @@ class Streamer:
         for l, (c, t) in self.coef.items():
             coef[l], tcoef[l] = c.to(coef.dtype), t.to(tcoef.dtype)
         return Coefficients(coef, tcoef, coefs.info)
-
-
-def streams(feasible: FeasibleSet) -> bool:
-    """Whether a set's per-block coefficients can be solved block by block (``FeasibleSet.separable``)."""
-    return bool(getattr(feasible, "separable", False))
