@@ -73,6 +73,9 @@ METHODS: dict[str, dict[str, tuple[str, RLMethod]]] = {
         "global_subset": ("GlobalSubset", RLMethod("GlobalSubset", "global_subset", _TOPK)),
         "layerwise_subset": ("LayerWiseSubset", RLMethod("LayerWiseSubset", "layerwise_subset", _TOPK)),
         "hull": ("Hull", RLMethod("Hull", "hull")),
+        "ball_auto": ("Ball(auto)", RLMethod("Ball(auto)", "ball", {"radius": "auto"})),
+        "layerwise_hull_slack": ("LayerHull+slack(auto)",
+                                 RLMethod("LayerHull+slack(auto)", "hull", {"scope": "layer", "slack": "auto"})),
     },
 }
 DEFAULT_METHODS = {
@@ -80,7 +83,7 @@ DEFAULT_METHODS = {
     "rlvr": ["full_training", "global_subset", "layerwise_subset", "hull"],
     "dpo": ["full_training", "target_only", "global_subset", "layerwise_subset", "hull"],
 }
-DR_METHODS = {"global_subset", "layerwise_subset", "hull", "ball_auto"}
+DR_METHODS = {"global_subset", "layerwise_subset", "hull", "ball_auto", "layerwise_hull_slack"}
 BUDGETS = {
     "rlhf": RLHFRecipe(rounds=12, rollout_batch_size=32, target_rollouts=16, mini_batch_size=8, target_batch_size=8,
                        ppo_epochs=2, lr=3e-4, value_lr=1e-3, kl_coef=0.05, max_new_tokens=8),
