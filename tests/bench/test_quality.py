@@ -42,6 +42,34 @@ def test_run_uses_the_given_seeds(monkeypatch, tmp_path):
     assert seen["seeds"] == [[5, 6]]
 
 
+def test_a_narrower_rerun_reports_every_run_on_disk(monkeypatch, tmp_path):
+    """Adding a method to a results directory keeps the other methods in its tables, and names the command that
+    made all of them (the directory's config.yaml, which lists the union) instead of the narrower invocation."""
+    from drpost import cli
+    from drpost.bench.records import write_record
+
+    def fake_run_quality(setting, methods, seeds, budget, out_dir=None, **kw):
+        for m in methods:
+            for s in seeds:
+                write_record(out_dir, {"setting": setting, "method": m, "knob": None, "seed": s})
+        return []
+
+    reported = []
+    monkeypatch.setattr(quality, "run_quality", fake_run_quality)
+    monkeypatch.setattr(quality, "write_results", lambda records, out, command: reported.append((records, command)))
+    monkeypatch.setattr(quality, "markdown_table", lambda table, command: "")
+    first = BenchConfig(seeds=[0], settings=["format_shift"], methods=["full_training"], output_dir=str(tmp_path))
+    quality.run(first)
+    assert {r["method"] for r in reported[-1][0]} == {"full_training"}
+    assert reported[-1][1].startswith("drpost bench quality")  # outside the CLI: the benchmark's own name
+    quality.run(dataclasses.replace(first, methods=["hull"]))
+    records, command = reported[-1]
+    assert {r["method"] for r in records} == {"full_training", "hull"}
+    assert command == f"drpost bench quality --config {tmp_path / 'config.yaml'}"
+    key, again, _ = cli.parse_args(command.split()[1:])  # the command it names parses to the union
+    assert key == "bench quality" and again.methods == ["full_training", "hull"]
+
+
 def test_each_seed_trains_on_its_own_data(monkeypatch):
     built = []
     real = world_settings.build_setting

@@ -39,7 +39,7 @@ from drpost.bench.quality_methods import (  # noqa: F401  (re-exported: the meth
     prefilter_of,
 )
 from drpost.bench.quality_report import markdown_table, plots, rewrite, summarize, write_results  # noqa: F401
-from drpost.bench.records import mark_tuning, tuned_sweep, write_record
+from drpost.bench.records import load_records, mark_tuning, tuned_sweep, write_record
 from drpost.trainers.sft import SFTRecipe, encode_examples, train_sft
 
 
@@ -239,7 +239,7 @@ def run(config) -> dict:
 
         return run_rl_bench(config)
     from drpost.bench.records import claim_dir
-    from drpost.config import ConfigError, refuse_unread, save_resolved
+    from drpost.config import ConfigError, command_of, refuse_unread, save_resolved
     from drpost.world.settings import get_setting
 
     refuse_unread(config, READ, "bench quality --paradigm sft")
@@ -267,16 +267,22 @@ def run(config) -> dict:
                        target_batch_size=config.target_batch_size, lr=o.lr, weight_decay=o.weight_decay,
                        warmup_ratio=o.warmup_ratio, max_grad_norm=o.max_grad_norm)
     out_dir = config.output_dir
-    claim_dir(config, out_dir, {"output_dir", "rewrite"})  # a directory with records keeps their recipe
+    # a directory with records keeps their recipe, and its config.yaml lists every run on disk (``merged``); the
+    # tables show every record there, named by this command line where it covers them all, else by that file
+    merged, covered = claim_dir(config, out_dir, {"output_dir", "rewrite"})
+    command = _command() if covered else f"drpost {command_of(config)} --config {Path(out_dir) / 'config.yaml'}"
     workers = int(os.environ.get("DRPOST_WORKERS", "2"))
-    records = []
     for s in settings:  # tables rewritten after each setting; a re-run skips the finished runs
-        records += run_quality(s, methods, seeds, budget, base_size=config.model.size, workers=workers,
-                               out_dir=out_dir)
-        write_results(records, out_dir, _command())
-    table = write_results(records, out_dir, _command())
-    print(markdown_table(table, _command()))
+        run_quality(s, methods, seeds, budget, base_size=config.model.size, workers=workers, out_dir=out_dir)
+        table = write_results(_on_disk(out_dir, list(merged.settings)), out_dir, command)
+    print(markdown_table(table, command))
     return table
+
+
+def _on_disk(out_dir: str | Path, settings: list[str]) -> list[dict]:
+    """Every record in ``out_dir/raw``, the settings in the order of ``settings``."""
+    return sorted(load_records(out_dir), key=lambda r: settings.index(r["setting"]) if r["setting"] in settings
+                  else len(settings))
 
 
 def _command() -> str:
