@@ -307,3 +307,46 @@ def test_a_new_loss_window_is_priced_again():
     assert new and all(k[3] == T for k in new)
     head = {k[0] for k in new}
     assert {k[0] for k in keys} >= head and len(new) < len(keys)  # the head's block, not the layers, is new
+
+
+@pytest.mark.parametrize("cols", [7, 4096 + 5])
+def test_mm32_runs_bf16_products_into_a_float32_result(monkeypatch, cols):
+    """``mm32``: the GEMM in the operands' dtype, its result float32, written (or added) column chunk by chunk; the
+    bf16 result differs from the float32 product of the same bf16 values by the GEMM's one output rounding only."""
+    from drpost.geometry import factors
+
+    monkeypatch.setattr(factors, "MM_CHUNK_ELEMS", 64 * 40)  # a few chunks over the wide case, one over the narrow
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 48, generator=g).bfloat16(), torch.randn(48, cols, generator=g).bfloat16()
+    ref = x.double() @ y.double()
+    got = factors.mm32(x, y)
+    assert got.dtype == torch.float32 and got.shape == (64, cols)
+    assert float((got.double() - ref).abs().max() / ref.abs().max()) <= 2**-8  # one bf16 rounding of the result
+    acc = torch.ones(64, cols)
+    assert factors.mm32(x, y, acc) is acc and torch.equal(acc, 1 + got)  # added in place, the same chunks
+    x32, y32 = x.float(), y.float()
+    assert torch.equal(factors.mm32(x32, y32), x32 @ y32)  # float32 operands: the plain product
+
+
+def test_bf16_factors_multiply_in_bf16_and_sum_in_float32():
+    """Ghost scores and the assembly from bf16 factors: bf16 products (product_dtype), float32 results, within the
+    stated tolerance of the same factors multiplied in float64."""
+    from drpost.geometry.factors import Use, product_dtype
+    from drpost.geometry.kernels import _ghost_pair, _weighted_outer
+
+    assert product_dtype(torch.bfloat16) == torch.bfloat16 and product_dtype(torch.float16) == torch.float32
+    g = torch.Generator().manual_seed(1)
+    b, a = torch.randn(5, 16, 96, generator=g).bfloat16(), torch.randn(5, 16, 80, generator=g).bfloat16()
+    u = Use(a=a, b=b, transposed=False)
+    K = _ghost_pair(u, u, slice(0, 5), slice(0, 5), torch.float32)  # (5, 5) Gram of per-row gradients
+    G = torch.einsum("rtd,rte->rde", b.double(), a.double()).reshape(5, -1)  # (5, 96 * 80) per-row gradients
+    assert K.dtype == torch.float32 and torch.allclose(K.double(), G @ G.t(), rtol=2e-2, atol=2e-2 * float(K.abs().max()))
+    keep = torch.tensor([0, 2, 3])
+    for uniform, coef in ((0.5, torch.tensor([0.5, 0, 0.5, 0.5, 0])), (None, torch.tensor([0.3, 0, 0.1, 0.7, 0]))):
+        out = _weighted_outer(b, a, coef, keep, uniform, torch.float32)  # (96, 80) sum_r c_r B_r^T A_r
+        ref = (coef.double()[:, None] * G).sum(0).reshape(96, 80)
+        assert out.dtype == torch.float32 and _close(out, ref)
+
+
+def _close(x, ref, rtol=2e-2):
+    return float((x.double() - ref).norm() / ref.norm()) <= rtol

@@ -3,7 +3,8 @@ it, or inside), with bf16 weights, and fp16 autocast with a scaled loss (what a 
 
 Stated tolerance: scores and the filled ``.grad`` within 2e-2 relative of the float32 step (measured 3e-3 to 1e-2 on
 these models); layer scope within 5e-2 (a block whose top-k has a near tie may keep another row in bf16). Factors are
-recorded in the compute dtype; scores, Grams and the assembly accumulate in float32.
+recorded in the compute dtype; bf16 factors multiply in bf16 (ghost token products, assembly GEMMs: one rounding of
+each GEMM's result, as a plain bf16 backward), and scores, Grams and the assembly sum in float32.
 """
 
 import pytest

@@ -117,6 +117,34 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The operand dtype of the large products over factors of ``dtype`` (ghost token products, the assembly GEMMs):
+    bfloat16 factors multiply as bfloat16 (the GEMM accumulates in float32 and rounds its result once, as a plain
+    bf16 backward computes its weight gradients; 2.5-3.5x the float32 rate with AMX / AVX512-BF16), their results
+    summed in float32. float16 factors are cast to float32 first (a product can overflow float16's range)."""
+    return dtype if dtype == torch.bfloat16 else work_dtype(dtype)
+
+
+MM_CHUNK_ELEMS = 1 << 21  # float32 results of 16-bit GEMMs are written in column chunks of this many elements
+
+
+def mm32(x: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x @ y`` in float32 (or added into the float32 ``out``), the GEMM in the operands' own dtype (float32 and
+    float64 operands: the plain product in their dtype).  x: (m, k), y: (k, n) -> (m, n). A 16-bit result is converted chunk by chunk of columns: converting a fresh LM-head-sized
+    16-bit result at once costs about as much as the bf16 GEMM itself (measured, SmolLM2's 576 x 49,152)."""
+    if x.dtype not in (torch.bfloat16, torch.float16):  # float32 / float64: the plain product in that dtype
+        return x @ y if out is None else torch.addmm(out, x, y, out=out)
+    res = torch.empty(x.shape[0], y.shape[1], dtype=torch.float32, device=x.device) if out is None else out
+    step = max(1, MM_CHUNK_ELEMS // max(1, x.shape[0]))
+    for lo in range(0, y.shape[1], step):
+        part = x @ y[:, lo:lo + step]  # (m, chunk) 16-bit
+        if out is None:
+            res[:, lo:lo + step].copy_(part)
+        else:
+            res[:, lo:lo + step].add_(part)
+    return res
+
+
 def act_dim(a: Act) -> int:
     return a.dim if isinstance(a, OneHot) else int(a.shape[-1])
 

@@ -35,9 +35,11 @@ from drpost.geometry.factors import (
     Use,
     act_dim,
     contract,
+    mm32,
     narrow,
     outer_sum,
     per_row,
+    product_dtype,
     project,
     rows,
     to_dtype,
@@ -84,9 +86,12 @@ def _small(block: Block, dtype: torch.dtype) -> Tensor | None:
 
 # --------------------------------------------------------------------------- full ghost
 def _ghost_pair(u: Use, v: Use, x: slice, y: slice, dtype: torch.dtype) -> Tensor:
-    """<G_r^u, G_q^v> (parameter layout) for r in rows x of use u, q in rows y of use v.  -> (|x|, |y|)"""
-    ua, ub = to_dtype(rows(u.a, x), dtype), rows(u.b, x).to(dtype)
-    va, vb = to_dtype(rows(v.a, y), dtype), rows(v.b, y).to(dtype)
+    """<G_r^u, G_q^v> (parameter layout) for r in rows x of use u, q in rows y of use v.  -> (|x|, |y|)
+
+    The token products run in ``product_dtype`` (bf16 factors: bf16), their products and sums in ``dtype``."""
+    pd = product_dtype(u.b.dtype)
+    ua, ub = to_dtype(rows(u.a, x), pd), rows(u.b, x).to(pd)
+    va, vb = to_dtype(rows(v.a, y), pd), rows(v.b, y).to(pd)
     if u.transposed != v.transposed:  # one stores G, the other G^T
         ua, ub = ub, ua
     R, S = ub.shape[0], ub.shape[1]
@@ -95,8 +100,8 @@ def _ghost_pair(u: Use, v: Use, x: slice, y: slice, dtype: torch.dtype) -> Tenso
     out = []
     for i in range(0, R, chunk):
         sl = slice(i, i + chunk)
-        aa = token_dots(rows(ua, sl), va, dtype)  # (r, Q, S, T)
-        bb = token_dots(rows(ub, sl), vb, dtype)
+        aa = token_dots(rows(ua, sl), va, pd).to(dtype)  # (r, Q, S, T)
+        bb = token_dots(rows(ub, sl), vb, pd).to(dtype)
         out.append((aa * bb).sum(dim=(2, 3)))
     return torch.cat(out, 0)
 
@@ -491,18 +496,25 @@ def _weighted_outer(b: Tensor, a, coef: Tensor, keep, uniform: float | None, dty
 
     Rows kept with one common coefficient (a subset) that are not one contiguous run are summed run by run into one
     output (views, no gathered copies: a gather of an LM head's (rows, T, vocabulary) factor writes hundreds of MB
-    of fresh memory, which costs more on CPU than the GEMM's share of them)."""
+    of fresh memory, which costs more on CPU than the GEMM's share of them).
+
+    Dense products run in ``product_dtype`` (bf16 factors: bf16 GEMMs, as a plain bf16 backward's weight gradients)
+    into a ``dtype`` (float32) result (``mm32``); an embedding lookup's scatter stays in ``dtype``."""
+    pd = product_dtype(b.dtype) if isinstance(a, Tensor) else dtype
     if (uniform is not None and isinstance(keep, Tensor) and keep.numel() > 0 and isinstance(a, Tensor)
             and not narrow(b.shape[-1], a.shape[-1])):
         g = None
         for lo, hi in _runs(keep):
-            bf = b[lo:hi].to(dtype).reshape(-1, b.shape[-1])  # (run T, d_out)
-            af = a[lo:hi].to(dtype).reshape(-1, a.shape[-1])  # (run T, d_in)
-            # out= rather than addmm_: the same kernel, and a FLOP counter sees it (benchmarks count matmul FLOPs)
-            g = bf.t() @ af if g is None else torch.addmm(g, bf.t(), af, out=g)
+            bf = b[lo:hi].to(pd).reshape(-1, b.shape[-1])  # (run T, d_out)
+            af = a[lo:hi].to(pd).reshape(-1, a.shape[-1])  # (run T, d_in)
+            g = mm32(bf.t(), af, g)  # added into g with out=: a FLOP counter sees it (benchmarks count matmul FLOPs)
         return g.mul_(uniform)
-    b, a, scale = _scaled_rows(b, a, coef, keep, uniform, dtype)
-    g = outer_sum(b, a)
+    b, a, scale = _scaled_rows(b, a, coef, keep, uniform, pd)
+    if pd == dtype:
+        g = outer_sum(b, a)
+    else:  # dense 16-bit operands: the same product as outer_sum, its result in float32
+        bf, af = b.reshape(-1, b.shape[-1]), a.reshape(-1, a.shape[-1])  # (R T, d_out), (R T, d_in)
+        g = mm32(af.t(), bf).t() if narrow(bf.shape[-1], af.shape[-1]) else mm32(bf.t(), af)
     return g.mul_(scale) if scale is not None else g
 
 
