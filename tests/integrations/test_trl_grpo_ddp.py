@@ -49,7 +49,9 @@ def _union(batch: dict) -> dict:
     return out
 
 
-def _close(got: dict, want: dict, what: str, rtol: float = 1e-6) -> None:
+def _close(got: dict, want: dict, what: str, rtol: float = 5e-6) -> None:
+    """float32 gradients summed in another order (DDP's all-reduce of per-rank halves against one backward): up to
+    ~40 float32 epsilons of the largest entry (measured 1.1e-6 on an AVX512 Xeon, under 1e-6 on AVX2 EPYC)."""
     scale = max(float(w.abs().max()) for w in want.values())
     assert scale > 0, f"{what}: zero update (no signal in the batch)"
     for n in want:
