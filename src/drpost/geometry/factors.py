@@ -125,7 +125,7 @@ def product_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype == torch.bfloat16 else work_dtype(dtype)
 
 
-MM_CHUNK_ELEMS = 1 << 21  # float32 results of 16-bit GEMMs are written in column chunks of this many elements
+MM_CHUNK_ELEMS = 1 << 21  # float32 results of 16-bit GEMMs are written in chunks of this many elements
 
 
 def mm32(x: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
@@ -134,14 +134,14 @@ def mm32(x: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
     16-bit result at once costs about as much as the bf16 GEMM itself (measured, SmolLM2's 576 x 49,152)."""
     if x.dtype not in (torch.bfloat16, torch.float16):  # float32 / float64: the plain product in that dtype
         return x @ y if out is None else torch.addmm(out, x, y, out=out)
-    res = torch.empty(x.shape[0], y.shape[1], dtype=torch.float32, device=x.device) if out is None else out
-    step = max(1, MM_CHUNK_ELEMS // max(1, x.shape[0]))
-    for lo in range(0, y.shape[1], step):
-        part = x @ y[:, lo:lo + step]  # (m, chunk) 16-bit
-        if out is None:
-            res[:, lo:lo + step].copy_(part)
-        else:
-            res[:, lo:lo + step].add_(part)
+    m, n = x.shape[0], y.shape[1]
+    res = torch.empty(m, n, dtype=torch.float32, device=x.device) if out is None else out
+    by_rows = m > n  # chunks along the longer side of the result: each chunk's GEMM stays wide
+    step = max(1, MM_CHUNK_ELEMS // max(1, n if by_rows else m))
+    for lo in range(0, m if by_rows else n, step):
+        part = x[lo:lo + step] @ y if by_rows else x @ y[:, lo:lo + step]  # 16-bit
+        dst = res[lo:lo + step] if by_rows else res[:, lo:lo + step]
+        dst.add_(part) if out is not None else dst.copy_(part)
     return res
 
 

@@ -498,11 +498,14 @@ def _weighted_outer(b: Tensor, a, coef: Tensor, keep, uniform: float | None, dty
     output (views, no gathered copies: a gather of an LM head's (rows, T, vocabulary) factor writes hundreds of MB
     of fresh memory, which costs more on CPU than the GEMM's share of them).
 
-    Dense products run in ``product_dtype`` (bf16 factors: bf16 GEMMs, as a plain bf16 backward's weight gradients)
-    into a ``dtype`` (float32) result (``mm32``); an embedding lookup's scatter stays in ``dtype``."""
+    Dense products run in ``product_dtype`` (bf16 factors: bf16 GEMMs over the gathered kept rows, as a plain bf16
+    backward's weight gradients) into a ``dtype`` (float32) result (``mm32``); an embedding lookup's scatter stays in
+    ``dtype``."""
     pd = product_dtype(b.dtype) if isinstance(a, Tensor) else dtype
+    # 16-bit operands: a gather of the kept rows is half the bytes and one GEMM over them runs 1.4-3.5x faster than
+    # one per run (measured, bf16, SmolLM2's weights and LM head, 4 of 9 rows kept)
     if (uniform is not None and isinstance(keep, Tensor) and keep.numel() > 0 and isinstance(a, Tensor)
-            and not narrow(b.shape[-1], a.shape[-1])):
+            and not narrow(b.shape[-1], a.shape[-1]) and pd == dtype):
         g = None
         for lo, hi in _runs(keep):
             bf = b[lo:hi].to(pd).reshape(-1, b.shape[-1])  # (run T, d_out)
