@@ -38,8 +38,15 @@ from drpost.bench.quality_methods import (  # noqa: F401  (re-exported: the meth
     SELECTION_BASELINES,
     prefilter_of,
 )
-from drpost.bench.quality_report import markdown_table, plots, rewrite, summarize, write_results  # noqa: F401
-from drpost.bench.records import load_records, mark_tuning, tuned_sweep, write_record
+from drpost.bench.quality_report import (  # noqa: F401
+    markdown_table,
+    plots,
+    records_on_disk,
+    rewrite,
+    summarize,
+    write_results,
+)
+from drpost.bench.records import mark_tuning, tuned_sweep, write_record
 from drpost.trainers.sft import SFTRecipe, encode_examples, train_sft
 
 
@@ -274,15 +281,9 @@ def run(config) -> dict:
     workers = int(os.environ.get("DRPOST_WORKERS", "2"))
     for s in settings:  # tables rewritten after each setting; a re-run skips the finished runs
         run_quality(s, methods, seeds, budget, base_size=config.model.size, workers=workers, out_dir=out_dir)
-        table = write_results(_on_disk(out_dir, list(merged.settings)), out_dir, command)
+        table = write_results(records_on_disk(out_dir, list(merged.settings)), out_dir, command)
     print(markdown_table(table, command))
     return table
-
-
-def _on_disk(out_dir: str | Path, settings: list[str]) -> list[dict]:
-    """Every record in ``out_dir/raw``, the settings in the order of ``settings``."""
-    return sorted(load_records(out_dir), key=lambda r: settings.index(r["setting"]) if r["setting"] in settings
-                  else len(settings))
 
 
 def _command() -> str:

@@ -212,7 +212,10 @@ def rewrite(out_dir: str | Path, command: str) -> dict:
     the order of the previous summary.json, if any)."""
     out = Path(out_dir)
     old = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else []
-    first = list(dict.fromkeys(r["setting"] for r in old))
-    records = load_records(out)
-    records.sort(key=lambda r: first.index(r["setting"]) if r["setting"] in first else len(first))
-    return write_results(records, out_dir, command)
+    return write_results(records_on_disk(out, list(dict.fromkeys(r["setting"] for r in old))), out_dir, command)
+
+
+def records_on_disk(out_dir: str | Path, settings: list[str]) -> list[dict]:
+    """Every record in ``out_dir/raw``, the settings in the order of ``settings`` (others after them)."""
+    return sorted(load_records(out_dir), key=lambda r: settings.index(r["setting"]) if r["setting"] in settings
+                  else len(settings))

@@ -69,7 +69,8 @@ def narrow(rows: int, cols: int) -> bool:
 
 
 def outer_sum(b: Tensor, a: Act, coef: Tensor | None = None) -> Tensor:
-    """sum_r c_r B_r^T A_r in canonical (d_out, d_in) layout.  b: (R, T, d_out), a: (R, T, d_in), coef: (R,)."""
+    """sum_r c_r B_r^T A_r in canonical (d_out, d_in) layout.  b: (R, T, d_out), a: (R, T, d_in), coef: (R,).
+    Dense 16-bit operands give a float32 result (``mm32``); a one-hot scatter stays in b's dtype."""
     if coef is not None:
         b = b * coef.to(b.dtype)[:, None, None]
     d_out = b.shape[-1]
@@ -80,8 +81,8 @@ def outer_sum(b: Tensor, a: Act, coef: Tensor | None = None) -> Tensor:
         return out.t()
     af = a.reshape(-1, a.shape[-1])  # (R T, d_in)
     if narrow(d_out, af.shape[-1]):  # the transposed product, returned as a (d_out, d_in) view
-        return (af.t() @ bf).t()
-    return bf.t() @ af
+        return mm32(af.t(), bf).t()
+    return mm32(bf.t(), af)
 
 
 def contract(b: Tensor, a: Act, m: Tensor) -> Tensor:
@@ -130,8 +131,9 @@ MM_CHUNK_ELEMS = 1 << 21  # float32 results of 16-bit GEMMs are written in chunk
 
 def mm32(x: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
     """``x @ y`` in float32 (or added into the float32 ``out``), the GEMM in the operands' own dtype (float32 and
-    float64 operands: the plain product in their dtype).  x: (m, k), y: (k, n) -> (m, n). A 16-bit result is converted chunk by chunk of columns: converting a fresh LM-head-sized
-    16-bit result at once costs about as much as the bf16 GEMM itself (measured, SmolLM2's 576 x 49,152)."""
+    float64 operands: the plain product in their dtype).  x: (m, k), y: (k, n) -> (m, n). A 16-bit result is
+    converted chunk by chunk (rows or columns, whichever side is longer): converting a fresh LM-head-sized 16-bit
+    result at once costs about as much as the bf16 GEMM itself (measured, SmolLM2's 576 x 49,152)."""
     if x.dtype not in (torch.bfloat16, torch.float16):  # float32 / float64: the plain product in that dtype
         return x @ y if out is None else torch.addmm(out, x, y, out=out)
     m, n = x.shape[0], y.shape[1]

@@ -494,8 +494,8 @@ def _runs(keep: Tensor) -> list[tuple[int, int]]:
 def _weighted_outer(b: Tensor, a, coef: Tensor, keep, uniform: float | None, dtype: torch.dtype) -> Tensor:
     """sum_r c_r B_r^T A_r over the kept rows only (canonical layout), scaling the smallest operand.
 
-    Rows kept with one common coefficient (a subset) that are not one contiguous run are summed run by run into one
-    output (views, no gathered copies: a gather of an LM head's (rows, T, vocabulary) factor writes hundreds of MB
+    In float32, rows kept with one common coefficient (a subset) that are not one contiguous run are summed run by
+    run into one output (views, no gathered copies: a gather of an LM head's (rows, T, vocabulary) factor writes hundreds of MB
     of fresh memory, which costs more on CPU than the GEMM's share of them).
 
     Dense products run in ``product_dtype`` (bf16 factors: bf16 GEMMs over the gathered kept rows, as a plain bf16
@@ -513,11 +513,7 @@ def _weighted_outer(b: Tensor, a, coef: Tensor, keep, uniform: float | None, dty
             g = mm32(bf.t(), af, g)  # added into g with out=: a FLOP counter sees it (benchmarks count matmul FLOPs)
         return g.mul_(uniform)
     b, a, scale = _scaled_rows(b, a, coef, keep, uniform, pd)
-    if pd == dtype:
-        g = outer_sum(b, a)
-    else:  # dense 16-bit operands: the same product as outer_sum, its result in float32
-        bf, af = b.reshape(-1, b.shape[-1]), a.reshape(-1, a.shape[-1])  # (R T, d_out), (R T, d_in)
-        g = mm32(af.t(), bf).t() if narrow(bf.shape[-1], af.shape[-1]) else mm32(bf.t(), af)
+    g = outer_sum(b, a)  # float32 from 16-bit operands
     return g.mul_(scale) if scale is not None else g
 
 
