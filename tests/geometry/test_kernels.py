@@ -328,6 +328,17 @@ def test_mm32_runs_bf16_products_into_a_float32_result(monkeypatch, cols):
     assert torch.equal(factors.mm32(x32, y32), x32 @ y32)  # float32 operands: the plain product
 
 
+@pytest.mark.parametrize("R", [1, 5, 8, 9, 16, 17, 33])
+def test_row_gram_is_the_symmetric_gram_of_the_rows(R):
+    """``row_gram``: f f^T from one GEMM over the first 8k / 16k columns and a small corner block, symmetric."""
+    from drpost.geometry.factors import row_gram
+
+    f = torch.randn(R, 301, generator=torch.Generator().manual_seed(R), dtype=torch.float64)
+    P = row_gram(f)
+    assert P.shape == (R, R) and torch.allclose(P, P.t(), rtol=0, atol=1e-12)
+    assert torch.allclose(P, f @ f.t(), rtol=1e-12, atol=1e-12)
+
+
 def test_bf16_factors_multiply_in_bf16_and_sum_in_float32():
     """Ghost scores and the assembly from bf16 factors: bf16 products (product_dtype), float32 results, within the
     stated tolerance of the same factors multiplied in float64."""

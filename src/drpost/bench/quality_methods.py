@@ -69,6 +69,10 @@ METHODS: dict[str, tuple[str, callable, list | None]] = {
                                         lambda k: _prefilter("LESS>LayerWiseSubset", "layerwise_subset", k,
                                                              {"frac": 0.5}), [0.02, 0.1]),
     "less_prefilter_hull": ("LESS>Hull", lambda k: _prefilter("LESS>Hull", "hull", k), [0.02, 0.1]),
+    "dsir_prefilter_ball_auto": ("DSIR>Ball(auto)",
+                                 lambda k: _prefilter("DSIR>Ball(auto)", "ball", k, {"radius": "auto"}), [0.02, 0.1]),
+    "less_prefilter_ball_auto": ("LESS>Ball(auto)",
+                                 lambda k: _prefilter("LESS>Ball(auto)", "ball", k, {"radius": "auto"}), [0.02, 0.1]),
 }
 COMPOSED = {m for m in METHODS if m.startswith("guided_") or "_prefilter_" in m}
 DR_METHODS = {"global_subset", "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem",

@@ -64,7 +64,8 @@ REAL_FIXED: dict[str, object] = {"dsir": 0.02, "layerwise_subset": 0.25, "global
                                  "less": 0.1, "capped_simplex": 4,
                                  # composed (offline prefilter, then the Dr step within it): keep 10% of the pool
                                  "dsir_prefilter_layerwise_subset": 0.1, "dsir_prefilter_hull": 0.1,
-                                 "less_prefilter_hull": 0.1}  # LESS>Hull: DSIR>Hull's value (not in the world run)
+                                 "less_prefilter_hull": 0.1,  # LESS>Hull: DSIR>Hull's value (not in the world run)
+                                 "dsir_prefilter_ball_auto": 0.1, "less_prefilter_ball_auto": 0.1}  # likewise
 REAL_METHODS = ["base", "full_training", "target_only", "mixing", "dsir", "less", "greats", "global_subset",
                 "layerwise_subset", "hull", "dsir_prefilter_hull", "less_prefilter_hull"]
 

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from drpost.feasible.base import Coefficients, StepGeometry
+from drpost.geometry.factors import row_gram
 from drpost.geometry.kernels import _small, _uses, _work_dtype, direct_rows, reduced_scores, target_grad
 from drpost.geometry.step_geometry import MergedBatch, finish_geometry, indicator
 
@@ -241,10 +242,10 @@ class DistributedStep:
                     tsq.append(gT @ gT)
                     if need_gram:
                         Fs = all_gather_rows(Sg @ F[g], self.group, self.n_sizes)  # (n_global, D)
-                        grams.append(Fs @ Fs.t())
+                        grams.append(row_gram(Fs))
                     if need_tgram:
                         Ft = all_gather_rows(St @ F[t], self.group, self.m_sizes)  # (m_global, D)
-                        tgrams.append(Ft @ Ft.t())
+                        tgrams.append(row_gram(Ft))
                 else:  # reduced ghost: all-reduce G_T (weight-shaped), exact scores, no Gram
                     gt = target_grad(b, tcl, t, dtype)
                     keys = list(gt)

@@ -147,6 +147,25 @@ def mm32(x: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
     return res
 
 
+def row_gram(f: Tensor) -> Tensor:
+    """``f f^T``, the inner products between the rows of a short, wide ``f``.  f: (R, D) -> (R, R)
+
+    BLAS runs this product (an R x R result from a length-D reduction) far below its rate when R is not a multiple
+    of the vector width: measured on one Xeon thread (AVX-512), D = 127k, R = 33 took 3.6 ms, the 33 x 32 product
+    2.4 ms, a 32 x 32 2.2 ms. So the columns up to the largest multiple of 16 (of 8 below 16) come from one GEMM,
+    the remaining block of rows from a small one, and its transpose fills the rest (the Gram is symmetric)."""
+    R = f.shape[0]
+    k = R - R % (16 if R >= 16 else 8)
+    if k in (0, R):
+        return f @ f.t()
+    left = f @ f[:k].t()  # (R, k)
+    P = torch.empty(R, R, dtype=left.dtype, device=f.device)
+    P[:, :k] = left
+    P[k:, k:] = f[k:] @ f[k:].t()  # (R - k, R - k)
+    P[:k, k:] = left[k:].t()
+    return P
+
+
 def act_dim(a: Act) -> int:
     return a.dim if isinstance(a, OneHot) else int(a.shape[-1])
 

@@ -41,6 +41,7 @@ from drpost.geometry.factors import (
     per_row,
     product_dtype,
     project,
+    row_gram,
     rows,
     to_dtype,
     token_dots,
@@ -357,7 +358,7 @@ def block_stats(
         scores += f[g] @ ft
         target_sq += ft @ ft
         if gram is not None:
-            gram.add_(f[g] @ f[g].t())
+            gram.add_(row_gram(f[g]))
         if tgram is not None:
             tgram.add_(f[t] @ f[t].t())
 
@@ -429,7 +430,7 @@ def row_products(block: Block, n_rows: int, tc: Tensor, full: bool,
     parts = [kept.f] if kept is not None else row_grad_chunks(block, dtype, DIRECT_CHUNK_BYTES, workspace)
     for f in itertools.chain([_small(block, dtype)], parts):  # (R, D), the chunks one at a time
         if f is not None:
-            p = f @ (f if full else f[n_rows:]).t()
+            p = row_gram(f) if full else f @ f[n_rows:].t()
             P = p if P is None else P.add_(p)
     if P is None:  # parameters no row touched in this forward
         P = torch.zeros(R, R if full else R - n_rows, dtype=dtype, device=ref.device)
