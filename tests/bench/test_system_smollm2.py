@@ -141,6 +141,10 @@ def test_smollm2_grid_and_seq_lengths():
     assert {(c["mode"], c["T"], c["n"]) for c in quick} == {("full", 64, 8), ("lora", 64, 8)}
     short, xs = system.grid(False, seq_lengths=[128], model="smollm2")
     assert len(short) == 4 and {c["T"] for c in short} == {128} and xs["T_sweep"] == [128]
+    wide, xw = system.grid(True, seq_lengths=[64], model="smollm2", batch_sizes=[32, 8])
+    assert [(c["mode"], c["T"], c["n"]) for c in wide] == [("full", 64, 32), ("full", 64, 8), ("lora", 64, 32),
+                                                           ("lora", 64, 8)]
+    assert xw["n"] == 8  # the crossovers keep their own n
     with pytest.raises(ValueError, match="option 'model'"):
         system.grid(False, model="smollm3")
 

@@ -85,6 +85,9 @@ class BenchSystemConfig:
     seq_lengths: list[int] | None = _opt(
         None, "Sequence lengths T: every grid configuration is timed at each length, and the reduced-ghost vs "
               "direct crossover sweeps these lengths; none = the grid's own lengths.", min=1)
+    batch_sizes: list[int] | None = _opt(
+        None, "General rows n: every grid configuration is timed at each of these (the crossovers keep theirs); "
+              "none = the grid's own.", min=1)
     scorings: list[Scoring] = _opt(
         factory=lambda: ["auto", "full_ghost", "reduced_ghost", "direct", "compress"],
         help="Scoring methods whose rows are timed; the standard step, full_training and torch.func rows are "

@@ -218,25 +218,33 @@ def crossovers(shape, m_sweep, T_m, T_sweep, n, repeats, rates, device) -> dict:
 
 # --------------------------------------------------------------------------- grids
 def grid(quick: bool, micro: bool = False, seq_lengths: list[int] | None = None,
-         model: str = "tiny") -> tuple[list[dict], dict]:
+         model: str = "tiny", batch_sizes: list[int] | None = None) -> tuple[list[dict], dict]:
     """(configurations, crossover settings). Each configuration: size, mode, T, n, m, methods ('all' | 'core').
 
     ``model``: ``tiny`` (the Llama sizes of ``SIZES``) or ``smollm2`` (``_smollm2_grid``). ``seq_lengths``: time
     every configuration at each of these lengths instead of its own T (duplicates dropped), and sweep them in the
-    reduced-ghost vs direct crossover; None = the grid's own lengths.
+    reduced-ghost vs direct crossover; None = the grid's own lengths. ``batch_sizes``: likewise for the number of
+    general rows n (the crossovers keep theirs).
     """
     if model not in BENCH_MODELS:
         raise ValueError(f"option 'model' must be one of {BENCH_MODELS}, got {model!r}")
     cfgs, xcfg = _smollm2_grid(quick, micro) if model == "smollm2" else _grid(quick, micro)
-    if not seq_lengths:
-        return cfgs, xcfg
+    cfgs = _each(cfgs, "T", seq_lengths)
+    cfgs = _each(cfgs, "n", batch_sizes)
+    return cfgs, dict(xcfg, T_sweep=sorted({int(T) for T in seq_lengths})) if seq_lengths else xcfg
+
+
+def _each(cfgs: list[dict], key: str, values: list[int] | None) -> list[dict]:
+    """Every configuration at each of ``values`` of ``key`` (duplicates dropped, order kept); None = as they are."""
+    if not values:
+        return cfgs
     out: list[dict] = []
     for c in cfgs:
-        for T in seq_lengths:
-            c2 = dict(c, T=int(T))
+        for v in values:
+            c2 = dict(c, **{key: int(v)})
             if c2 not in out:
                 out.append(c2)
-    return out, dict(xcfg, T_sweep=sorted({int(T) for T in seq_lengths}))
+    return out
 
 
 def _grid(quick: bool, micro: bool) -> tuple[list[dict], dict]:
@@ -289,12 +297,12 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
                      device: str | None = None, command: str | None = None, log=print,
                      seq_lengths: list[int] | None = None, scorings: list[str] | None = None,
                      model: str = "tiny", clock: str = "wall", precision: str = "fp32", resume: bool = True,
-                     prompt_frac: float = 0.0) -> dict:
+                     prompt_frac: float = 0.0, batch_sizes: list[int] | None = None) -> dict:
     """Run the system benchmark and write ``system.json``, ``metrics.json``, ``summary.md`` and PNGs.
 
     quick: small grid for 2 CPU cores (~10 min); micro: one tiny configuration (tests); repeats: timed repeats per
     method (default 5 quick / 7 full / 1 micro; 3 for SmolLM2); threads: torch CPU threads (None = leave as is);
-    seq_lengths: see ``grid``; scorings: the scoring methods whose rows are timed (None = all, see
+    seq_lengths, batch_sizes: see ``grid``; scorings: the scoring methods whose rows are timed (None = all, see
     ``method_list``); model: ``tiny`` or ``smollm2`` (see ``grid``); clock: ``wall`` or ``cpu`` (process CPU time,
     see ``cases.use_clock``; CUDA timings always use CUDA events); precision: ``fp32`` or ``bf16`` (every method's
     forward and backward under bf16 autocast, fp32 weights and optimizer; the floors use GEMM rates calibrated in
@@ -322,7 +330,7 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
     try:
         rates = cost.calibrate(str(dev) if dev.type == "cuda" else "cpu", repeats=7,
                                dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-        cfgs, xcfg = grid(quick, micro, seq_lengths, model)
+        cfgs, xcfg = grid(quick, micro, seq_lengths, model, batch_sizes)
         if prompt_frac:  # each configuration twice, back to back: every position a label, then the prompt
             cfgs = [c2 for c in cfgs for c2 in (c, dict(c, prompt_frac=float(prompt_frac)))]
         reps = repeats or (1 if micro else 3 if model == "smollm2" else 5 if quick else 7)
@@ -333,6 +341,7 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
             "settings": {"model": model, "precision": precision, "quick": quick, "micro": micro, "repeats": reps,
                          "warmup": warmup, "prompt_frac": prompt_frac,
                          "lr": LR, "vocab": VOCAB, "seq_lengths": seq_lengths, "scorings": scorings,
+                         **({"batch_sizes": batch_sizes} if batch_sizes else {}),
                          "sizes": {k: list(v) for k, v in SIZES.items()}, "smollm2": SMOLLM2, "goals": GOALS},
             "cases": [],
             "crossovers": None,
@@ -400,7 +409,7 @@ def _write(res: dict, out: Path, command: str, t_start: float) -> None:
 def run(config) -> int:
     """CLI runner (``drpost bench system``): ``config`` is a ``drpost.config.BenchSystemConfig`` (or any object or
     dict with some of its keys: output_dir (or out_dir), model, quick, micro, repeats, threads, device,
-    seq_lengths, scorings, clock, precision, resume, prompt_frac)."""
+    seq_lengths, batch_sizes, scorings, clock, precision, resume, prompt_frac)."""
     get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
         lambda k, d=None: getattr(config, k, d))
     out_dir = get("out_dir") or get("output_dir") or "results/system"
@@ -412,7 +421,8 @@ def run(config) -> int:
                      repeats=get("repeats"), threads=threads or None, device=dev, command=command,
                      seq_lengths=get("seq_lengths"), scorings=get("scorings"), model=get("model") or "tiny",
                      clock=get("clock") or "wall", precision=get("precision") or "fp32",
-                     resume=bool(get("resume", True)), prompt_frac=float(get("prompt_frac", 0.0) or 0.0))
+                     resume=bool(get("resume", True)), prompt_frac=float(get("prompt_frac", 0.0) or 0.0),
+                     batch_sizes=get("batch_sizes"))
     return 0
 
 
