@@ -231,7 +231,7 @@ def grid(quick: bool, micro: bool = False, seq_lengths: list[int] | None = None,
     cfgs, xcfg = _smollm2_grid(quick, micro) if model == "smollm2" else _grid(quick, micro)
     cfgs = _each(cfgs, "T", seq_lengths)
     cfgs = _each(cfgs, "n", batch_sizes)
-    return cfgs, dict(xcfg, T_sweep=sorted({int(T) for T in seq_lengths})) if seq_lengths else xcfg
+    return cfgs, (dict(xcfg, T_sweep=sorted({int(T) for T in seq_lengths})) if seq_lengths else xcfg)
 
 
 def _each(cfgs: list[dict], key: str, values: list[int] | None) -> list[dict]:
@@ -341,6 +341,7 @@ def run_system_bench(out_dir: str | Path = "results/system", quick: bool = False
             "settings": {"model": model, "precision": precision, "quick": quick, "micro": micro, "repeats": reps,
                          "warmup": warmup, "prompt_frac": prompt_frac,
                          "lr": LR, "vocab": VOCAB, "seq_lengths": seq_lengths, "scorings": scorings,
+                         # only when given: the settings of runs made before the option stay equal (resume)
                          **({"batch_sizes": batch_sizes} if batch_sizes else {}),
                          "sizes": {k: list(v) for k, v in SIZES.items()}, "smollm2": SMOLLM2, "goals": GOALS},
             "cases": [],
