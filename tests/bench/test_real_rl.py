@@ -289,8 +289,11 @@ def test_the_resolved_config_goes_to_the_paradigms_default_directory(tmp_path, m
     assert "dsir" not in resolved["methods"]
 
 
-def test_a_sweep_directory_compares_the_learning_rates_it_tunes_over(tmp_path):
-    """The default grid given in another order is the same sweep; one learning rate instead is refused by name."""
+def test_a_sweep_directory_merges_the_learning_rates_it_tunes_over(tmp_path):
+    """The learning rates are a run list: the default grid in another order is the same sweep, another rate adds
+    tuning runs to it (config.yaml grows to name every rate on disk), one rate alone is a narrower invocation."""
+    import yaml
+
     from drpost.bench.real_common import claim_output
     from drpost.bench.records import write_record
     from drpost.config import parse_config
@@ -299,8 +302,16 @@ def test_a_sweep_directory_compares_the_learning_rates_it_tunes_over(tmp_path):
         config = parse_config(BenchRealConfig, ["paradigm=rlvr", f"output_dir={tmp_path}", *argv])
         return claim_output(config, tmp_path, "made", real_rl.lr_grid("rlvr"))
 
+    def saved():
+        return yaml.safe_load((tmp_path / "config.yaml").read_text())["lrs"]
+
     assert claim("lrs=[1e-3,2e-4,5e-4]") == "made"
     write_record(tmp_path, {"setting": "format_shift", "method": "base", "knob": None, "seed": 0})
     assert claim() == "made"  # lrs=none: LR_GRID["rlvr"], the same three rates
-    with pytest.raises(ConfigError, match="option 'lrs'"):
-        claim("lr=5e-4")
+    assert claim("lrs=[2e-3]") == f"drpost bench real --config {tmp_path / 'config.yaml'}"
+    assert saved() == [2e-4, 5e-4, 1e-3, 2e-3]
+    assert claim("lr=5e-4") == f"drpost bench real --config {tmp_path / 'config.yaml'}"  # narrower: nothing lost
+    assert saved() == [2e-4, 5e-4, 1e-3, 2e-3]
+    assert claim("lrs=[2e-4,5e-4,1e-3,2e-3]") == "made"
+    with pytest.raises(ConfigError, match="option 'beta'"):
+        claim("beta=0.2")

@@ -73,7 +73,8 @@ def tuned_sweep(settings: list[str], methods: list[str], seeds: list[int], out_d
             and r["seed"] in seeds]
 
 
-RUN_LISTS = ("settings", "methods", "seeds")  # the options that choose which runs a sweep makes
+# the options that choose which runs a sweep makes (``lrs``: the learning rates a real-model RL sweep tunes over)
+RUN_LISTS = ("settings", "methods", "seeds", "lrs")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -116,8 +117,10 @@ def claim_dir(config: Any, out_dir: str | Path, free: frozenset[str] | set[str],
         raise ConfigError(f"option '{name}': {out} holds runs made with {name}={old[name]!r} (its config.yaml), "
                           f"not {value!r}; a re-run skips finished runs, so give {name}={old[name]!r} to add runs "
                           "to that sweep, or another output_dir for a new one")
+    if resolve:  # merge the lists as they take effect (``lrs=none`` -> the paradigm's grid)
+        config, saved = replace(config, **resolve(config)), replace(saved, **resolve(saved))
     merged = {k: list(getattr(saved, k)) + [v for v in getattr(config, k) if v not in getattr(saved, k)]
-              for k in RUN_LISTS if hasattr(config, k)}
+              for k in RUN_LISTS if hasattr(config, k) and getattr(saved, k) is not None}
     covered = all(set(v) <= set(getattr(config, k)) for k, v in merged.items())
     config = replace(config, **merged)
     save_resolved(config, out)
