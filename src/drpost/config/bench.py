@@ -219,7 +219,8 @@ class BenchRealConfig:
                                          "rlvr, rlhf); the one with the best validation EM (ties: lower validation "
                                          "loss) runs the other seeds; none = dpo 5e-4,2e-4,1e-3, rlvr "
                                          "5e-4,2e-4,1e-3, rlhf 5e-4,2e-4,1e-3 (with lr given: that lr only). Not "
-                                         "with lr.", gt=0, max=10)
+                                         "with lr. A run list, like seeds: another rate adds its tuning runs to an "
+                                         "output_dir that holds a sweep.", gt=0, max=10)
     warmup_ratio: float = _opt(0.03, "Fraction of the steps spent in linear warm-up (sft, dpo).", min=0, max=1)
     beta: float = _opt(0.1, "DPO's beta (dpo only).", gt=0)
     group_size: int = _opt(4, "Sampled replies per prompt, GRPO's group (rlvr only).", min=2)
