@@ -339,13 +339,28 @@ class _HookHandler(Handler):
 class NormHandler(_HookHandler):
     """LayerNorm and RMSNorm: d out / d weight = xhat (elementwise), d out / d bias = 1."""
 
+    def inv_rms(self, x: Tensor) -> Tensor:
+        """RMSNorm's per-token scale ``1 / sqrt(mean(x^2) + eps)``, in fp32 or wider.  (R, T', d) -> (R, T', 1)"""
+        eps = getattr(self.module, "variance_epsilon", getattr(self.module, "eps", 1e-6))
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
     def xhat(self, x: Tensor) -> Tensor:
         m = self.module
         if isinstance(m, nn.LayerNorm):
             return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-        eps = getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6))
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return (x.to(torch.promote_types(x.dtype, torch.float32)) * self.inv_rms(x)).to(x.dtype)
+
+    def weight_rows(self, x: Tensor, b: Tensor) -> Tensor:
+        """Per-row gradient of the weight, ``sum_t xhat_rt * b_rt``.  (R, T', d) x2 -> (R, d)
+
+        RMSNorm in fp32 / fp64 skips forming ``xhat``: ``sum_t s_rt (x_rt * b_rt)`` with the per-token scale ``s``,
+        one batched GEMV over a single elementwise product (three passes over the activations instead of six).
+        16-bit inputs round ``xhat`` to their dtype first, as the module's own forward does."""
+        wide = (torch.float32, torch.float64)
+        if isinstance(self.module, nn.LayerNorm) or x.dtype not in wide or b.dtype != x.dtype:
+            return (self.xhat(x).to(b.dtype) * b).sum(1)
+        return torch.bmm(self.inv_rms(x).transpose(1, 2), x * b).squeeze(1)
 
     def per_row(self, call):
         what = f"module {self.name!r}"
@@ -353,7 +368,7 @@ class NormHandler(_HookHandler):
         b = rows_view(call["grads"][0], self.capture, what)
         out = {}
         if "weight" in self.trainable:
-            out[self.trainable["weight"]] = (self.xhat(x).to(b.dtype) * b).sum(1)
+            out[self.trainable["weight"]] = self.weight_rows(x, b)
         if "bias" in self.trainable:
             out[self.trainable["bias"]] = b.sum(1)
         return out
