@@ -117,11 +117,13 @@ def claim_dir(config: Any, out_dir: str | Path, free: frozenset[str] | set[str],
         raise ConfigError(f"option '{name}': {out} holds runs made with {name}={old[name]!r} (its config.yaml), "
                           f"not {value!r}; a re-run skips finished runs, so give {name}={old[name]!r} to add runs "
                           "to that sweep, or another output_dir for a new one")
-    if resolve:  # merge the lists as they take effect (``lrs=none`` -> the paradigm's grid)
-        config, saved = replace(config, **resolve(config)), replace(saved, **resolve(saved))
-    merged = {k: list(getattr(saved, k)) + [v for v in getattr(config, k) if v not in getattr(saved, k)]
-              for k in RUN_LISTS if hasattr(config, k) and getattr(saved, k) is not None}
-    covered = all(set(v) <= set(getattr(config, k)) for k, v in merged.items())
+    # the lists as they take effect (``lrs=none`` -> the paradigm's grid), merged
+    now, then = (replace(c, **resolve(c)) if resolve else c for c in (config, saved))
+    merged = {k: list(getattr(then, k)) + [v for v in getattr(now, k) if v not in getattr(then, k)]
+              for k in RUN_LISTS if getattr(then, k, None) is not None and getattr(now, k, None) is not None}
+    covered = all(set(v) <= set(getattr(now, k)) for k, v in merged.items())
+    if "lrs" in merged:  # ``lr`` alone is the one-rate list, folded into ``lrs`` (the two are exclusive)
+        merged["lr"] = None
     config = replace(config, **merged)
     save_resolved(config, out)
     return config, covered
