@@ -107,18 +107,15 @@ def claim_dir(config: Any, out_dir: str | Path, free: frozenset[str] | set[str],
     except ConfigError as e:
         raise ConfigError(f"option 'output_dir': {out} holds runs, and its config.yaml does not load ({e}); "
                           "choose another output_dir or mend that file") from None
-    def effective(c):
-        return _flat(to_dict(replace(c, **resolve(c)) if resolve else c))
-
-    new, old = effective(config), effective(saved)
+    # both configs as they take effect (``none`` -> its default value: ``lrs=none`` -> the paradigm's grid)
+    now, then = (replace(c, **resolve(c)) if resolve else c for c in (config, saved))
+    new, old = _flat(to_dict(now)), _flat(to_dict(then))
     for name, value in new.items():
         if name in RUN_LISTS or name in free or name not in old or old[name] == value:
             continue
         raise ConfigError(f"option '{name}': {out} holds runs made with {name}={old[name]!r} (its config.yaml), "
                           f"not {value!r}; a re-run skips finished runs, so give {name}={old[name]!r} to add runs "
                           "to that sweep, or another output_dir for a new one")
-    # the lists as they take effect (``lrs=none`` -> the paradigm's grid), merged
-    now, then = (replace(c, **resolve(c)) if resolve else c for c in (config, saved))
     merged = {k: list(getattr(then, k)) + [v for v in getattr(now, k) if v not in getattr(then, k)]
               for k in RUN_LISTS if getattr(then, k, None) is not None and getattr(now, k, None) is not None}
     covered = all(set(v) <= set(getattr(now, k)) for k, v in merged.items())

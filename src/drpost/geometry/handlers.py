@@ -339,17 +339,17 @@ class _HookHandler(Handler):
 class NormHandler(_HookHandler):
     """LayerNorm and RMSNorm: d out / d weight = xhat (elementwise), d out / d bias = 1."""
 
-    def inv_rms(self, x: Tensor) -> Tensor:
-        """RMSNorm's per-token scale ``1 / sqrt(mean(x^2) + eps)``, in fp32 or wider.  (R, T', d) -> (R, T', 1)"""
+    def inv_rms(self, xf: Tensor) -> Tensor:
+        """RMSNorm's per-token scale ``1 / sqrt(mean(x^2) + eps)`` of ``xf`` (fp32 or wider).  (R, T', d) -> (R, T', 1)"""
         eps = getattr(self.module, "variance_epsilon", getattr(self.module, "eps", 1e-6))
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         return torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
     def xhat(self, x: Tensor) -> Tensor:
         m = self.module
         if isinstance(m, nn.LayerNorm):
             return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-        return (x.to(torch.promote_types(x.dtype, torch.float32)) * self.inv_rms(x)).to(x.dtype)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return (xf * self.inv_rms(xf)).to(x.dtype)
 
     def weight_rows(self, x: Tensor, b: Tensor) -> Tensor:
         """Per-row gradient of the weight, ``sum_t xhat_rt * b_rt``.  (R, T', d) x2 -> (R, d)
