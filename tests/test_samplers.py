@@ -150,6 +150,20 @@ def test_guidance_off_draws_exactly_as_the_uniform_sampler(kind, opts):
     assert [new.draw() for _ in range(20)] == [old.draw() for _ in range(20)]
 
 
+def test_candidate_batches_from_the_selected_rows():
+    spec = MethodSpec("m", sampler="selected", sampler_options={"select_frac": 0.1, "candidates": 2})
+    draws = [GeneralSampler(spec, 100, 4, 8, random.Random(3), selected=[5, 9, 11]).draw() for _ in range(5)]
+    assert all(len(d) == 16 and {i for _, i in d} <= {5, 9, 11} for d in draws)
+    # candidates=1 is the plain sampler: the same draws as before the option existed
+    plain = MethodSpec("m", sampler="selected", sampler_options={"candidates": 1})
+    old = _LegacySampler(plain, 100, 4, 8, random.Random(3), selected=[5, 9, 11])
+    assert GeneralSampler(plain, 100, 4, 8, random.Random(3), selected=[5, 9, 11]).draw() == old.draw()
+    for bad, kind in ((0, "pool"), (1.5, "pool"), (True, "pool"), (2, "mixing")):
+        with pytest.raises(ValueError, match="'candidates'"):
+            GeneralSampler(MethodSpec("m", sampler=kind, sampler_options={"candidates": bad}), 100, 4, 8,
+                           random.Random(0))
+
+
 @pytest.fixture(scope="module")
 def micro_world():
     from drpost.world.arch import build_model
@@ -213,7 +227,9 @@ def test_composed_bench_methods_name_both_parts_and_train():
             "dsir_prefilter_hull"} <= COMPOSED <= quality.DR_METHODS
     assert prefilter_of("dsir_prefilter_hull") == "dsir" and prefilter_of("guided_hull") is None
     ctx: dict = {}
-    for name, knob in (("guided_layerwise_subset", 0.5), ("dsir_prefilter_hull", 0.25)):
+    assert prefilter_of("less_prefilter_layerwise_subset_2n") == "less"
+    for name, knob in (("guided_layerwise_subset", 0.5), ("dsir_prefilter_hull", 0.25),
+                       ("dsir_prefilter_layerwise_subset_2n", 0.25)):
         r = quality.run_one(tiny_setting(), name, knob, 0, SFTRecipe(steps=2), n_val=2, _ctx=ctx)
         assert r["method"] == name and r["skipped_steps"] == 0 and "retention_em" in r
         assert r["sampler_ms_per_step"] >= 0 and r["step_ms"] > 0

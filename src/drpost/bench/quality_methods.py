@@ -2,8 +2,10 @@
 
 A composed method names both parts: ``guided_<set>`` = the feasible set ``<set>`` on batches drawn by the score-guided
 pool sampler (``drpost.trainers.samplers``); ``<selector>_prefilter_<set>`` = an offline selector (DSIR, LESS) narrows
-the pool to the fraction ``knob``, and the feasible set regularizes within the kept rows. Knobs are tuned on the
-validation split like every other method's (``drpost.bench.quality.run_quality``).
+the pool to the fraction ``knob``, and the feasible set regularizes within the kept rows; ``..._2n``: the same set on
+candidate batches of 2n rows drawn from the kept rows, of which it keeps half (n trained rows a step, as every method
+trains; the 2n forward and backward are GREATS's candidate budget). Knobs are tuned on the validation split like every
+other method's (``drpost.bench.quality.run_quality``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ def _guided(label: str, method: str, options: dict | None = None) -> MethodSpec:
     return MethodSpec(label, method, dict(options or {}), guidance=dict(GUIDED))
 
 
-def _prefilter(label: str, method: str, frac: float, options: dict | None = None) -> MethodSpec:
-    return MethodSpec(label, method, dict(options or {}), sampler="selected", sampler_options={"select_frac": frac})
+def _prefilter(label: str, method: str, frac: float, options: dict | None = None, candidates: int = 1) -> MethodSpec:
+    sampler_options = {"select_frac": frac} | ({"candidates": candidates} if candidates > 1 else {})
+    return MethodSpec(label, method, dict(options or {}), sampler="selected", sampler_options=sampler_options)
 
 
 # name -> (label, spec builder(knob), knob values or None)
@@ -68,6 +71,12 @@ METHODS: dict[str, tuple[str, callable, list | None]] = {
     "less_prefilter_layerwise_subset": ("LESS>LayerWiseSubset",
                                         lambda k: _prefilter("LESS>LayerWiseSubset", "layerwise_subset", k,
                                                              {"frac": 0.5}), [0.02, 0.1]),
+    "dsir_prefilter_layerwise_subset_2n": ("DSIR>LayerWiseSubset(2n)",
+                                           lambda k: _prefilter("DSIR>LayerWiseSubset(2n)", "layerwise_subset", k,
+                                                                {"frac": 0.5}, candidates=2), [0.02, 0.1]),
+    "less_prefilter_layerwise_subset_2n": ("LESS>LayerWiseSubset(2n)",
+                                           lambda k: _prefilter("LESS>LayerWiseSubset(2n)", "layerwise_subset", k,
+                                                                {"frac": 0.5}, candidates=2), [0.02, 0.1]),
     "less_prefilter_hull": ("LESS>Hull", lambda k: _prefilter("LESS>Hull", "hull", k), [0.02, 0.1]),
     "dsir_prefilter_ball_auto": ("DSIR>Ball(auto)",
                                  lambda k: _prefilter("DSIR>Ball(auto)", "ball", k, {"radius": "auto"}), [0.02, 0.1]),

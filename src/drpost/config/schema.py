@@ -24,7 +24,8 @@ BenchMethod = Literal["full_training", "target_only", "mixing", "random_subset",
                       "layerwise_hull_slack", "cone", "span", "halfspace", "iif", "guided_global_subset",
                       "guided_layerwise_subset", "guided_hull", "dsir_prefilter_layerwise_subset", "dsir_prefilter_hull",
                       "less_prefilter_layerwise_subset", "less_prefilter_hull", "dsir_prefilter_ball_auto",
-                      "less_prefilter_ball_auto"]
+                      "less_prefilter_ball_auto", "dsir_prefilter_layerwise_subset_2n",
+                      "less_prefilter_layerwise_subset_2n"]
 Scoring = Literal["auto", "full_ghost", "reduced_ghost", "direct", "compress"]
 DataFormat = Literal["auto", "prompt_completion", "messages", "text", "preference", "prompt_answer"]
 

@@ -237,6 +237,8 @@ class GeneralSampler:
 
     ``spec.sampler``: pool | candidates (GREATS: 2n) | selected (the offline-selected ``selected`` pool) |
     random_subset | mixing. ``guide``: a ``GuidedPool`` over the pool (or over ``selected``), or None = uniform.
+    ``spec.sampler_options["candidates"]`` (pool / selected; default 1): draw that many times n rows, a candidate
+    batch for a feasible set that keeps a fraction of them (a subset with ``frac = 1 / candidates`` trains on n).
     """
 
     def __init__(self, spec, n_pool: int, n_target: int, n: int, rng: random.Random,
@@ -244,6 +246,11 @@ class GeneralSampler:
         self.spec, self.n_pool, self.n_target, self.n, self.rng = spec, n_pool, n_target, n, rng
         self.selected, self.guide = selected, guide
         self.seconds = 0.0  # time spent drawing and learning (the sampler's overhead; not checkpointed)
+        c = spec.sampler_options.get("candidates", 1)
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1 or (c > 1 and spec.sampler not in ("pool", "selected")):
+            raise ValueError(f"sampler option 'candidates' must be an integer >= 1 (above 1 only with the pool or "
+                             f"selected sampler), got {c!r} with sampler {spec.sampler!r}")
+        self.candidates = c
 
     def _pool(self, k: int) -> list[int]:
         """k pool indices: the guided distribution, or uniform over the pool / the selected rows (as before)."""
@@ -263,7 +270,7 @@ class GeneralSampler:
     def _draw(self) -> list[tuple[str, int]]:
         kind, rng, n = self.spec.sampler, self.rng, self.n
         if kind in ("pool", "selected"):
-            return [("g", i) for i in self._pool(n)]
+            return [("g", i) for i in self._pool(n * self.candidates)]
         if kind == "candidates":  # GREATS: a candidate batch of twice the training batch
             return [("g", i) for i in self._pool(2 * n)]
         if kind == "random_subset":  # draw n, keep a random frac of them: top-k's budget without its signal
