@@ -264,6 +264,29 @@ def test_drpost_sft_guided_resume_equals_uninterrupted(tmp_path, capsys, one_thr
     _assert_same_run(a, b)
 
 
+def test_drpost_sft_candidates_draws_a_candidate_batch_from_the_kept_rows(tmp_path, capsys, one_thread,
+                                                                         micro_dir, monkeypatch):  # noqa: F811
+    """``sampler.candidates=2`` with a DSIR prefilter: each step's general batch is 2n rows, all of them kept rows."""
+    import drpost.trainers.sft as sft
+    from tests.reliability.conftest import SMALL, run_sft
+
+    seen: list = []
+
+    class Recording(sft.GeneralSampler):
+        def draw(self):
+            d = super().draw()
+            seen.append((len(d), {i for _, i in d} <= set(self.selected)))
+            return d
+
+    monkeypatch.setattr(sft, "GeneralSampler", Recording)
+    argv = [f"model.name_or_path={micro_dir}", *SMALL, "regularizer.method=layerwise_subset", "regularizer.frac=0.5",
+            "sampler.prefilter=dsir", "sampler.prefilter_frac=0.25", "sampler.candidates=2"]
+    assert run_sft([f"output_dir={tmp_path / 'a'}", *argv], capsys)[0] == 0
+    assert seen == [(8, True)] * 6  # general_batch_size=4: 8 candidates a step
+    code, err = run_sft([f"output_dir={tmp_path / 'b'}", *argv[:-1], "sampler.candidates=0"], capsys)
+    assert code != 0 and "sampler.candidates" in err
+
+
 def test_drpost_sft_less_prefilter_keeps_the_top_less_rows(tmp_path, capsys, one_thread, micro_dir,  # noqa: F811
                                                           monkeypatch):
     """``sampler.prefilter=less``: LESS scores the *base* model (no adapters yet) on the run's pool and targets,

@@ -197,6 +197,10 @@ class SamplerConfig:
                 "4 checkpoints; costs about 16 forward/backward passes per pool row). The regularizer then works "
                 "within the kept rows.")
     prefilter_frac: float = _opt(0.1, "Fraction of the general pool the prefilter keeps.", gt=0, max=1)
+    candidates: int = _opt(1, "Draw candidates x general_batch_size rows (of the pool, or of the prefilter's kept "
+                              "rows) each step: a candidate batch for a subset set, which with frac = 1/candidates "
+                              "trains on general_batch_size of them (e.g. prefilter=dsir, candidates=2, "
+                              "layerwise_subset frac=0.5).", min=1)
 
 
 @dataclass

@@ -322,6 +322,7 @@ def _cli_sampler(config, data, rng, selected: list[int] | None) -> tuple[MethodS
     sc = config.sampler
     method = config.regularizer.method
     spec = MethodSpec(method, method, sampler="pool" if selected is None else "selected",
+                      sampler_options={"candidates": sc.candidates},
                       guidance={"mode": sc.mode, "exploration": sc.exploration, "temperature": sc.temperature,
                                 "dim": sc.dim, "ridge": sc.ridge, "decay": sc.decay, "refresh": sc.refresh,
                                 "features": "tokens"})
