@@ -145,11 +145,17 @@ def test_report_names_the_best_dr_method_that_keeps_retention_and_the_sampler_co
 
     by = {"full_training": row("FullTraining", 0.10, 0.30), "dsir": row("DSIR", 0.20, 0.08),
           "hull": row("Hull", 0.25, 0.20), "guided_hull": row("Guided+Hull", 0.15, 0.29, sampler=4.2)}
-    text = retention_verdict(by, 0.20)
+    sel = (0.20, 0.01)
+    text = retention_verdict(by, sel)
     assert "Guided+Hull (0.150" in text and "does not beat" in text  # Hull's 0.25 is dropped: retention 0.20 < 0.28
-    by["guided_hull"]["target_em"] = (0.22, 0.01)
-    assert "Guided+Hull (0.220" in retention_verdict(by, 0.20) and " beats " in retention_verdict(by, 0.20)
+    assert "within noise" not in text  # 0.05 apart, s.e. of the difference 0.014
+    by["guided_hull"]["target_em"] = (0.24, 0.01)
+    assert "Guided+Hull (0.240" in retention_verdict(by, sel) and " beats " in retention_verdict(by, sel)
+    by["guided_hull"]["target_em"] = (0.21, 0.01)  # 0.01 ahead, s.e. of the difference 0.014: a tie, said so
+    assert " beats the best data-selection baseline (0.200) (within noise: difference +0.010, its s.e. 0.014)." \
+        in retention_verdict(by, sel)
     md = markdown_table({"s": by}, "cmd")
     assert "| ms/step | sampler ms/step |" in md and "| 100 | 4.2 |" in md and "| 100 |  |" in md
+    assert "Best Dr method: Hull (0.250) beats the best data-selection baseline (0.200)." in md
     by["guided_hull"]["retention_em"] = (0.1, 0.0)
-    assert retention_verdict(by, 0.2).startswith("No Dr method keeps retention")
+    assert retention_verdict(by, sel).startswith("No Dr method keeps retention")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from drpost.bench.quality_methods import DR_METHODS, METHODS, SELECTION_BASELINES
 from drpost.bench.records import load_records, mark_tuning, record_path, write_record
-from drpost.bench.stats import mean_se
+from drpost.bench.stats import mean_se, pm, versus
 
 
 def pareto_front(by: dict) -> list[str]:
@@ -49,31 +49,25 @@ def summarize(records: list[dict]) -> dict:
     return table
 
 
-def retention_verdict(by: dict, sel_best: float, slack: float = 0.02) -> str:
+def retention_verdict(by: dict, sel_best: tuple[float, float], slack: float = 0.02) -> str:
     """The sentence on the Dr methods that keep retention within ``slack`` of FullTraining's (or above it): the best
-    of them on the target, against the best data-selection baseline's target EM ``sel_best``."""
+    of them on the target, against the best data-selection baseline's target EM ``sel_best`` (mean, s.e.)."""
     ft = by["full_training"]["retention_em"][0]
     keep = {m: v["target_em"][0] for m, v in by.items() if m in DR_METHODS and v["retention_em"][0] >= ft - slack}
     if not keep:
         return (f"No Dr method keeps retention within {slack} of FullTraining's ({ft:.3f}).")
     bm = max(keep, key=keep.get)
-    verdict = "beats" if keep[bm] > sel_best else "does not beat"
+    verdict, note = versus(by[bm]["target_em"], sel_best)
     return (f"Best Dr method with retention within {slack} of FullTraining's ({ft:.3f}): {by[bm]['label']} "
             f"({keep[bm]:.3f}, retention {by[bm]['retention_em'][0]:.3f}) {verdict} the best data-selection "
-            f"baseline ({sel_best:.3f}).")
-
-
-def _pm(mean_and_se: tuple[float, float]) -> str:
-    """'0.123 ± 0.004' (mean ± standard error), or just the mean for a single seed."""
-    mu, se = mean_and_se
-    return f"{mu:.3f}" if math.isnan(se) else f"{mu:.3f} ± {se:.3f}"
+            f"baseline ({sel_best[0]:.3f}){note}.")
 
 
 def markdown_table(table: dict, command: str) -> str:
     lines = [f"Command: `{command}`", ""]
     for s, by in table.items():
         best_em = max(v["target_em"][0] for v in by.values())
-        sel_best = max((v["target_em"][0] for m, v in by.items() if m in SELECTION_BASELINES), default=None)
+        sel_best = max((v["target_em"] for m, v in by.items() if m in SELECTION_BASELINES), default=None)
         lines += [f"### {s}", "",
                   "| method | knob | target EM | target loss | retention EM | weight on target family | s/run "
                   "| ms/step | sampler ms/step |",
@@ -85,7 +79,7 @@ def markdown_table(table: dict, command: str) -> str:
             ms = "" if v.get("step_ms") is None else f"{v['step_ms']:.0f}"
             sampler = "" if not v.get("sampler_ms_per_step") else f"{v['sampler_ms_per_step']:.1f}"
             lines.append(f"| {v['label']} | {v['knob'] if v['knob'] is not None else ''} "
-                         f"| {_pm(v['target_em'])}{mark} | {_pm(v['target_loss'])} | {_pm(v['retention_em'])} "
+                         f"| {pm(v['target_em'])}{mark} | {pm(v['target_loss'])} | {pm(v['retention_em'])} "
                          f"| {tfw} | {v['wall_seconds']:.0f} | {ms} | {sampler} |")
         front = pareto_front(by)
         lines += ["", "Pareto front (target EM vs retention EM; no other method is at least as good on both): "
@@ -93,9 +87,9 @@ def markdown_table(table: dict, command: str) -> str:
         dr = {m: v["target_em"][0] for m, v in by.items() if m in DR_METHODS}
         if dr and sel_best is not None:
             bm = max(dr, key=dr.get)
-            verdict = "beats" if dr[bm] > sel_best else "does not beat"
+            verdict, note = versus(by[bm]["target_em"], sel_best)
             lines += ["", f"Best Dr method: {by[bm]['label']} ({dr[bm]:.3f}) {verdict} the best data-selection "
-                          f"baseline ({sel_best:.3f})."]
+                          f"baseline ({sel_best[0]:.3f}){note}."]
             lines += [retention_verdict(by, sel_best)] if "full_training" in by else []
         lines.append("")
     return "\n".join(lines)

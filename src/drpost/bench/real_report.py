@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from drpost.bench.records import mark_tuning
-from drpost.bench.stats import mean_se
+from drpost.bench.stats import mean_se, pm, versus
 
 DR_METHODS = {"global_subset", "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem",
               "layerwise_hull_slack", "cone", "span", "halfspace"}
@@ -64,9 +64,6 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
     return front
 
 
-def _pm(ms: tuple[float, float]) -> str:
-    m, se = ms
-    return f"{m:.3f}" if se != se else f"{m:.3f} ± {se:.3f}"
 
 
 def verdict(rows: dict) -> str:
@@ -78,14 +75,15 @@ def verdict(rows: dict) -> str:
     dr, sel = best([m for m in rows if is_dr(m)]), best(SELECTION)
     if dr is None:
         return "No Dr method in this table."
+    em = rows[dr[1]]["target_em"]
     parts = [f"Best Dr method: {rows[dr[1]]['label']} ({dr[0]:.3f})"]
     for ref in ("full_training", "target_only", "base"):
         if ref in rows:
-            x = rows[ref]["target_em"][0]
-            parts.append(f"{'beats' if dr[0] > x else 'does not beat'} {rows[ref]['label']} ({x:.3f})")
+            word, note = versus(em, rows[ref]["target_em"])
+            parts.append(f"{word} {rows[ref]['label']} ({rows[ref]['target_em'][0]:.3f}){note}")
     if sel is not None:
-        parts.append(f"{'beats' if dr[0] > sel[0] else 'does not beat'} the best data-selection baseline "
-                     f"{rows[sel[1]]['label']} ({sel[0]:.3f})")
+        word, note = versus(em, rows[sel[1]]["target_em"])
+        parts.append(f"{word} the best data-selection baseline {rows[sel[1]]['label']} ({sel[0]:.3f}){note}")
     front = [rows[m]["label"] for m in rows if rows[m]["pareto"]]
     return "; ".join(parts) + f". Pareto front (target EM, retention): {', '.join(front)}."
 
@@ -102,8 +100,8 @@ def markdown(table: dict, command: str) -> str:
             fw = "" if r["target_family_weight"] is None else f"{r['target_family_weight']:.2f}"
             sps = "" if r["seconds_per_step"] is None else f"{r['seconds_per_step']:.2f}"
             knob = "" if r["knob"] is None else r["knob"]
-            lines.append(f"| {r['label']} | {knob} | {_pm(r['target_em'])} | {_pm(r['retention_em'])} | "
-                         f"{_pm(r['val_em'])} | {fw} | {sps} | {len(r['seeds'])} | {'yes' if r['pareto'] else ''} |")
+            lines.append(f"| {r['label']} | {knob} | {pm(r['target_em'])} | {pm(r['retention_em'])} | "
+                         f"{pm(r['val_em'])} | {fw} | {sps} | {len(r['seeds'])} | {'yes' if r['pareto'] else ''} |")
         lines += ["", verdict(rows), ""]
     return "\n".join(lines)
 

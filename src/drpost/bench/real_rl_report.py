@@ -14,7 +14,7 @@ from pathlib import Path
 
 from drpost.bench.real_common import split_lr
 from drpost.bench.real_report import chosen_records, is_dr, pareto_front, pareto_scatter, write_files
-from drpost.bench.stats import mean_se
+from drpost.bench.stats import mean_se, pm, versus
 
 METRICS = ("target_em", "target_reward", "retention_em", "val_em", "kl")
 
@@ -50,9 +50,6 @@ def ordered(rows: dict) -> list[str]:
     return sorted(rows, key=lambda m: (m != "base", -rows[m]["target_em"][0]))
 
 
-def _pm(ms: tuple[float, float]) -> str:
-    m, se = ms
-    return f"{m:.3f}" if se != se else f"{m:.3f} ± {se:.3f}"
 
 
 def verdict(rows: dict) -> str:
@@ -65,9 +62,9 @@ def verdict(rows: dict) -> str:
     parts = [f"Best Dr method: {b['label']} (target EM {b['target_em'][0]:.3f}, KL {b['kl'][0]:.3f})"]
     for ref in ("full_training", "target_only", "base"):
         if ref in rows:
-            x = rows[ref]["target_em"][0]
-            parts.append(f"{'beats' if b['target_em'][0] > x else 'does not beat'} {rows[ref]['label']} ({x:.3f}, "
-                         f"KL {rows[ref]['kl'][0]:.3f})")
+            word, note = versus(b["target_em"], rows[ref]["target_em"])
+            parts.append(f"{word} {rows[ref]['label']} ({rows[ref]['target_em'][0]:.3f}, "
+                         f"KL {rows[ref]['kl'][0]:.3f}){note}")
     front = [rows[m]["label"] for m in ordered(rows) if rows[m]["pareto"]]
     return "; ".join(parts) + f". Pareto front (target EM up, KL down): {', '.join(front)}."
 
@@ -91,10 +88,10 @@ def markdown(table: dict, command: str) -> str:
             r = rows[m]
             knob = "" if r["knob"] is None else r["knob"]
             sps = "" if r["seconds_per_step"] is None else f"{r['seconds_per_step']:.2f}"
-            rw = f" {_pm(r['target_reward'])} |" if reward else ""
+            rw = f" {pm(r['target_reward'])} |" if reward else ""
             lr = "" if r.get("lr") is None else f"{r['lr']:g}"
-            lines.append(f"| {r['label']} | {knob} | {lr} | {_pm(r['target_em'])} |{rw} {_pm(r['retention_em'])} | "
-                         f"{_pm(r['kl'])} | {_pm(r['val_em'])} | {sps} | {len(r['seeds'])} |")
+            lines.append(f"| {r['label']} | {knob} | {lr} | {pm(r['target_em'])} |{rw} {pm(r['retention_em'])} | "
+                         f"{pm(r['kl'])} | {pm(r['val_em'])} | {sps} | {len(r['seeds'])} |")
         lines += ["", verdict(rows), ""]
     return "\n".join(lines)
 

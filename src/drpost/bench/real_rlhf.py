@@ -62,7 +62,7 @@ from drpost.bench.real_common import (
 )
 from drpost.bench.real_rl import LORA, ROLLOUT_TOKENS, UNTRAINED, RLWorker
 from drpost.bench.records import load_records
-from drpost.bench.stats import mean_se
+from drpost.bench.stats import mean_se, pm
 from drpost.trainers.rlhf import RLHFRecipe
 from drpost.trainers.sft import SFTRecipe
 
@@ -295,13 +295,6 @@ def summarize(records: list[dict]) -> dict:
     return table
 
 
-def _pm(ms) -> str:
-    if ms is None:
-        return ""
-    m, se = ms
-    return f"{m:.3f}" if se != se else f"{m:.3f} ± {se:.3f}"
-
-
 def markdown(table: dict, command_line: str) -> str:
     def ordered(rows: dict) -> list[str]:  # the untrained rows first, then by target EM
         return sorted(rows, key=lambda m: (m != "base", m != "warm_start", -rows[m]["target_em"][0]))
@@ -325,9 +318,9 @@ def markdown(table: dict, command_line: str) -> str:
             r = rows[m]
             sps = "" if r["seconds_per_step"] is None else f"{r['seconds_per_step']:.2f}"
             lr = "" if r.get("lr") is None else f"{r['lr']:g}"
-            lines.append(f"| {r['label']} | {'' if r['knob'] is None else r['knob']} | {lr} | {_pm(r['target_em'])} | "
-                         f"{_pm(r['rm_score'])} | {_pm(r['rm_at_kl'])} | {_pm(r['kl'])} | {_pm(r['retention_em'])} "
-                         f"| {_pm(r['val_em'])} | {sps} | {len(r['seeds'])} |")
+            lines.append(f"| {r['label']} | {'' if r['knob'] is None else r['knob']} | {lr} | {pm(r['target_em'])} | "
+                         f"{pm(r['rm_score'])} | {pm(r['rm_at_kl'])} | {pm(r['kl'])} | {pm(r['retention_em'])} "
+                         f"| {pm(r['val_em'])} | {sps} | {len(r['seeds'])} |")
         lines += ["", verdict(rows), ""]
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""Small statistics shared by the benchmark reports (quality, RL, MeSO): mean and standard error over seeds.
+"""Small statistics shared by the benchmark reports (quality, RL, MeSO): mean and standard error over seeds, how a
+pair is printed, and how two methods' means are compared in words.
 
 Lives apart from ``quality`` and ``rl`` so that neither report module imports the other.
 """
@@ -27,3 +28,22 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
         return mu, float("nan")
     var = sum((x - mu) ** 2 for x in xs) / (n - 1)
     return mu, math.sqrt(var / n)
+
+
+def pm(ms: tuple[float, float] | None) -> str:
+    """'0.123 ± 0.004' (mean ± standard error), just the mean for a single seed, '' for None."""
+    if ms is None:
+        return ""
+    mu, se = ms
+    return f"{mu:.3f}" if se != se else f"{mu:.3f} ± {se:.3f}"
+
+
+def versus(a: tuple[float, float], b: tuple[float, float]) -> tuple[str, str]:
+    """('beats' | 'does not beat', note) for the mean of ``a`` against the mean of ``b`` (each (mean, s.e.)). The
+    note is ' (within noise: ...)' where the difference is no larger than its standard error
+    ``sqrt(se_a^2 + se_b^2)``, so a table does not call a tie a win (or a loss); '' otherwise or with one seed."""
+    (ma, sa), (mb, sb) = a, b
+    word = "beats" if ma > mb else "does not beat"
+    se = math.hypot(sa, sb)
+    note = f" (within noise: difference {ma - mb:+.3f}, its s.e. {se:.3f})" if se == se and abs(ma - mb) <= se else ""
+    return word, note
