@@ -64,8 +64,6 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
     return front
 
 
-
-
 def verdict(rows: dict) -> str:
     """One sentence per setting: the best Dr method against FullTraining, Target-only and the selection baselines."""
     def best(names):

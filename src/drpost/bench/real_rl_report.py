@@ -50,8 +50,6 @@ def ordered(rows: dict) -> list[str]:
     return sorted(rows, key=lambda m: (m != "base", -rows[m]["target_em"][0]))
 
 
-
-
 def verdict(rows: dict) -> str:
     """The best Dr method against FullTraining, Target-only and the untrained model, on target EM and KL."""
     dr = [m for m in rows if is_dr(m)]
