@@ -45,6 +45,19 @@ def test_tuned_sweep_tunes_on_the_first_seed_and_resumes(tmp_path):
     assert ran == [("s", "a", 1, 3), ("s", "a", 2, 4)]
 
 
+def test_more_seeds_for_a_tuned_directory_tune_where_it_was_tuned(tmp_path):
+    """A later invocation that adds seeds (``seeds=[5]``) to a directory tuned on seed 3 runs no tuning on its own
+    seeds: they get the knob chosen on the directory's first seed (the first seed of its config.yaml)."""
+    ran: list = []
+    records.tuned_sweep(["s"], ["a", "b"], [3, 4], tmp_path, KNOBS.get, fake_runner(tmp_path, ran))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"seeds": [3, 4, 5]}))  # as claim_dir merges it
+    assert records.tuning_seed(tmp_path, [5]) == 3 and records.tuning_seed(tmp_path / "new", [5]) == 5
+    ran.clear()
+    recs = records.tuned_sweep(["s"], ["a", "b"], [5], tmp_path, KNOBS.get, fake_runner(tmp_path, ran))
+    assert ran == [("s", "a", 2, 5), ("s", "b", None, 5)]  # knob 2 won seed 3's validation
+    assert {(r["method"], r["seed"]) for r in recs} == {("a", 5), ("b", 5)}
+
+
 def test_mark_tuning_while_only_the_tuning_seed_has_run():
     recs = [{"setting": "s", "method": "a", "knob": k, "seed": 0, "val_em": v, "val_loss": 1.0}
             for k, v in ((1, 0.5), (2, 0.4))]

@@ -55,18 +55,31 @@ def best_knobs(records: list[dict], setting: str, seed: int) -> dict:
     return {m: r["knob"] for m, r in best_by_validation(runs).items()}
 
 
+def tuning_seed(out_dir: str | Path, seeds: list[int]) -> int:
+    """The seed a sweep tunes its knobs on: the first seed of ``out_dir/config.yaml`` (``claim_dir`` keeps the saved
+    seeds first, so a later invocation with more seeds, ``seeds=[3,4]``, tunes where the directory was tuned and
+    runs its seeds with the knobs chosen there), else ``seeds[0]``."""
+    import yaml
+
+    path = Path(out_dir) / "config.yaml"
+    saved = (yaml.safe_load(path.read_text()) or {}).get("seeds") if path.exists() else None
+    return int(saved[0]) if saved else seeds[0]
+
+
 def tuned_sweep(settings: list[str], methods: list[str], seeds: list[int], out_dir: str | Path,
                 knob_values: Callable[[str], list], run_jobs: Callable[[list[Job]], None]) -> list[dict]:
-    """Setting by setting: every knob value of every method on ``seeds[0]``, then the other seeds with the knob
-    chosen on validation. ``run_jobs(jobs)`` runs the given jobs (only missing ones are passed) and writes their
-    records. Returns every record on disk for these settings, methods and seeds."""
+    """Setting by setting: every knob value of every method on the tuning seed (``tuning_seed``: the directory's
+    first seed, else ``seeds[0]``), then ``seeds`` with the knob chosen on validation. ``run_jobs(jobs)`` runs the
+    given jobs (only missing ones are passed) and writes their records. Returns every record on disk for these
+    settings, methods and seeds."""
+    tune = tuning_seed(out_dir, seeds)
     for s in settings:  # an interrupted sweep leaves whole settings behind
-        todo = missing([(s, m, k, seeds[0]) for m in methods for k in knob_values(m)], out_dir)
+        todo = missing([(s, m, k, tune) for m in methods for k in knob_values(m)], out_dir)
         if todo:
             run_jobs(todo)
-        chosen = best_knobs(load_records(out_dir), s, seeds[0])
-        todo = missing([(s, m, chosen.get(m, knob_values(m)[0]), seed) for seed in seeds[1:] for m in methods],
-                       out_dir)
+        chosen = best_knobs(load_records(out_dir), s, tune)
+        todo = missing([(s, m, chosen.get(m, knob_values(m)[0]), seed) for seed in seeds if seed != tune
+                        for m in methods], out_dir)
         if todo:
             run_jobs(todo)
     return [r for r in load_records(out_dir) if r["setting"] in settings and r["method"] in methods

@@ -45,9 +45,10 @@ class BenchConfig(RunConfig):
                                help="World settings, comma-separated (quality).")
     seeds: list[int] = _opt(factory=lambda: [0, 1, 2], help="Seeds, comma-separated; each seed draws the data "
                                                              "(pool, targets, test set) and the training. The first "
-                                                             "is the tuning seed (every knob value runs on it); to "
-                                                             "add seeds to a sweep, list it first again (its "
-                                                             "finished runs are skipped).", min=0)
+                                                             "is the tuning seed (every knob value runs on it); a "
+                                                             "sweep directory keeps the seed it was tuned on (the "
+                                                             "first of its config.yaml), so seeds=3,4 adds two "
+                                                             "seeds with the knobs tuned there.", min=0)
     rewrite: bool = _opt(False, "Rebuild summary.json, README.md and the plots of output_dir from its raw/ records "
                                 "without training (the README's command and notes are kept).")
     optim: OptimConfig = _opt(factory=lambda: OptimConfig(lr=1e-3), help="Optimizer and schedule.")
@@ -201,8 +202,9 @@ class BenchRealConfig:
                                                              "(pool, 16 targets, validation/test) and the training. "
                                                              "The first is the tuning seed (every knob value runs on "
                                                              "it, the others take the value its validation split "
-                                                             "chose); to add seeds to a sweep, list it first again "
-                                                             "(its finished runs are skipped).",
+                                                             "chose). A sweep directory keeps the seed it was tuned "
+                                                             "on (the first of its config.yaml), so seeds=3,4 adds "
+                                                             "two seeds to it with the knobs tuned there.",
                             min=0)
     steps: int | None = _opt(None, "Optimizer steps per run (rlhf: PPO rounds); none = the paradigm's budget (sft "
                                    "40, dpo 12, rlvr 8, rlhf 5).", min=1)
