@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from drpost.bench.stats import mean_se
+from drpost.bench.stats import mean_se, pm
 from drpost.trainers.dpo import DPORecipe
 from drpost.trainers.rlhf import RLHFRecipe, RLMethod
 from drpost.trainers.rlvr import RLVRRecipe
@@ -256,11 +256,6 @@ def summarize_rl(records: list[dict]) -> dict:
     return out
 
 
-def _fmt(ms: tuple[float, float], digits: int = 3) -> str:
-    mu, se = ms
-    return f"{mu:.{digits}f}" if math.isnan(se) else f"{mu:.{digits}f} ± {se:.{digits}f}"
-
-
 def markdown_rl(paradigm: str, records: list[dict], command: str, notes: str = "") -> str:
     table = summarize_rl(records)
     setting = records[0]["setting"]
@@ -275,13 +270,13 @@ def markdown_rl(paradigm: str, records: list[dict], command: str, notes: str = "
              f"{extra_h} kept frac | s/run |",
              "|---|---|---|---|---|---|" + ("---|" if paradigm == "dpo" else "") + "---|---|"]
     for m, v in table.items():
-        tm = _fmt(v["target_metric"])
+        tm = pm(v["target_metric"])
         if m != "base" and v["target_metric"][0] == best:
             tm = f"**{tm}**"
         kf = "" if v["kept_frac"] is None else f"{v['kept_frac']:.2f}"
-        pa = f" {_fmt(v['pair_accuracy'])} |" if paradigm == "dpo" else ""
-        lines.append(f"| {v['label']} | {tm} | {_fmt(v['em'])} | {_fmt(v['reward'])} | {_fmt(v['kl'])} "
-                     f"| {_fmt(v['retention_em'])} |{pa} {kf} | {v['wall_seconds']:.0f} |")
+        pa = f" {pm(v['pair_accuracy'])} |" if paradigm == "dpo" else ""
+        lines.append(f"| {v['label']} | {tm} | {pm(v['em'])} | {pm(v['reward'])} | {pm(v['kl'])} "
+                     f"| {pm(v['retention_em'])} |{pa} {kf} | {v['wall_seconds']:.0f} |")
     full = trained.get("full_training", {}).get("target_metric", (math.nan,))[0]
     dr = {m: v["target_metric"][0] for m, v in trained.items() if m in DR_METHODS}
     if dr:
