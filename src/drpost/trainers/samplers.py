@@ -250,7 +250,7 @@ class GeneralSampler:
         if isinstance(c, bool) or not isinstance(c, int) or c < 1 or (c > 1 and spec.sampler not in ("pool", "selected")):
             raise ValueError(f"sampler option 'candidates' must be an integer >= 1 (above 1 only with the pool or "
                              f"selected sampler), got {c!r} with sampler {spec.sampler!r}")
-        self.candidates = c
+        self.candidates = 2 if spec.sampler == "candidates" else c  # GREATS: the pool's rows, 2n of them
 
     def _pool(self, k: int) -> list[int]:
         """k pool indices: the guided distribution, or uniform over the pool / the selected rows (as before)."""
@@ -269,10 +269,8 @@ class GeneralSampler:
 
     def _draw(self) -> list[tuple[str, int]]:
         kind, rng, n = self.spec.sampler, self.rng, self.n
-        if kind in ("pool", "selected"):
+        if kind in ("pool", "selected", "candidates"):
             return [("g", i) for i in self._pool(n * self.candidates)]
-        if kind == "candidates":  # GREATS: a candidate batch of twice the training batch
-            return [("g", i) for i in self._pool(2 * n)]
         if kind == "random_subset":  # draw n, keep a random frac of them: top-k's budget without its signal
             keep = max(1, int(float(self.spec.sampler_options.get("frac", 0.5)) * n + 0.5))
             return [("g", i) for i in self._pool(n)][:keep]
