@@ -177,6 +177,7 @@ def test_reward_at_a_fixed_kl_on_hand_made_curves():
     assert rows["hull"]["rm_at_kl"][0] == pytest.approx((1.1 + 2.0 / 3) / 2)
     text = real_rlhf.verdict(rows)
     assert "(a proxy win): full_training, hull." in text and "at the KL budget: full_training (1.900)" in text
+    assert text.startswith("Best Dr method: hull (target EM 0.000, KL 0.350); does not beat full_training (0.000, KL 0.900)")
 
 
 def test_budget_curve_points_and_help_agree():

@@ -326,9 +326,13 @@ def markdown(table: dict, command_line: str) -> str:
 
 
 def verdict(rows: dict) -> str:
-    """Proxy check against the warm start (RM score up, target EM not) and the best RM score at the KL budget."""
+    """The best Dr method against FullTraining, Target-only and the untrained model on the true metric (as for
+    RLVR), the proxy check against the warm start (RM score up, target EM not) and the best RM score at the KL
+    budget."""
+    from drpost.bench.real_rl_report import verdict as true_metric_verdict
+
     ref = rows.get("warm_start")
-    parts = []
+    parts = [true_metric_verdict(rows)]
     if ref is not None:
         proxy = [r["label"] for m, r in rows.items() if m not in UNTRAINED and r["rm_score"][0] > ref["rm_score"][0]
                  and r["target_em"][0] <= ref["target_em"][0]]
