@@ -1,10 +1,11 @@
-"""The benchmark reports' small statistics: mean ± s.e., and the words that compare two methods' means."""
+"""The benchmark reports' small statistics: mean ± s.e., and the words that compare two methods' means (unpaired and
+paired by seed)."""
 
 import math
 
 import pytest
 
-from drpost.bench.stats import mean_se, pm, versus
+from drpost.bench.stats import mean_se, paired, pm, versus
 
 
 def test_mean_se_and_its_print():
@@ -23,3 +24,13 @@ def test_mean_se_and_its_print():
 def test_versus_says_when_a_difference_is_within_the_noise(a, b, word, tie):
     w, note = versus(a, b)
     assert w == word and ("within noise" in note) == tie
+
+
+def test_paired_differences_use_the_shared_seeds_only():
+    # a shifted copy of b on every shared seed: the unpaired s.e. is large, the paired one zero
+    a, b = {0: 0.35, 1: 0.55, 2: 0.75, 9: 0.0}, {0: 0.30, 1: 0.50, 2: 0.70, 5: 1.0}
+    assert paired(a, b) == " [paired by seed: +0.050 ± 0.000, ahead on 3 of 3]"
+    assert versus(mean_se([0.35, 0.55, 0.75]), mean_se([0.30, 0.50, 0.70]))[1].startswith(" (within noise")
+    d = [0.1, -0.2]
+    assert paired({0: d[0], 1: d[1]}, {0: 0.0, 1: 0.0}) == f" [paired by seed: -0.050 ± {mean_se(d)[1]:.3f}, ahead on 1 of 2]"
+    assert paired({0: 0.5}, {0: 0.1, 1: 0.2}) == ""  # one shared seed: no paired figure

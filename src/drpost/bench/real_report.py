@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from drpost.bench.records import mark_tuning
-from drpost.bench.stats import mean_se, pm, versus
+from drpost.bench.stats import mean_se, paired, pm, versus
 
 DR_METHODS = {"global_subset", "layerwise_subset", "hull", "capped_simplex", "ball_auto", "gem",
               "layerwise_hull_slack", "cone", "span", "halfspace"}
@@ -42,6 +42,7 @@ def summarize(records: list[dict]) -> dict:
                "model": rs[0]["model"]}
         for key in ("target_em", "retention_em", "val_em"):
             row[key] = mean_se([r[key] for r in rs])
+        row["target_em_by_seed"] = {r["seed"]: r["target_em"] for r in rs}  # for the paired comparisons
         sps = [r["seconds_per_step"] for r in rs if r.get("seconds_per_step")]
         row["seconds_per_step"] = sum(sps) / len(sps) if sps else None
         row["wall_seconds"] = sum(r["wall_seconds"] for r in rs) / len(rs)
@@ -65,7 +66,8 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
 
 
 def verdict(rows: dict) -> str:
-    """One sentence per setting: the best Dr method against FullTraining, Target-only and the selection baselines."""
+    """One sentence per setting: the best Dr method against FullTraining, Target-only and the selection baselines
+    (``versus``'s unpaired verdict, then the difference paired by seed)."""
     def best(names):
         cands = [(rows[m]["target_em"][0], m) for m in names if m in rows]
         return max(cands) if cands else None
@@ -73,17 +75,25 @@ def verdict(rows: dict) -> str:
     dr, sel = best([m for m in rows if is_dr(m)]), best(SELECTION)
     if dr is None:
         return "No Dr method in this table."
-    em = rows[dr[1]]["target_em"]
-    parts = [f"Best Dr method: {rows[dr[1]]['label']} ({dr[0]:.3f})"]
+    b = rows[dr[1]]
+    parts = [f"Best Dr method: {b['label']} ({dr[0]:.3f})"]
     for ref in ("full_training", "target_only", "base"):
         if ref in rows:
-            word, note = versus(em, rows[ref]["target_em"])
-            parts.append(f"{word} {rows[ref]['label']} ({rows[ref]['target_em'][0]:.3f}){note}")
+            word, note = versus(b["target_em"], rows[ref]["target_em"])
+            parts.append(f"{word} {rows[ref]['label']} ({rows[ref]['target_em'][0]:.3f}){note}"
+                         + by_seed(b, rows[ref]))
     if sel is not None:
-        word, note = versus(em, rows[sel[1]]["target_em"])
-        parts.append(f"{word} the best data-selection baseline {rows[sel[1]]['label']} ({sel[0]:.3f}){note}")
+        word, note = versus(b["target_em"], rows[sel[1]]["target_em"])
+        parts.append(f"{word} the best data-selection baseline {rows[sel[1]]['label']} ({sel[0]:.3f}){note}"
+                     + by_seed(b, rows[sel[1]]))
     front = [rows[m]["label"] for m in rows if rows[m]["pareto"]]
     return "; ".join(parts) + f". Pareto front (target EM, retention): {', '.join(front)}."
+
+
+def by_seed(row: dict, ref: dict) -> str:
+    """``stats.paired`` on two table rows' per-seed target EM ('' for rows without it)."""
+    a, b = row.get("target_em_by_seed"), ref.get("target_em_by_seed")
+    return paired(a, b) if a and b else ""
 
 
 def markdown(table: dict, command: str) -> str:

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from drpost.bench.real_common import split_lr
-from drpost.bench.real_report import chosen_records, is_dr, pareto_front, pareto_scatter, write_files
+from drpost.bench.real_report import by_seed, chosen_records, is_dr, pareto_front, pareto_scatter, write_files
 from drpost.bench.stats import mean_se, pm, versus
 
 METRICS = ("target_em", "target_reward", "retention_em", "val_em", "kl")
@@ -34,6 +34,7 @@ def summarize(records: list[dict]) -> dict:
         for key in METRICS:
             if all(key in r for r in rs):
                 row[key] = mean_se([r[key] for r in rs])
+        row["target_em_by_seed"] = {r["seed"]: r["target_em"] for r in rs}  # for the paired comparisons
         sps = [r["seconds_per_step"] for r in rs if r.get("seconds_per_step")]
         row["seconds_per_step"] = sum(sps) / len(sps) if sps else None
         row["wall_seconds"] = sum(r["wall_seconds"] for r in rs) / len(rs)
@@ -51,7 +52,8 @@ def ordered(rows: dict) -> list[str]:
 
 
 def verdict(rows: dict) -> str:
-    """The best Dr method against FullTraining, Target-only and the untrained model, on target EM and KL."""
+    """The best Dr method against FullTraining, Target-only and the untrained model, on target EM (``versus``'s
+    unpaired verdict, then the difference paired by seed) and KL."""
     dr = [m for m in rows if is_dr(m)]
     if not dr:
         return "No Dr method in this table."
@@ -62,7 +64,7 @@ def verdict(rows: dict) -> str:
         if ref in rows:
             word, note = versus(b["target_em"], rows[ref]["target_em"])
             parts.append(f"{word} {rows[ref]['label']} ({rows[ref]['target_em'][0]:.3f}, "
-                         f"KL {rows[ref]['kl'][0]:.3f}){note}")
+                         f"KL {rows[ref]['kl'][0]:.3f}){note}{by_seed(b, rows[ref])}")
     front = [rows[m]["label"] for m in ordered(rows) if rows[m]["pareto"]]
     return "; ".join(parts) + f". Pareto front (target EM up, KL down): {', '.join(front)}."
 
